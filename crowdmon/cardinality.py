@@ -1,0 +1,70 @@
+"""The guard that bounds the distinct values of every label.
+
+Each label of each metric admits at most ``cap`` distinct values; later new values fold into
+:data:`~crowdmon.catalogue.OVERFLOW_VALUE` and ``crowdmon_label_overflow_total{metric,label}``
+counts every fold, so the folding is visible.  Admitted values are remembered forever: a label
+value, once a time series, stays one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+
+from crowdmon.catalogue import OVERFLOW_VALUE
+
+#: Distinct values a label admits when no cap is configured for it.
+DEFAULT_CAP = 200
+
+OverflowHook = Callable[[str, str], None]
+
+
+class CardinalityGuard:
+    """Caps distinct values per ``(metric, label)``.
+
+    ``caps`` maps ``"metric"`` or ``"metric:label"`` to a cap; the more specific key wins.
+    """
+
+    def __init__(
+        self,
+        default_cap: int = DEFAULT_CAP,
+        caps: Mapping[str, int] | None = None,
+        on_overflow: OverflowHook | None = None,
+    ) -> None:
+        if default_cap < 1:
+            raise ValueError(f"default_cap must be at least 1, got {default_cap!r}")
+        for key, cap in (caps or {}).items():
+            if not isinstance(cap, int) or cap < 1:
+                raise ValueError(f"cap for {key!r} must be a positive int, got {cap!r}")
+        self.default_cap = default_cap
+        self._caps = dict(caps or {})
+        self._seen: dict[tuple[str, str], set[str]] = {}
+        self._lock = threading.Lock()
+        self.on_overflow = on_overflow
+
+    def cap_for(self, metric: str, label: str) -> int:
+        caps = self._caps
+        return caps.get(f"{metric}:{label}", caps.get(metric, self.default_cap))
+
+    def admit(self, metric: str, label: str, value: str) -> str:
+        """``value`` if the label may hold it, else the overflow value (and the fold is counted)."""
+        seen = self._seen.get((metric, label))
+        if seen is not None and value in seen:
+            return value
+        with self._lock:
+            seen = self._seen.setdefault((metric, label), set())
+            if value in seen:
+                return value
+            if len(seen) < self.cap_for(metric, label):
+                seen.add(value)
+                return value
+        if self.on_overflow is not None:
+            self.on_overflow(metric, label)
+        return OVERFLOW_VALUE
+
+    def admit_all(self, metric: str, labels: tuple[str, ...], values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(self.admit(metric, label, value) for label, value in zip(labels, values))
+
+    def distinct_values(self, metric: str, label: str) -> int:
+        """How many distinct values ``label`` of ``metric`` holds (the overflow value excluded)."""
+        return len(self._seen.get((metric, label), ()))

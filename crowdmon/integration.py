@@ -1,0 +1,68 @@
+"""``setup_monitoring(app)``: crowdmon on a Starlette or FastAPI app in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from crowdmon.exposition import MetricsApp
+from crowdmon.health import HealthApp
+from crowdmon.instrumentation import (
+    CrowdmonSetupError,
+    PrometheusInstrumentation,
+    default_instrumentation,
+)
+from crowdmon.middleware import PrometheusMiddleware
+
+
+def setup_monitoring(
+    app: Any,
+    *,
+    registry: CollectorRegistry | None = None,
+    instrumentation: PrometheusInstrumentation | None = None,
+    metrics_path: str | None = "/metrics",
+    health_path: str | None = "/health",
+    exclude_paths: Iterable[str] = (),
+    **middleware_options: Any,
+) -> PrometheusInstrumentation:
+    """Add :class:`PrometheusMiddleware` and the ``/metrics`` and ``/health`` routes to ``app``.
+
+    Returns the instrumentation everything records into: the process-wide default one unless a
+    ``registry`` or ``instrumentation`` is given.  ``None`` for a path leaves that route out.
+    """
+    if not isinstance(app, Starlette):
+        raise CrowdmonSetupError(
+            f"setup_monitoring needs a Starlette or FastAPI app, got {type(app).__name__}; for any "
+            "other ASGI app wrap it yourself: app = PrometheusMiddleware(app), and serve "
+            "crowdmon.MetricsApp() at /metrics"
+        )
+    if instrumentation is not None and registry is not None:
+        raise CrowdmonSetupError("pass either instrumentation= or registry= to setup_monitoring, not both")
+    if instrumentation is None:
+        instrumentation = (
+            default_instrumentation() if registry is None else PrometheusInstrumentation(registry)
+        )
+    for path in (metrics_path, health_path):
+        if path is not None and not path.startswith("/"):
+            raise CrowdmonSetupError(f"paths must start with '/', got {path!r}")
+    excluded = [*exclude_paths]
+    if metrics_path is not None:
+        excluded.append(metrics_path)
+    app.add_middleware(
+        PrometheusMiddleware,
+        instrumentation=instrumentation,
+        exclude_paths=excluded,
+        **middleware_options,
+    )
+    # Inserted first, so a catch-all route or mount of the app cannot shadow them.
+    routes = []
+    if metrics_path is not None:
+        routes.append(Route(metrics_path, MetricsApp(instrumentation), methods=["GET", "HEAD"], name="crowdmon_metrics"))
+    if health_path is not None:
+        routes.append(Route(health_path, HealthApp(instrumentation), methods=["GET", "HEAD"], name="crowdmon_health"))
+    app.router.routes[0:0] = routes
+    return instrumentation

@@ -1,0 +1,199 @@
+"""The pure-ASGI middleware that records the ``crowdfunding_api_*`` request metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from time import perf_counter
+
+import anyio
+from prometheus_client import CollectorRegistry
+
+from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
+from crowdmon.catalogue import OTHER_METHOD, UNMATCHED_HANDLER
+from crowdmon.context import RequestContext, current_request
+from crowdmon.instrumentation import (
+    CrowdmonSetupError,
+    PrometheusInstrumentation,
+    default_instrumentation,
+)
+from crowdmon.routes import HandlerResolver, handler_label_for
+
+#: Methods recorded as they are; any other method is recorded as :data:`OTHER_METHOD`.
+STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+_METHOD_LABELS = {method: method for method in STANDARD_METHODS}
+_STATUS_LABELS = {code: str(code) for code in range(100, 600)}
+#: Recorded when the client went away before any response was started (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+
+
+class PrometheusMiddleware:
+    """Records every HTTP request into ``crowdfunding_api_*``; other scopes pass through untouched.
+
+    Use it as ``app.add_middleware(PrometheusMiddleware)`` or wrap any ASGI callable:
+    ``PrometheusMiddleware(app)``.  Requests whose path is in ``exclude_paths`` are not recorded.
+    ``handler_resolver(scope)`` names the ``handler`` label for apps without a Starlette router;
+    returning ``None`` falls back to the router's match.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        instrumentation: PrometheusInstrumentation | None = None,
+        registry: CollectorRegistry | None = None,
+        exclude_paths: Iterable[str] = ("/metrics",),
+        handler_resolver: HandlerResolver | None = None,
+    ) -> None:
+        if instrumentation is not None and registry is not None:
+            raise CrowdmonSetupError(
+                "pass either instrumentation= or registry= to PrometheusMiddleware, not both; "
+                "the instrumentation already owns a registry"
+            )
+        if isinstance(exclude_paths, str):
+            raise CrowdmonSetupError(
+                f"exclude_paths must be a collection of paths, got the string {exclude_paths!r}; "
+                f"write exclude_paths=[{exclude_paths!r}]"
+            )
+        if handler_resolver is not None and not callable(handler_resolver):
+            raise CrowdmonSetupError(
+                f"handler_resolver must be a callable taking the ASGI scope, got {handler_resolver!r}"
+            )
+        self.app = app
+        if instrumentation is None:
+            instrumentation = (
+                default_instrumentation() if registry is None else PrometheusInstrumentation(registry)
+            )
+        self.instrumentation = instrumentation
+        self.exclude_paths = frozenset(exclude_paths)
+        self.handler_resolver = handler_resolver
+        self._requests = instrumentation.requests
+        self._report = instrumentation.report_internal_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            entry_root_path = scope.get("root_path") or ""
+            path = scope["path"]
+            if entry_root_path and path.startswith(entry_root_path):
+                path = path[len(entry_root_path) :]
+            excluded = path in self.exclude_paths
+            if not excluded:
+                method = _METHOD_LABELS.get(scope["method"], OTHER_METHOD)
+                self._requests.started(method)
+        except Exception as error:
+            self._report("middleware.start", error)
+            excluded = True
+        if excluded:
+            await self.app(scope, receive, send)
+            return
+
+        start = perf_counter()
+        status = 0
+        request_bytes = 0
+        response_bytes = 0
+        body_complete = False
+        disconnected = False
+        finished = False
+        report = self._report
+
+        async def receive_and_measure() -> Message:
+            nonlocal request_bytes, body_complete, disconnected
+            message = await receive()
+            try:
+                kind = message["type"]
+                if kind == "http.request":
+                    request_bytes += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        body_complete = True
+                elif kind == "http.disconnect":
+                    disconnected = True
+            except Exception as error:
+                report("middleware.receive", error)
+            return message
+
+        async def send_and_measure(message: Message) -> None:
+            nonlocal status, response_bytes
+            last = False
+            try:
+                kind = message["type"]
+                if kind == "http.response.body":
+                    response_bytes += len(message.get("body", b""))
+                    last = not message.get("more_body", False)
+                elif kind == "http.response.start":
+                    status = message["status"]
+            except Exception as error:
+                report("middleware.send", error)
+            await send(message)
+            if last:
+                finish(perf_counter())
+
+        def finish(ended_at: float) -> None:
+            # Runs once: after the last body byte was sent, or when the app is done, if earlier.
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            try:
+                handler = self._handler_for(scope, entry_root_path, status)
+            except Exception as error:
+                report("middleware.handler", error)
+                handler = UNMATCHED_HANDLER
+            try:
+                self._requests.finished(
+                    method,
+                    handler,
+                    _status_label(status),
+                    ended_at - start,
+                    request_bytes if body_complete else _declared_size(scope, request_bytes),
+                    response_bytes,
+                )
+            except Exception as error:
+                report("middleware.record", error)
+
+        token = current_request.set(RequestContext(scope, entry_root_path))
+        try:
+            await self.app(scope, receive_and_measure, send_and_measure)
+        except BaseException as error:
+            if not status:
+                cancelled = _is_cancellation(error)
+                status = CLIENT_CLOSED_REQUEST if disconnected or cancelled else 500
+            raise
+        finally:
+            if not status:
+                # The app returned without responding; the server answers 500 on its behalf.
+                status = CLIENT_CLOSED_REQUEST if disconnected else 500
+            finish(perf_counter())
+            current_request.reset(token)
+
+    def _handler_for(self, scope: Scope, entry_root_path: str, status: int) -> str:
+        if self.handler_resolver is not None:
+            label = self.handler_resolver(scope)
+            if label is not None:
+                return str(label)
+        return handler_label_for(scope, entry_root_path, status)
+
+
+def _status_label(status: object) -> str:
+    """The status the app sent, as a label; anything but an integer is recorded as ``"0"``."""
+    if type(status) is int:
+        return _STATUS_LABELS.get(status) or str(status)
+    return "0"
+
+
+def _declared_size(scope: Scope, received: int) -> int:
+    """``Content-Length`` for a body the app did not read to the end; never less than was read."""
+    for name, value in scope.get("headers") or ():
+        if name == b"content-length":
+            if value.isdigit() and len(value) <= 15:
+                return max(received, int(value))
+            break
+    return received
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    try:
+        return isinstance(error, anyio.get_cancelled_exc_class())
+    except Exception:
+        return False
