@@ -1,0 +1,3 @@
+from crowdmon.cli import main
+
+raise SystemExit(main())

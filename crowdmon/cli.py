@@ -1,0 +1,34 @@
+"""The ``crowdmon`` command: ``demo``, ``export`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="crowdmon", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="serve the instrumented demo app on 127.0.0.1 and drive traffic at it"
+    )
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="stop after this many seconds (default: run until Ctrl-C)",
+    )
+    demo.add_argument(
+        "--rate", type=float, default=20.0, help="generated requests per second (0: no traffic)"
+    )
+
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from crowdmon.demo import run_demo
+
+        return run_demo(host=args.host, port=args.port, duration=args.duration, rate=args.rate)
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it
+    return 2
