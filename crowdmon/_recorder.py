@@ -216,9 +216,9 @@ def _family(spec: MetricSpec) -> Metric:
 def _cumulative(bounds: tuple[float, ...], counts: list[float]) -> list[tuple[str, float]]:
     buckets = []
     running = 0.0
-    for bound, count in zip((*bounds, float("inf")), counts):
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
         running += count
-        buckets.append((floatToGoString(bound), running))
+        buckets.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
     return buckets
 
 

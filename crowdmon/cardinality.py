@@ -63,7 +63,7 @@ class CardinalityGuard:
         return OVERFLOW_VALUE
 
     def admit_all(self, metric: str, labels: tuple[str, ...], values: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(self.admit(metric, label, value) for label, value in zip(labels, values))
+        return tuple(self.admit(metric, label, value) for label, value in zip(labels, values, strict=True))
 
     def distinct_values(self, metric: str, label: str) -> int:
         """How many distinct values ``label`` of ``metric`` holds (the overflow value excluded)."""

@@ -8,8 +8,10 @@ needs the ``demo`` extra (uvicorn, httpx).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,8 +31,8 @@ async def chat(request: Request) -> Response:
 
 
 async def chat_stream(request: Request) -> Response:
-    async def tokens():  # type: ignore[no-untyped-def]
-        for word in "EU crowdfunding platforms must publish a key investment information sheet".split():
+    async def tokens() -> AsyncIterator[bytes]:
+        for word in ["EU", "crowdfunding", "platforms", "must", "publish", "a", "key", "investment", "information", "sheet"]:
             await asyncio.sleep(0.002)
             yield word.encode() + b" "
 
@@ -127,8 +129,6 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000, duration: float | None =
             server.should_exit = True
             await serving
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
     return 0

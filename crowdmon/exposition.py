@@ -61,7 +61,7 @@ class MetricsApp:
     def _registry_for_scrape(self) -> CollectorRegistry:
         if self.instrumentation.multiprocess:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])
+            MultiProcessCollector(registry, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])  # type: ignore[no-untyped-call]
             return registry
         return self.instrumentation.registry
 

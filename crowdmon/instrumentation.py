@@ -8,11 +8,13 @@ instead of failing with prometheus_client's "Duplicated timeseries".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import weakref
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -21,12 +23,16 @@ from crowdmon._recorder import ClientRequestRecorder, RequestRecorder, ShardedRe
 from crowdmon.cardinality import DEFAULT_CAP, CardinalityGuard
 from crowdmon.catalogue import (
     CATALOGUE,
+    CATEGORY_COUNTERS,
+    ERROR_TYPES,
     HEALTH_STATES,
     HTTP_METRICS,
+    UNKNOWN_VALUE,
     MetricKind,
     MetricSpec,
     spec,
 )
+from crowdmon.timing import Timing
 
 logger = logging.getLogger("crowdmon")
 
@@ -93,10 +99,8 @@ class _MetricSet:
         except ValueError as error:
             if target is not None:
                 for collector in registered:
-                    try:
+                    with contextlib.suppress(KeyError):
                         target.unregister(collector)
-                    except KeyError:
-                        pass
             raise CrowdmonSetupError(
                 f"crowdmon cannot register its metrics on this registry: {error}. Another "
                 "collector already uses a crowdmon metric name. Remove that collector, or give "
@@ -110,7 +114,7 @@ class _MetricSet:
 
     def _count_overflow(self, metric: str, label: str) -> None:
         # Never through the guard: the self-metric's own labels come from the catalogue.
-        self.metrics["crowdmon_label_overflow_total"].metric.labels(metric, label).inc()
+        self.metrics["crowdmon_label_overflow_total"].metric.labels(metric, label).inc()  # type: ignore[union-attr]
 
     def report_internal_error(self, site: str, error: BaseException) -> None:
         """Count a contained failure of crowdmon's own code and log it once per site."""
@@ -188,6 +192,100 @@ class PrometheusInstrumentation:
                 "add PrometheusMiddleware to the app instead"
             ) from None
 
+    # -- the seed's tracking API ----------------------------------------------------------------
+
+    def track_request_performance(self, endpoint: str, user_type: str = UNKNOWN_VALUE) -> Timing:
+        """Context manager (``with`` or ``async with``) timing chat processing into
+        ``chat_processing_duration_seconds{endpoint,user_type}``."""
+        child = self.metric("chat_processing_duration_seconds").labels(label(endpoint), label(user_type))
+        return Timing(lambda outcome: child, self.report_internal_error)
+
+    def track_external_api_call(self, service: str, endpoint: str) -> Timing:
+        """Context manager timing one external call into ``external_api_duration_seconds`` with
+        its outcome; an exception also counts in ``external_service_errors_total``."""
+        service, endpoint = label(service), label(endpoint)
+        durations = self.metric("external_api_duration_seconds")
+        errors = self.metric("external_service_errors_total")
+        return Timing(
+            lambda outcome: durations.labels(service, endpoint, outcome),
+            self.report_internal_error,
+            on_error=lambda error: errors.labels(service, endpoint, type(error).__name__).inc(),
+        )
+
+    def track_vector_search(self, operation: str) -> Timing:
+        """Context manager timing a vector database operation into ``vector_search_duration_seconds``."""
+        child = self.metric("vector_search_duration_seconds").labels(label(operation))
+        return Timing(lambda outcome: child, self.report_internal_error)
+
+    def track_database_query(self, operation: str) -> Timing:
+        """Context manager timing a database query into ``database_query_duration_seconds``."""
+        child = self.metric("database_query_duration_seconds").labels(label(operation))
+        return Timing(lambda outcome: child, self.report_internal_error)
+
+    def track_chat_message(
+        self,
+        user_type: str = UNKNOWN_VALUE,
+        message_type: str = "user",
+        cache_hit: bool = False,
+        rag_used: bool = False,
+    ) -> None:
+        """Count one chat message in ``chat_messages_total``."""
+        self.metric("chat_messages_total").labels(
+            label(user_type), label(message_type), label(cache_hit), label(rag_used)
+        ).inc()
+
+    def track_memory_operation(
+        self, operation: str, memory_type: str, user_type: str = UNKNOWN_VALUE
+    ) -> None:
+        """Count one memory system operation in ``memory_operations_total``."""
+        self.metric("memory_operations_total").labels(
+            label(operation), label(memory_type), label(user_type)
+        ).inc()
+
+    def track_document_operation(self, operation: str, document_type: str, status: str) -> None:
+        """Count one document operation in ``document_operations_total``."""
+        self.metric("document_operations_total").labels(
+            label(operation), label(document_type), label(status)
+        ).inc()
+
+    def track_application_error(
+        self,
+        error_type: str,
+        component: str,
+        error: BaseException,
+        user_type: str = UNKNOWN_VALUE,
+        endpoint: str = UNKNOWN_VALUE,
+        function: str = UNKNOWN_VALUE,
+    ) -> None:
+        """Count ``error`` in ``application_errors_total``, ``application_error_details_total``
+        and its category's counter (``auth_errors_total``, ...).  The ``exception`` label is the
+        class name, never the message."""
+        if error_type not in ERROR_TYPES:
+            raise ValueError(f"error_type must be one of {ERROR_TYPES}, got {error_type!r}")
+        component = label(component)
+        exception = type(error).__name__
+        self.metric("application_errors_total").labels(error_type, component, label(user_type)).inc()
+        self.metric("application_error_details_total").labels(
+            error_type, component, exception, label(endpoint), label(function)
+        ).inc()
+        category = CATEGORY_COUNTERS.get(error_type)
+        if category == "external_service_errors_total":
+            self.metric(category).labels(component, label(endpoint), exception).inc()
+        elif category is not None:
+            self.metric(category).labels(component, exception).inc()
+
+    def start_session(self, user_type: str = UNKNOWN_VALUE) -> None:
+        """One more active session in ``active_sessions_current``."""
+        self.metric("active_sessions_current").labels(label(user_type)).inc()
+
+    def end_session(self, user_type: str = UNKNOWN_VALUE) -> None:
+        """One active session fewer in ``active_sessions_current``."""
+        self.metric("active_sessions_current").labels(label(user_type)).dec()
+
+    def track_session(self, user_type: str = UNKNOWN_VALUE) -> SessionScope:
+        """Context manager holding one active session for its duration, whatever happens inside."""
+        return SessionScope(self, label(user_type))
+
     # -- component health ---------------------------------------------------------------------
 
     def register_component(self, component: str) -> None:
@@ -222,6 +320,41 @@ class PrometheusInstrumentation:
         """Every registered component and its current state."""
         with self._shared.health_lock:
             return dict(self._shared.health)
+
+
+class SessionScope:
+    """An active session for the duration of a ``with`` or ``async with`` block."""
+
+    def __init__(self, instrumentation: PrometheusInstrumentation, user_type: str) -> None:
+        self._instrumentation = instrumentation
+        self._user_type = user_type
+
+    def __enter__(self) -> SessionScope:
+        self._instrumentation.start_session(self._user_type)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._instrumentation.end_session(self._user_type)
+
+    async def __aenter__(self) -> SessionScope:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__()
+
+
+def label(value: object) -> str:
+    """A label value: enums by their value, strings as they are, booleans as ``"true"`` /
+    ``"false"``, ``None`` as ``"unknown"``, anything else through ``str``."""
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return UNKNOWN_VALUE
+    return str(value)
 
 
 _default: PrometheusInstrumentation | None = None

@@ -33,9 +33,8 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int) -> str:
         return UNMATCHED_HANDLER
     root_path = scope.get("root_path") or ""
     mount_prefix = ""
-    if isinstance(root_path, str) and root_path != entry_root_path:
-        if root_path.startswith(entry_root_path):
-            mount_prefix = root_path[len(entry_root_path) :]
+    if isinstance(root_path, str) and root_path.startswith(entry_root_path):
+        mount_prefix = root_path[len(entry_root_path) :]
     if isinstance(route, (Mount, Host)):
         # The last route matched is a Mount: the mounted app found nothing of its own (a 404 in a
         # sub-router) or is not a router at all (static files, a bare ASGI app).  Its root_path

@@ -1,0 +1,90 @@
+"""Timing a block of code: the one outcome rule shared by context managers and decorators.
+
+| what leaves the block           | duration                  | counted as error | re-raised          |
+| ------------------------------- | ------------------------- | ---------------- | ------------------ |
+| nothing (normal exit)           | observed, outcome success | no               | —                  |
+| an ``Exception``                | observed, outcome error   | yes              | unchanged          |
+| cancellation (asyncio / anyio)  | observed, outcome cancelled | no             | unchanged          |
+| ``GeneratorExit``               | observed, outcome success | no               | unchanged          |
+| ``KeyboardInterrupt``/``SystemExit`` | not observed         | no               | unchanged          |
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from time import perf_counter
+from types import TracebackType
+from typing import Any
+
+SUCCESS, ERROR, CANCELLED = "success", "error", "cancelled"
+
+
+def outcome_of(error: BaseException | None) -> str | None:
+    """The outcome label for what left a block, or ``None`` when nothing is to be observed."""
+    if error is None or isinstance(error, GeneratorExit):
+        return SUCCESS
+    if isinstance(error, Exception):
+        return ERROR
+    if isinstance(error, asyncio.CancelledError) or _is_foreign_cancellation(error):
+        return CANCELLED
+    return None  # KeyboardInterrupt, SystemExit: the process is going away
+
+
+def _is_foreign_cancellation(error: BaseException) -> bool:
+    # trio's Cancelled (under anyio) is a BaseException that is not asyncio's.
+    return type(error).__name__ == "Cancelled"
+
+
+class Timing:
+    """Observes the time a block took into the histogram child ``observer(outcome)`` returns.
+
+    ``on_error(error)`` runs for an ``Exception`` leaving the block.  Failures of the recording
+    itself go to ``report`` and never into the timed code.
+    """
+
+    __slots__ = ("_observer", "_on_error", "_report", "_start")
+
+    def __init__(
+        self,
+        observer: Callable[[str], Any],
+        report: Callable[[str, BaseException], None],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._observer = observer
+        self._report = report
+        self._on_error = on_error
+        self._start = 0.0
+
+    def __enter__(self) -> Timing:
+        self._start = perf_counter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        elapsed = perf_counter() - self._start
+        try:
+            outcome = outcome_of(error)
+            if outcome is None:
+                return
+            self._observer(outcome).observe(elapsed)
+            if outcome == ERROR and self._on_error is not None:
+                assert error is not None
+                self._on_error(error)
+        except Exception as failure:
+            self._report("timing", failure)
+
+    async def __aenter__(self) -> Timing:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, error, traceback)
