@@ -18,3 +18,10 @@ def registry() -> CollectorRegistry:
 @pytest.fixture
 def instrumentation(registry: CollectorRegistry) -> Iterator[PrometheusInstrumentation]:
     yield PrometheusInstrumentation(registry)
+
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Every ``async def`` test runs under anyio's plugin (``anyio_mode = "auto"``) on asyncio."""
+    return "asyncio"

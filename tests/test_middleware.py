@@ -1,0 +1,333 @@
+"""The request middleware's semantics, each pinned by an exact value read back from the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
+from crowdmon._types import Message, Receive, Scope, Send
+from tests.asgi import http_scope, run_asgi
+from tests.support import value
+
+REQUESTS = "crowdfunding_api_requests_total"
+DURATION = "crowdfunding_api_request_duration_seconds"
+REQUEST_SIZE = "crowdfunding_api_request_size_bytes"
+RESPONSE_SIZE = "crowdfunding_api_response_size_bytes"
+IN_PROGRESS = "crowdfunding_api_requests_in_progress"
+
+
+async def get(app: Any, path: str, method: str = "GET", **kwargs: Any) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        return await client.request(method, path, **kwargs)
+
+
+def starlette_app(registry: CollectorRegistry, *routes: Route, **options: Any) -> Starlette:
+    app = Starlette(routes=list(routes))
+    app.add_middleware(PrometheusMiddleware, registry=registry, **options)
+    return app
+
+
+async def item(request: Request) -> Response:
+    return JSONResponse({"id": request.path_params["item_id"]})
+
+
+async def test_counts_each_request_by_method_route_template_and_status(registry: CollectorRegistry) -> None:
+    app = starlette_app(registry, Route("/items/{item_id:int}", item, methods=["GET", "POST"]))
+    for path in ("/items/1", "/items/2", "/items/3"):
+        assert (await get(app, path)).status_code == 200
+    await get(app, "/items/4", method="POST")
+
+    assert value(registry, REQUESTS, method="GET", handler="/items/{item_id}", status="200") == 3
+    assert value(registry, REQUESTS, method="POST", handler="/items/{item_id}", status="200") == 1
+    assert value(registry, DURATION + "_count", method="GET", handler="/items/{item_id}") == 3
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+async def test_unusual_methods_are_recorded_as_one_fixed_value(registry: CollectorRegistry) -> None:
+    app = starlette_app(registry, Route("/items/{item_id:int}", item))
+    for method in ("PROPFIND", "BREW", "X" * 300):
+        await get(app, "/items/1", method=method)
+    await run_asgi(app, http_scope("/items/1", method="get"))
+
+    assert value(registry, REQUESTS, method="OTHER", handler="/items/{item_id}", status="405") == 4
+    assert value(registry, IN_PROGRESS, method="OTHER") == 0
+
+
+async def test_streaming_response_is_timed_until_last_chunk(registry: CollectorRegistry) -> None:
+    async def slow_stream(request: Request) -> Response:
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(3):
+                await asyncio.sleep(0.05)
+                yield b"x" * 1000
+
+        return StreamingResponse(chunks())
+
+    app = starlette_app(registry, Route("/stream", slow_stream))
+    response = await get(app, "/stream")
+
+    assert len(response.content) == 3000
+    assert value(registry, DURATION + "_sum", method="GET", handler="/stream") >= 0.15
+    # Nothing under 0.1 s: the time of every chunk is included.
+    assert value(registry, DURATION + "_bucket", method="GET", handler="/stream", le="0.1") == 0
+    assert value(registry, RESPONSE_SIZE + "_sum", method="GET", handler="/stream") == 3000
+
+
+async def test_background_task_after_the_response_is_not_timed(registry: CollectorRegistry) -> None:
+    async def pause() -> None:
+        await asyncio.sleep(0.3)
+
+    async def with_background(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(pause))
+
+    app = starlette_app(registry, Route("/bg", with_background))
+    await get(app, "/bg")
+
+    assert value(registry, DURATION + "_count", method="GET", handler="/bg") == 1
+    assert value(registry, DURATION + "_bucket", method="GET", handler="/bg", le="0.25") == 1
+
+
+async def test_request_size_is_the_bytes_received_in_every_chunk(registry: CollectorRegistry) -> None:
+    async def echo_length(request: Request) -> Response:
+        return PlainTextResponse(str(len(await request.body())))
+
+    app = starlette_app(registry, Route("/upload", echo_length, methods=["POST"]))
+    chunks = [{"type": "http.request", "body": b"a" * 700, "more_body": True} for _ in range(4)]
+    chunks.append({"type": "http.request", "body": b"b" * 100, "more_body": False})
+    # Chunked upload: no Content-Length at all.
+    sent = await run_asgi(app, http_scope("/upload", "POST"), chunks)
+
+    assert sent[1]["body"] == b"2900"
+    assert value(registry, REQUEST_SIZE + "_sum", method="POST", handler="/upload") == 2900
+    assert value(registry, REQUEST_SIZE + "_bucket", method="POST", handler="/upload", le="1024.0") == 0
+    assert value(registry, REQUEST_SIZE + "_bucket", method="POST", handler="/upload", le="4096.0") == 1
+
+
+async def test_request_size_falls_back_to_content_length_for_a_body_never_read(registry: CollectorRegistry) -> None:
+    async def ignore_body(request: Request) -> Response:
+        return PlainTextResponse("ignored")
+
+    app = starlette_app(registry, Route("/ignore", ignore_body, methods=["POST"]))
+    await get(app, "/ignore", method="POST", content=b"z" * 5000)
+    # A bogus Content-Length is no size at all.
+    await run_asgi(app, http_scope("/ignore", "POST", headers=[(b"content-length", b"12abc")]))
+
+    assert value(registry, REQUEST_SIZE + "_sum", method="POST", handler="/ignore") == 5000
+    assert value(registry, REQUEST_SIZE + "_count", method="POST", handler="/ignore") == 2
+
+
+async def test_response_size_is_the_bytes_sent_without_content_length(registry: CollectorRegistry) -> None:
+    async def raw_chunks(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for size in (10, 0, 2000, 5):
+            await send({"type": "http.response.body", "body": b"r" * size, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    app = PrometheusMiddleware(raw_chunks, registry=registry)
+    await run_asgi(app, http_scope("/anything"))
+    await run_asgi(app, http_scope("/anything"))
+
+    assert value(registry, RESPONSE_SIZE + "_sum", method="GET", handler="<unmatched>") == 4030
+    assert value(registry, RESPONSE_SIZE + "_count", method="GET", handler="<unmatched>") == 2
+
+
+class AppFailure(Exception):
+    pass
+
+
+async def test_exception_before_the_response_is_500_and_propagates_unchanged(registry: CollectorRegistry) -> None:
+    failure = AppFailure("boom")
+
+    async def failing(scope: Scope, receive: Receive, send: Send) -> None:
+        raise failure
+
+    app = PrometheusMiddleware(failing, registry=registry)
+    with pytest.raises(AppFailure) as raised:
+        await run_asgi(app, http_scope("/x"))
+
+    assert raised.value is failure
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="500") == 1
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+async def test_starlette_endpoint_exception_counts_as_500(registry: CollectorRegistry) -> None:
+    async def broken(request: Request) -> Response:
+        raise AppFailure("no")
+
+    app = starlette_app(registry, Route("/broken", broken))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t"
+    ) as client:
+        assert (await client.get("/broken")).status_code == 500
+
+    assert value(registry, REQUESTS, method="GET", handler="/broken", status="500") == 1
+
+
+async def test_failure_mid_stream_keeps_the_status_already_sent(registry: CollectorRegistry) -> None:
+    async def half_stream(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise AppFailure("stream broke")
+
+    app = PrometheusMiddleware(half_stream, registry=registry)
+    with pytest.raises(AppFailure):
+        await run_asgi(app, http_scope("/s"))
+
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="500") == 0
+    assert value(registry, RESPONSE_SIZE + "_sum", method="GET", handler="<unmatched>") == 7
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+async def test_client_disconnect_before_a_response_is_499(registry: CollectorRegistry) -> None:
+    async def waits_for_body(scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "http.disconnect"
+
+    app = PrometheusMiddleware(waits_for_body, registry=registry)
+    await run_asgi(app, http_scope("/gone"), incoming=[{"type": "http.disconnect"}])
+
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="499") == 1
+
+
+async def test_cancelled_request_without_response_is_499_and_cancellation_propagates(registry: CollectorRegistry) -> None:
+    started = asyncio.Event()
+
+    async def hangs(scope: Scope, receive: Receive, send: Send) -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    app = PrometheusMiddleware(hangs, registry=registry)
+    task = asyncio.create_task(run_asgi(app, http_scope("/hang")))
+    await started.wait()
+    assert value(registry, IN_PROGRESS, method="GET") == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="499") == 1
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+async def test_app_returning_without_a_response_is_500(registry: CollectorRegistry) -> None:
+    async def silent(scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+    app = PrometheusMiddleware(silent, registry=registry)
+    await run_asgi(app, http_scope("/silent"))
+
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="500") == 1
+
+
+async def test_in_progress_gauge_counts_the_request_while_it_runs(registry: CollectorRegistry) -> None:
+    seen: list[float] = []
+
+    async def look(request: Request) -> Response:
+        seen.append(value(registry, IN_PROGRESS, method="GET"))
+        return PlainTextResponse("ok")
+
+    app = starlette_app(registry, Route("/look", look))
+    await get(app, "/look")
+
+    assert seen == [1.0]
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+async def test_every_message_passes_through_unchanged_and_in_order(registry: CollectorRegistry) -> None:
+    outgoing: list[Message] = [
+        {"type": "http.response.start", "status": 201, "headers": [(b"x-a", b"1")], "trailers": False},
+        {"type": "http.response.body", "body": b"one", "more_body": True},
+        {"type": "http.response.body", "body": b"two", "more_body": False, "extension": object()},
+    ]
+    incoming: list[Message] = [{"type": "http.request", "body": b"hi", "more_body": False}]
+    received: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        received.append(await receive())
+        for message in outgoing:
+            await send(message)
+
+    sent = await run_asgi(PrometheusMiddleware(app, registry=registry), http_scope("/m", "POST"), incoming)
+
+    assert [id(m) for m in sent] == [id(m) for m in outgoing]
+    assert sent == outgoing
+    assert received[0] is incoming[0]
+
+
+@pytest.mark.parametrize("scope_type", ["websocket", "lifespan"])
+async def test_non_http_scopes_pass_through_untouched(registry: CollectorRegistry, scope_type: str) -> None:
+    calls: list[tuple[Any, Any, Any]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        calls.append((scope, receive, send))
+
+    async def receive() -> Message:
+        return {"type": f"{scope_type}.connect"}
+
+    async def send(message: Message) -> None:
+        pass
+
+    scope = {"type": scope_type, "path": "/ws"}
+    await PrometheusMiddleware(app, registry=registry)(scope, receive, send)
+
+    assert calls == [(scope, receive, send)]
+    assert calls[0][0] is scope and calls[0][1] is receive and calls[0][2] is send
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="200") == 0
+
+
+async def test_metrics_path_and_excluded_paths_are_not_counted(registry: CollectorRegistry) -> None:
+    async def ok(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = starlette_app(
+        registry, Route("/metrics", ok), Route("/healthz", ok), Route("/work", ok),
+        exclude_paths=["/metrics", "/healthz"],
+    )
+    for path in ("/metrics", "/healthz", "/work"):
+        assert (await get(app, path)).status_code == 200
+
+    assert value(registry, REQUESTS, method="GET", handler="/work", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/metrics", status="200") == 0
+    assert value(registry, REQUESTS, method="GET", handler="/healthz", status="200") == 0
+
+
+async def test_a_failing_handler_resolver_never_fails_the_request(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_resolver(scope: Scope) -> str:
+        raise RuntimeError("resolver bug")
+
+    async def ok(scope: Scope, receive: Receive, send: Send) -> None:
+        await PlainTextResponse("fine")(scope, receive, send)
+
+    app = PrometheusMiddleware(ok, registry=registry, handler_resolver=broken_resolver)
+    with caplog.at_level(logging.ERROR, logger="crowdmon"):
+        for _ in range(3):
+            sent = await run_asgi(app, http_scope("/r"))
+            assert sent[0]["status"] == 200 and sent[1]["body"] == b"fine"
+
+    assert value(registry, "crowdmon_internal_errors_total", site="middleware.handler") == 3
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="200") == 3
+    assert len([r for r in caplog.records if "middleware.handler" in r.getMessage()]) == 1
+
+
+def test_setup_mistakes_raise_with_a_fix(registry: CollectorRegistry) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        pass
+
+    with pytest.raises(ValueError, match=r"exclude_paths=\['/metrics'\]"):
+        PrometheusMiddleware(app, registry=registry, exclude_paths="/metrics")
+    with pytest.raises(ValueError, match="handler_resolver must be a callable"):
+        PrometheusMiddleware(app, registry=registry, handler_resolver="/x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not both"):
+        PrometheusMiddleware(app, registry=registry, instrumentation=PrometheusInstrumentation(registry))
