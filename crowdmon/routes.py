@@ -28,7 +28,7 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int) -> str:
     route = scope.get("route")
     if route is None:
         return UNMATCHED_HANDLER
-    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    template = _template_of(scope, route)
     if not isinstance(template, str):
         return UNMATCHED_HANDLER
     root_path = scope.get("root_path") or ""
@@ -43,3 +43,19 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int) -> str:
             return UNMATCHED_HANDLER
         return mount_prefix + "/{path}"
     return mount_prefix + template
+
+
+def _template_of(scope: Scope, route: object) -> object:
+    """The matched route's path template, without converters (``{item_id}``, not ``{item_id:int}``).
+
+    Since 0.137, FastAPI keeps an included router's routes unprefixed and records the effective
+    route, whose template has every ``include_router`` prefix, under ``scope["fastapi"]``.
+    """
+    fastapi_scope = scope.get("fastapi")
+    if isinstance(fastapi_scope, dict):
+        context = fastapi_scope.get("effective_route_context")
+        if context is not None and getattr(context, "original_route", None) is route:
+            template = getattr(context, "path_format", None)
+            if isinstance(template, str):
+                return template
+    return getattr(route, "path_format", None) or getattr(route, "path", None)

@@ -1,0 +1,175 @@
+"""The ``handler`` label: the route template from the router's own match, never a raw path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
+from crowdmon._types import Receive, Scope, Send
+from tests import fastapi_app
+from tests.asgi import http_scope, run_asgi
+from tests.support import REPO_ROOT, subprocess_env, value
+
+REQUESTS = "crowdfunding_api_requests_total"
+LEGACY_FASTAPI = "0.136.1"
+
+EXPECTED_FASTAPI_COUNTS = {
+    "GET /api/v1/items/{item_id} 200": 2.0,
+    "GET /api/v1/items/{item_id} 404": 1.0,  # the route matched; the endpoint said 404
+    "PUT /api/v1/items/{item_id} 405": 1.0,  # 405 keeps the template
+    "GET /api/v1/items/{item_id} 422": 1.0,
+    "POST /api/v1/users/{user_id}/orders 201": 1.0,
+    "GET /root 200": 1.0,
+    "GET /legacy/hello/{name} 200": 1.0,  # a Starlette app mounted in FastAPI
+    "GET /sub/things/{thing_id} 200": 1.0,  # a FastAPI app with nested routers, mounted
+    "GET <unmatched> 404": 1.0,
+    "GET <unmatched> 307": 1.0,  # trailing-slash redirect: no route matched the raw path
+}
+
+
+async def ok(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def get_all(app: Starlette | PrometheusMiddleware, *paths: str, root_path: str = "") -> list[int]:
+    statuses = []
+    for path in paths:
+        sent = await run_asgi(app, http_scope(path, root_path=root_path))
+        statuses.append(sent[0]["status"])
+    return statuses
+
+
+def instrumented(registry: CollectorRegistry, *routes: Route | Mount) -> Starlette:
+    app = Starlette(routes=list(routes))
+    app.add_middleware(PrometheusMiddleware, registry=registry)
+    return app
+
+
+async def test_starlette_route_template_without_converters(registry: CollectorRegistry) -> None:
+    app = instrumented(registry, Route("/users/{user_id:int}/files/{name:path}", ok))
+    assert await get_all(app, "/users/1/files/a/b.txt", "/users/2/files/c") == [200, 200]
+
+    assert value(registry, REQUESTS, method="GET", handler="/users/{user_id}/files/{name}", status="200") == 2
+
+
+async def test_mounted_sub_apps_get_the_full_template(registry: CollectorRegistry) -> None:
+    inner = Starlette(routes=[Route("/reports/{report_id}", ok)])
+    middle = Starlette(routes=[Mount("/orgs/admin", inner), Route("/ping", ok)])
+    app = instrumented(registry, Mount("/v2", middle))
+
+    assert await get_all(app, "/v2/orgs/admin/reports/9", "/v2/ping", "/v2/nothing") == [200, 200, 404]
+
+    assert value(registry, REQUESTS, method="GET", handler="/v2/orgs/admin/reports/{report_id}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/v2/ping", status="200") == 1
+    # A 404 inside a mount matched no route: the sentinel, not the raw path.
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="404") == 1
+
+
+async def test_a_mounted_non_router_app_is_labelled_by_its_mount(registry: CollectorRegistry, tmp_path: Path) -> None:
+    (tmp_path / "app.css").write_text("body {}")
+    app = instrumented(registry, Mount("/static", StaticFiles(directory=tmp_path)))
+
+    assert await get_all(app, "/static/app.css", "/static/missing-1.css", "/static/missing-2.css") == [200, 404, 404]
+
+    assert value(registry, REQUESTS, method="GET", handler="/static/{path}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="404") == 2
+
+
+async def test_root_path_is_not_part_of_the_template(registry: CollectorRegistry) -> None:
+    app = instrumented(registry, Route("/items/{item_id}", ok), Mount("/sub", Starlette(routes=[Route("/x/{y}", ok)])))
+
+    assert await get_all(app, "/items/1", "/sub/x/2", root_path="/proxy") == [200, 200]
+
+    assert value(registry, REQUESTS, method="GET", handler="/items/{item_id}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/sub/x/{y}", status="200") == 1
+
+
+async def test_unmatched_paths_share_one_sentinel(registry: CollectorRegistry) -> None:
+    app = instrumented(registry, Route("/known", ok))
+    paths = [f"/random/{n}" for n in range(50)]
+
+    assert set(await get_all(app, *paths)) == {404}
+
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="404") == 50
+
+
+async def test_bare_asgi_app_gets_the_sentinel_unless_given_a_resolver(registry: CollectorRegistry) -> None:
+    async def bare(scope: Scope, receive: Receive, send: Send) -> None:
+        await PlainTextResponse("bare")(scope, receive, send)
+
+    await get_all(PrometheusMiddleware(bare, registry=registry), "/a/1", "/b/2")
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="200") == 2
+
+    other = CollectorRegistry()
+    resolved = PrometheusMiddleware(bare, registry=other, handler_resolver=lambda scope: "/" + scope["path"].split("/")[1])
+    await get_all(resolved, "/a/1", "/a/2", "/b/2")
+    assert value(other, REQUESTS, method="GET", handler="/a", status="200") == 2
+    assert value(other, REQUESTS, method="GET", handler="/b", status="200") == 1
+
+
+async def test_an_unbounded_resolver_is_folded_by_the_guard() -> None:
+    registry = CollectorRegistry()
+    instrumentation = PrometheusInstrumentation(registry, cardinality_caps={"crowdfunding_api_requests_total:handler": 5})
+
+    async def bare(scope: Scope, receive: Receive, send: Send) -> None:
+        await PlainTextResponse("bare")(scope, receive, send)
+
+    app = PrometheusMiddleware(bare, instrumentation=instrumentation, handler_resolver=lambda scope: scope["path"])
+    await get_all(app, *[f"/p/{n}" for n in range(20)])
+
+    assert value(registry, REQUESTS, method="GET", handler="/p/4", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="<other>", status="200") == 15
+    assert value(registry, "crowdmon_label_overflow_total", metric=REQUESTS, label="handler") == 15
+
+
+async def test_fastapi_include_router_templates_with_the_installed_fastapi() -> None:
+    counts = await fastapi_app.drive()
+    assert counts == EXPECTED_FASTAPI_COUNTS
+
+
+@pytest.fixture(scope="session")
+def legacy_fastapi_path() -> Path:
+    """FastAPI 0.136 (before include_router changed in 0.137), installed beside the suite."""
+    target = REPO_ROOT / ".cache" / f"fastapi-{LEGACY_FASTAPI}"
+    if not (target / "fastapi" / "__init__.py").exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+             "--target", str(target), f"fastapi=={LEGACY_FASTAPI}"],
+            check=True,
+            timeout=300,
+        )
+    return target
+
+
+def test_fastapi_include_router_templates_before_0_137(legacy_fastapi_path: Path) -> None:
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{legacy_fastapi_path}:{env['PYTHONPATH']}"
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.fastapi_app"], cwd=REPO_ROOT, env=env,
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    report = json.loads(result.stdout)
+
+    assert report["fastapi"] == LEGACY_FASTAPI
+    assert report["counts"] == EXPECTED_FASTAPI_COUNTS
+
+
+async def test_handler_label_through_a_real_client_with_query_strings(registry: CollectorRegistry) -> None:
+    app = instrumented(registry, Route("/search", ok))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        for n in range(3):
+            await client.get(f"/search?q=secret-{n}")
+
+    assert value(registry, REQUESTS, method="GET", handler="/search", status="200") == 3
