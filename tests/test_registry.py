@@ -1,0 +1,77 @@
+"""One registry, owned once: building twice shares metrics; a name clash fails with a fix."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
+from starlette.applications import Starlette
+
+from crowdmon import (
+    CrowdmonSetupError,
+    PrometheusInstrumentation,
+    PrometheusMiddleware,
+    default_instrumentation,
+    setup_monitoring,
+)
+from tests.support import value
+
+
+def test_building_twice_on_one_registry_shares_the_metrics(registry: CollectorRegistry) -> None:
+    first = PrometheusInstrumentation(registry)
+    second = PrometheusInstrumentation(registry)
+    first.track_chat_message("authenticated", "user", False, False)
+    second.track_chat_message("authenticated", "user", False, False)
+
+    assert first.metric("chat_messages_total").metric is second.metric("chat_messages_total").metric
+    assert first.requests is second.requests
+    labels = {"user_type": "authenticated", "message_type": "user", "cache_hit": "false", "rag_used": "false"}
+    assert value(registry, "chat_messages_total", **labels) == 2
+
+
+def test_isolated_registries_do_not_share_values() -> None:
+    one, two = CollectorRegistry(), CollectorRegistry()
+    PrometheusInstrumentation(one).track_document_operation("add", "pdf", "success")
+
+    assert value(one, "document_operations_total", operation="add", document_type="pdf", status="success") == 1
+    assert value(two, "document_operations_total", operation="add", document_type="pdf", status="success") == 0
+
+
+def test_a_rebuilt_middleware_stack_reuses_the_registry(registry: CollectorRegistry) -> None:
+    async def app(scope: object, receive: object, send: object) -> None:
+        pass
+
+    for _ in range(3):
+        PrometheusMiddleware(app, registry=registry)  # type: ignore[arg-type]
+
+    assert generate_latest(registry).count(b"# TYPE crowdfunding_api_requests_total counter") == 1
+
+
+def test_a_metric_name_clash_fails_at_set_up_with_a_fix(registry: CollectorRegistry) -> None:
+    Counter("chat_messages", "the application's own metric", registry=registry)
+
+    with pytest.raises(CrowdmonSetupError, match=r"registry=CollectorRegistry\(\)") as raised:
+        PrometheusInstrumentation(registry)
+
+    assert "chat_messages" in str(raised.value)
+    # Nothing half-registered is left behind.
+    names = {family.name for family in registry.collect()}
+    assert names == {"chat_messages"}
+
+
+def test_the_default_instance_is_the_one_setup_monitoring_returns() -> None:
+    instrumentation = setup_monitoring(Starlette())
+
+    assert instrumentation is default_instrumentation()
+    assert instrumentation.registry is REGISTRY
+    assert PrometheusInstrumentation().metric("chat_messages_total").metric is instrumentation.metric(
+        "chat_messages_total"
+    ).metric
+
+
+def test_metric_lookup_errors_name_the_catalogue(registry: CollectorRegistry) -> None:
+    instrumentation = PrometheusInstrumentation(registry)
+
+    with pytest.raises(KeyError, match="not a crowdmon metric"):
+        instrumentation.metric("chat_messages")
+    with pytest.raises(CrowdmonSetupError, match="recorded by the middleware"):
+        instrumentation.metric("crowdfunding_api_requests_total")

@@ -1,0 +1,85 @@
+"""Through a real uvicorn server on 127.0.0.1: FastAPI and Starlette apps, scraped over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import StreamingResponse
+from prometheus_client import CollectorRegistry
+
+from crowdmon import setup_monitoring
+from crowdmon.demo import build_demo_app
+from crowdmon.instrumentation import PrometheusInstrumentation
+from tests.support import scraped, uvicorn_in_thread
+
+
+def build_fastapi(registry: CollectorRegistry) -> FastAPI:
+    app = FastAPI()
+    orders = APIRouter(prefix="/orders")
+
+    @orders.get("/{order_id}")
+    async def get_order(order_id: int) -> dict[str, int]:
+        return {"order_id": order_id}
+
+    @orders.post("/")
+    def create_order(payload: dict[str, str]) -> dict[str, int]:  # runs in the threadpool
+        return {"fields": len(payload)}
+
+    app.include_router(orders)
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(4):
+                await asyncio.sleep(0.01)
+                yield b"c" * 2500
+
+        return StreamingResponse(chunks())
+
+    setup_monitoring(app, registry=registry)
+    return app
+
+
+def test_fastapi_under_uvicorn_records_exact_values(registry: CollectorRegistry) -> None:
+    with uvicorn_in_thread(build_fastapi(registry)) as base_url, httpx.Client(base_url=base_url) as client:
+        for order_id in range(25):
+            assert client.get(f"/orders/{order_id}").status_code == 200
+        for _ in range(5):
+            assert client.post("/orders/", json={"a": "1", "b": "2"}).status_code == 200
+        assert len(client.get("/stream").content) == 10000
+        assert client.get("/nowhere/17").status_code == 404
+        scrape = client.get("/metrics").text
+
+    assert scraped(scrape, "crowdfunding_api_requests_total", method="GET", handler="/orders/{order_id}", status="200") == 25
+    assert scraped(scrape, "crowdfunding_api_requests_total", method="POST", handler="/orders/", status="200") == 5
+    assert scraped(scrape, "crowdfunding_api_request_size_bytes_sum", method="POST", handler="/orders/") == 5 * len(b'{"a":"1","b":"2"}')
+    assert scraped(scrape, "crowdfunding_api_response_size_bytes_sum", method="GET", handler="/stream") == 10000
+    assert scraped(scrape, "crowdfunding_api_request_duration_seconds_bucket", method="GET", handler="/stream", le="0.025") == 0
+    assert scraped(scrape, "crowdfunding_api_requests_total", method="GET", handler="<unmatched>", status="404") == 1
+    assert scraped(scrape, "crowdfunding_api_requests_in_progress", method="GET") == 0
+
+
+async def test_concurrent_requests_are_all_counted(registry: CollectorRegistry) -> None:
+    with uvicorn_in_thread(build_fastapi(registry)) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, limits=httpx.Limits(max_connections=20)) as client:
+            responses = await asyncio.gather(*(client.get(f"/orders/{n}") for n in range(300)))
+            scrape = (await client.get("/metrics")).text
+
+    assert {response.status_code for response in responses} == {200}
+    assert scraped(scrape, "crowdfunding_api_requests_total", method="GET", handler="/orders/{order_id}", status="200") == 300
+    assert scraped(scrape, "crowdfunding_api_request_duration_seconds_count", method="GET", handler="/orders/{order_id}") == 300
+
+
+def test_demo_app_serves_metrics_and_health(registry: CollectorRegistry) -> None:
+    app = build_demo_app(PrometheusInstrumentation(registry))
+    with uvicorn_in_thread(app) as base_url, httpx.Client(base_url=base_url) as client:
+        assert client.post("/chat", json={"message": "hello"}).status_code == 200
+        health = client.get("/health")
+        scrape = client.get("/metrics").text
+
+    assert health.status_code == 200
+    assert health.json()["status"] == "healthy"
+    assert scraped(scrape, "crowdfunding_api_requests_total", method="POST", handler="/chat", status="200") == 1
