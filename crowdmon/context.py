@@ -1,26 +1,58 @@
 """The request being handled, as seen by code running inside it.
 
 The middleware sets :data:`current_request` for the duration of each HTTP request, so decorators
-and tracking calls can label what they record with the route template of the request they serve.
+and tracking calls can label what they record with the route template and the user type of the
+request they serve, without the business code passing them along.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 from crowdmon._types import Scope
+from crowdmon.catalogue import UNKNOWN_VALUE
 from crowdmon.routes import handler_label_for
 
+#: Names the ``user_type`` label of a request from its ASGI scope.
+UserTypeResolver = Callable[[Scope], str]
 
-@dataclass
+
+def default_user_type(scope: Scope) -> str:
+    """``authenticated`` or ``anonymous`` from Starlette's ``AuthenticationMiddleware``
+    (``scope["user"]``); ``unknown`` when the app authenticates no one."""
+    user = scope.get("user")
+    if user is None:
+        return UNKNOWN_VALUE
+    return "authenticated" if getattr(user, "is_authenticated", False) else "anonymous"
+
+
 class RequestContext:
-    scope: Scope
-    entry_root_path: str
+    """What crowdmon knows of the request in progress; ``user_type`` is resolved on first use."""
+
+    __slots__ = ("_user_type", "entry_root_path", "scope", "user_type_resolver")
+
+    def __init__(
+        self,
+        scope: Scope,
+        entry_root_path: str,
+        user_type_resolver: UserTypeResolver | None = None,
+    ) -> None:
+        self.scope = scope
+        self.entry_root_path = entry_root_path
+        self.user_type_resolver = user_type_resolver or default_user_type
+        self._user_type: str | None = None
 
     def endpoint(self) -> str:
         """The route template of the request (known once the app's router has matched it)."""
         return handler_label_for(self.scope, self.entry_root_path, 200)
+
+    def user_type(self) -> str:
+        """The resolver's answer for this request (the resolver runs once per request)."""
+        if self._user_type is None:
+            resolved = self.user_type_resolver(self.scope)
+            self._user_type = resolved if isinstance(resolved, str) else str(resolved)
+        return self._user_type
 
 
 current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_request", default=None)
@@ -30,3 +62,9 @@ def current_endpoint() -> str | None:
     """The route template of the request being handled, or ``None`` outside a request."""
     context = current_request.get()
     return None if context is None else context.endpoint()
+
+
+def current_user_type() -> str | None:
+    """The user type of the request being handled, or ``None`` outside a request."""
+    context = current_request.get()
+    return None if context is None else context.user_type()

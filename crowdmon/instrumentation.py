@@ -13,7 +13,8 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -32,6 +33,8 @@ from crowdmon.catalogue import (
     MetricSpec,
     spec,
 )
+from crowdmon.context import current_request
+from crowdmon.errors import classify_error
 from crowdmon.timing import Timing
 
 logger = logging.getLogger("crowdmon")
@@ -46,6 +49,21 @@ class CrowdmonSetupError(ValueError):
 def multiprocess_mode() -> bool:
     """Whether prometheus_client keeps values in ``PROMETHEUS_MULTIPROC_DIR`` files."""
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+#: Seconds a health check may take before its component counts as unhealthy.
+DEFAULT_HEALTH_CHECK_TIMEOUT = 2.0
+
+HealthCheckFunction = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """A check ``/health`` runs for ``component``: sync or async, bounded by ``timeout``."""
+
+    component: str
+    check: HealthCheckFunction
+    timeout: float
 
 
 class LabelledMetric:
@@ -111,6 +129,7 @@ class _MetricSet:
         self._logged_sites: set[str] = set()
         self.health: dict[str, str] = {}
         self.health_lock = threading.Lock()
+        self.health_checks: dict[str, HealthCheck] = {}
 
     def _count_overflow(self, metric: str, label: str) -> None:
         # Never through the guard: the self-metric's own labels come from the catalogue.
@@ -193,11 +212,17 @@ class PrometheusInstrumentation:
             ) from None
 
     # -- the seed's tracking API ----------------------------------------------------------------
+    # Inside a request handled by the middleware, ``endpoint`` and ``user_type`` left out (None)
+    # come from the request; outside one they are ``unknown``.
 
-    def track_request_performance(self, endpoint: str, user_type: str = UNKNOWN_VALUE) -> Timing:
+    def track_request_performance(
+        self, endpoint: str | None = None, user_type: str | None = None
+    ) -> Timing:
         """Context manager (``with`` or ``async with``) timing chat processing into
         ``chat_processing_duration_seconds{endpoint,user_type}``."""
-        child = self.metric("chat_processing_duration_seconds").labels(label(endpoint), label(user_type))
+        child = self.metric("chat_processing_duration_seconds").labels(
+            self.endpoint_label(endpoint), self.user_type_label(user_type)
+        )
         return Timing(lambda outcome: child, self.report_internal_error)
 
     def track_external_api_call(self, service: str, endpoint: str) -> Timing:
@@ -205,11 +230,10 @@ class PrometheusInstrumentation:
         its outcome; an exception also counts in ``external_service_errors_total``."""
         service, endpoint = label(service), label(endpoint)
         durations = self.metric("external_api_duration_seconds")
-        errors = self.metric("external_service_errors_total")
         return Timing(
             lambda outcome: durations.labels(service, endpoint, outcome),
             self.report_internal_error,
-            on_error=lambda error: errors.labels(service, endpoint, type(error).__name__).inc(),
+            on_error=lambda error: self.count_external_error(service, endpoint, error),
         )
 
     def track_vector_search(self, operation: str) -> Timing:
@@ -224,67 +248,141 @@ class PrometheusInstrumentation:
 
     def track_chat_message(
         self,
-        user_type: str = UNKNOWN_VALUE,
+        user_type: str | None = None,
         message_type: str = "user",
         cache_hit: bool = False,
         rag_used: bool = False,
     ) -> None:
         """Count one chat message in ``chat_messages_total``."""
-        self.metric("chat_messages_total").labels(
-            label(user_type), label(message_type), label(cache_hit), label(rag_used)
-        ).inc()
+        try:
+            self.metric("chat_messages_total").labels(
+                self.user_type_label(user_type), label(message_type), label(cache_hit), label(rag_used)
+            ).inc()
+        except Exception as failure:
+            self.report_internal_error("track_chat_message", failure)
 
     def track_memory_operation(
-        self, operation: str, memory_type: str, user_type: str = UNKNOWN_VALUE
+        self, operation: str, memory_type: str, user_type: str | None = None
     ) -> None:
         """Count one memory system operation in ``memory_operations_total``."""
-        self.metric("memory_operations_total").labels(
-            label(operation), label(memory_type), label(user_type)
-        ).inc()
+        try:
+            self.metric("memory_operations_total").labels(
+                label(operation), label(memory_type), self.user_type_label(user_type)
+            ).inc()
+        except Exception as failure:
+            self.report_internal_error("track_memory_operation", failure)
 
-    def track_document_operation(self, operation: str, document_type: str, status: str) -> None:
+    def track_document_operation(self, operation: str, document_type: str, status: str = "success") -> None:
         """Count one document operation in ``document_operations_total``."""
-        self.metric("document_operations_total").labels(
-            label(operation), label(document_type), label(status)
-        ).inc()
+        try:
+            self.metric("document_operations_total").labels(
+                label(operation), label(document_type), label(status)
+            ).inc()
+        except Exception as failure:
+            self.report_internal_error("track_document_operation", failure)
 
     def track_application_error(
         self,
-        error_type: str,
+        error_type: str | None,
         component: str,
         error: BaseException,
-        user_type: str = UNKNOWN_VALUE,
-        endpoint: str = UNKNOWN_VALUE,
-        function: str = UNKNOWN_VALUE,
+        user_type: str | None = None,
+        endpoint: str | None = None,
+        function: str | None = None,
     ) -> None:
         """Count ``error`` in ``application_errors_total``, ``application_error_details_total``
-        and its category's counter (``auth_errors_total``, ...).  The ``exception`` label is the
-        class name, never the message."""
-        if error_type not in ERROR_TYPES:
-            raise ValueError(f"error_type must be one of {ERROR_TYPES}, got {error_type!r}")
-        component = label(component)
+        and its category's counter (``auth_errors_total``, ...).
+
+        ``error_type=None`` classifies ``error`` with the default taxonomy.  The ``exception``
+        label is the class name, never the message.  An error already counted in a metric (by a
+        decorator it passed through, or as the cause of this one) is not counted there again.
+        """
+        try:
+            if error_type is None:
+                error_type = classify_error(error)
+            elif error_type not in ERROR_TYPES:
+                self.report_internal_error(
+                    "track_application_error",
+                    ValueError(f"error_type must be one of {ERROR_TYPES}, got {error_type!r}; counted as 'system'"),
+                )
+                error_type = "system"
+            self.record_error(
+                error,
+                error_type=error_type,
+                component=label(component),
+                user_type=self.user_type_label(user_type),
+                endpoint=self.endpoint_label(endpoint),
+                function=label(function),
+            )
+        except Exception as failure:
+            self.report_internal_error("track_application_error", failure)
+
+    def record_error(
+        self,
+        error: BaseException,
+        *,
+        error_type: str,
+        component: str,
+        user_type: str,
+        endpoint: str,
+        function: str,
+    ) -> None:
+        """The counting behind :meth:`track_application_error`, with labels already resolved."""
         exception = type(error).__name__
-        self.metric("application_errors_total").labels(error_type, component, label(user_type)).inc()
-        self.metric("application_error_details_total").labels(
-            error_type, component, exception, label(endpoint), label(function)
-        ).inc()
+        metrics = self._shared.metrics
+        if first_count(error, "application_errors_total"):
+            metrics["application_errors_total"].labels(error_type, component, user_type).inc()
+        if first_count(error, "application_error_details_total"):
+            metrics["application_error_details_total"].labels(
+                error_type, component, exception, endpoint, function
+            ).inc()
         category = CATEGORY_COUNTERS.get(error_type)
-        if category == "external_service_errors_total":
-            self.metric(category).labels(component, label(endpoint), exception).inc()
-        elif category is not None:
-            self.metric(category).labels(component, exception).inc()
+        if category is not None and first_count(error, category):
+            if category == "external_service_errors_total":
+                metrics[category].labels(component, endpoint, exception).inc()
+            else:
+                metrics[category].labels(component, exception).inc()
 
-    def start_session(self, user_type: str = UNKNOWN_VALUE) -> None:
+    def count_external_error(self, service: str, endpoint: str, error: BaseException) -> None:
+        """Count ``error`` once in ``external_service_errors_total{service,endpoint,exception}``."""
+        if first_count(error, "external_service_errors_total"):
+            self._shared.metrics["external_service_errors_total"].labels(
+                service, endpoint, type(error).__name__
+            ).inc()
+
+    def start_session(self, user_type: str | None = None) -> None:
         """One more active session in ``active_sessions_current``."""
-        self.metric("active_sessions_current").labels(label(user_type)).inc()
+        self.metric("active_sessions_current").labels(self.user_type_label(user_type)).inc()
 
-    def end_session(self, user_type: str = UNKNOWN_VALUE) -> None:
+    def end_session(self, user_type: str | None = None) -> None:
         """One active session fewer in ``active_sessions_current``."""
-        self.metric("active_sessions_current").labels(label(user_type)).dec()
+        self.metric("active_sessions_current").labels(self.user_type_label(user_type)).dec()
 
-    def track_session(self, user_type: str = UNKNOWN_VALUE) -> SessionScope:
-        """Context manager holding one active session for its duration, whatever happens inside."""
-        return SessionScope(self, label(user_type))
+    def track_session(self, user_type: str | None = None) -> SessionScope:
+        """Context manager holding one active session for its duration, whatever ends it."""
+        return SessionScope(self, self.user_type_label(user_type))
+
+    # -- labels from the request in progress --------------------------------------------------
+
+    def endpoint_label(self, endpoint: object = None) -> str:
+        """``endpoint`` as a label, or the route template of the current request."""
+        if endpoint is not None:
+            return label(endpoint)
+        context = current_request.get()
+        return UNKNOWN_VALUE if context is None else context.endpoint()
+
+    def user_type_label(self, user_type: object = None) -> str:
+        """``user_type`` as a label, or the current request's user type from its resolver."""
+        if user_type is not None:
+            return label(user_type)
+        context = current_request.get()
+        if context is None:
+            return UNKNOWN_VALUE
+        try:
+            return context.user_type()
+        except Exception as failure:
+            self.report_internal_error("user_type_resolver", failure)
+            return UNKNOWN_VALUE
 
     # -- component health ---------------------------------------------------------------------
 
@@ -293,6 +391,34 @@ class PrometheusInstrumentation:
         with self._shared.health_lock:
             if component not in self._shared.health:
                 self._set_health_locked(component, "unknown")
+
+    def register_health_check(
+        self,
+        component: str,
+        check: HealthCheckFunction,
+        *,
+        timeout: float = DEFAULT_HEALTH_CHECK_TIMEOUT,
+    ) -> None:
+        """Run ``check`` (sync or async) on every ``/health`` request and set ``component``'s
+        state from its answer: ``True``/``None`` healthy, ``False`` unhealthy, or a state name.
+        An exception or a run longer than ``timeout`` seconds makes the component unhealthy."""
+        if not callable(check):
+            raise CrowdmonSetupError(
+                f"the health check for {component!r} must be a callable (sync or async) taking no "
+                f"arguments, got {check!r}"
+            )
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise CrowdmonSetupError(f"health check timeout must be a positive number of seconds, got {timeout!r}")
+        if not isinstance(component, str) or not component:
+            raise CrowdmonSetupError(f"component must be a non-empty string, got {component!r}")
+        self.register_component(component)
+        with self._shared.health_lock:
+            self._shared.health_checks[component] = HealthCheck(component, check, float(timeout))
+
+    def health_checks(self) -> list[HealthCheck]:
+        """The registered health checks."""
+        with self._shared.health_lock:
+            return list(self._shared.health_checks.values())
 
     def set_component_health(self, component: str, state: str) -> None:
         """Set ``component_health_status`` one-hot: 1 for ``state``, 0 for the other states."""
@@ -308,12 +434,15 @@ class PrometheusInstrumentation:
         self._shared.health[component] = state
 
     def set_component_healthy(self, component: str) -> None:
+        """``component_health_status{component}`` one-hot on ``healthy``."""
         self.set_component_health(component, "healthy")
 
     def set_component_degraded(self, component: str) -> None:
+        """``component_health_status{component}`` one-hot on ``degraded``."""
         self.set_component_health(component, "degraded")
 
     def set_component_unhealthy(self, component: str) -> None:
+        """``component_health_status{component}`` one-hot on ``unhealthy``."""
         self.set_component_health(component, "unhealthy")
 
     def component_health(self) -> dict[str, str]:
@@ -323,24 +452,63 @@ class PrometheusInstrumentation:
 
 
 class SessionScope:
-    """An active session for the duration of a ``with`` or ``async with`` block."""
+    """An active session for the duration of a ``with`` or ``async with`` block, or of a call.
+
+    The gauge comes back down however the block ends, including cancellation and
+    ``KeyboardInterrupt``."""
+
+    __slots__ = ("_child", "_instrumentation")
 
     def __init__(self, instrumentation: PrometheusInstrumentation, user_type: str) -> None:
         self._instrumentation = instrumentation
-        self._user_type = user_type
+        self._child = instrumentation.metric("active_sessions_current").labels(user_type)
 
     def __enter__(self) -> SessionScope:
-        self._instrumentation.start_session(self._user_type)
+        try:
+            self._child.inc()
+        except Exception as failure:
+            self._instrumentation.report_internal_error("session", failure)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._instrumentation.end_session(self._user_type)
+        try:
+            self._child.dec()
+        except Exception as failure:
+            self._instrumentation.report_internal_error("session", failure)
 
     async def __aenter__(self) -> SessionScope:
         return self.__enter__()
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.__exit__()
+
+
+_COUNTED = "_crowdmon_counted"
+
+
+def first_count(error: BaseException, metric: str) -> bool:
+    """Whether ``error`` is to be counted in ``metric`` now: not when it, or an exception it was
+    raised from or while handling, has been counted there already.  Marks it counted."""
+    current: BaseException | None = error
+    seen = 0
+    pending: list[BaseException] = []
+    while current is not None and seen < 16:
+        seen += 1
+        if metric in getattr(current, _COUNTED, ()):
+            return False
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                pending.append(linked)
+        current = pending.pop() if pending else None
+    try:
+        counted = getattr(error, _COUNTED, None)
+        if counted is None:
+            setattr(error, _COUNTED, {metric})
+        else:
+            counted.add(metric)
+    except Exception:  # an exception class that refuses attributes is counted every time
+        pass
+    return True
 
 
 def label(value: object) -> str:
@@ -362,10 +530,24 @@ _default_lock = threading.Lock()
 
 
 def default_instrumentation() -> PrometheusInstrumentation:
-    """The process-wide instance on prometheus_client's global registry, built on first use."""
+    """The process-wide instance on prometheus_client's global registry, built on first use.
+
+    Decorators and module-level tracking functions given no instrumentation look it up at every
+    call, so :func:`crowdmon.testing.isolated_instrumentation` can stand in for it."""
     global _default
     if _default is None:
         with _default_lock:
             if _default is None:
                 _default = PrometheusInstrumentation()
     return _default
+
+
+def replace_default_instrumentation(
+    instrumentation: PrometheusInstrumentation | None,
+) -> PrometheusInstrumentation | None:
+    """Make ``instrumentation`` the process-wide default (``None``: build it again on next use);
+    returns the previous one.  For test isolation."""
+    global _default
+    with _default_lock:
+        previous, _default = _default, instrumentation
+    return previous

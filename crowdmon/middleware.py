@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.catalogue import OTHER_METHOD, UNMATCHED_HANDLER
-from crowdmon.context import RequestContext, current_request
+from crowdmon.context import RequestContext, UserTypeResolver, current_request
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
     PrometheusInstrumentation,
@@ -43,6 +43,7 @@ class PrometheusMiddleware:
         registry: CollectorRegistry | None = None,
         exclude_paths: Iterable[str] = ("/metrics",),
         handler_resolver: HandlerResolver | None = None,
+        user_type_resolver: UserTypeResolver | None = None,
     ) -> None:
         if instrumentation is not None and registry is not None:
             raise CrowdmonSetupError(
@@ -66,6 +67,9 @@ class PrometheusMiddleware:
         self.instrumentation = instrumentation
         self.exclude_paths = frozenset(exclude_paths)
         self.handler_resolver = handler_resolver
+        if user_type_resolver is not None and not callable(user_type_resolver):
+            raise CrowdmonSetupError(f"user_type_resolver must be a callable taking the ASGI scope, got {user_type_resolver!r}")
+        self.user_type_resolver = user_type_resolver
         self._requests = instrumentation.requests
         self._report = instrumentation.report_internal_error
 
@@ -152,7 +156,7 @@ class PrometheusMiddleware:
             except Exception as error:
                 report("middleware.record", error)
 
-        token = current_request.set(RequestContext(scope, entry_root_path))
+        token = current_request.set(RequestContext(scope, entry_root_path, self.user_type_resolver))
         try:
             await self.app(scope, receive_and_measure, send_and_measure)
         except BaseException as error:

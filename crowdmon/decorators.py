@@ -1,0 +1,591 @@
+"""Decorators that instrument service functions without touching their bodies.
+
+Each decorator works on sync functions, ``async def`` functions, generators and async generators
+(timed until exhausted, closed or failed), methods, classmethods and staticmethods.  Built on
+``wrapt``, the decorated function keeps its signature, name, docstring and ``inspect`` answers, and
+``Callable[[F], F]`` keeps its type for mypy.  Every decorator follows the outcome rule of
+:mod:`crowdmon.timing`.
+
+Labels given to a decorator are checked when it is applied; ``endpoint`` and ``user_type`` left
+out come from the request being handled (see :mod:`crowdmon.context`).  With no
+``instrumentation=`` the process-wide default one is looked up at every call.
+``enabled=False``, or ``CROWDMON_DISABLED=1`` in the environment when the decorator is applied,
+returns the function itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from collections.abc import AsyncGenerator, Callable, Generator
+from enum import Enum
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import wrapt
+
+from crowdmon.catalogue import ERROR_TYPES
+from crowdmon.errors import ErrorTaxonomy, default_taxonomy
+from crowdmon.instrumentation import (
+    CrowdmonSetupError,
+    LabelledMetric,
+    PrometheusInstrumentation,
+    default_instrumentation,
+)
+from crowdmon.timing import CANCELLED, ERROR, SUCCESS, outcome_of
+
+F = TypeVar("F", bound="Callable[..., Any] | classmethod[Any, Any, Any] | staticmethod[Any, Any]")
+
+#: Set to ``1`` (or ``true``/``yes``/``on``) to make every decorator return the function itself.
+DISABLE_ENV = "CROWDMON_DISABLED"
+
+
+def tracked_external(
+    service: str,
+    endpoint: str | None = None,
+    *,
+    instrumentation: PrometheusInstrumentation | None = None,
+    enabled: bool | None = None,
+) -> Callable[[F], F]:
+    """Time each call into ``external_api_duration_seconds{service,endpoint,outcome}``; an
+    exception also counts in ``external_service_errors_total``.  ``endpoint`` defaults to the
+    function's name."""
+    service = _static_label("tracked_external", "service", service)
+    given_endpoint = None if endpoint is None else _static_label("tracked_external", "endpoint", endpoint)
+    return _decorator(
+        "tracked_external",
+        lambda name: _ExternalProbe(instrumentation, service, given_endpoint or name.rpartition(".")[2]),
+        enabled,
+    )
+
+
+def tracked_errors(
+    component: str,
+    *,
+    error_type: str | None = None,
+    taxonomy: ErrorTaxonomy | None = None,
+    instrumentation: PrometheusInstrumentation | None = None,
+    enabled: bool | None = None,
+) -> Callable[[F], F]:
+    """Count an exception leaving the call in ``application_errors_total``,
+    ``application_error_details_total`` and its category's counter, categorised by ``taxonomy``
+    (the default one) unless ``error_type`` fixes the category."""
+    component = _static_label("tracked_errors", "component", component)
+    if error_type is not None and error_type not in ERROR_TYPES:
+        raise CrowdmonSetupError(
+            f"@tracked_errors(error_type={error_type!r}) is not a known error category; use one "
+            f"of: {', '.join(ERROR_TYPES)}, or leave it out to classify by the error taxonomy"
+        )
+    if taxonomy is not None and not isinstance(taxonomy, ErrorTaxonomy):
+        raise CrowdmonSetupError(f"taxonomy must be a crowdmon.ErrorTaxonomy, got {taxonomy!r}")
+    chosen = taxonomy or default_taxonomy
+    return _decorator(
+        "tracked_errors",
+        lambda name: _ErrorsProbe(instrumentation, component, error_type, chosen, name),
+        enabled,
+    )
+
+
+def tracked_chat(
+    endpoint: str | None = None,
+    user_type: str | None = None,
+    *,
+    instrumentation: PrometheusInstrumentation | None = None,
+    enabled: bool | None = None,
+) -> Callable[[F], F]:
+    """Time each call into ``chat_processing_duration_seconds{endpoint,user_type}``."""
+    endpoint = _optional_label("tracked_chat", "endpoint", endpoint)
+    user_type = _optional_label("tracked_chat", "user_type", user_type)
+    return _decorator("tracked_chat", lambda name: _ChatProbe(instrumentation, endpoint, user_type), enabled)
+
+
+def tracked_vector_search(
+    operation: str,
+    *,
+    instrumentation: PrometheusInstrumentation | None = None,
+    enabled: bool | None = None,
+) -> Callable[[F], F]:
+    """Time each call into ``vector_search_duration_seconds{operation}``."""
+    operation = _static_label("tracked_vector_search", "operation", operation)
+    return _decorator(
+        "tracked_vector_search",
+        lambda name: _DurationProbe(instrumentation, "vector_search_duration_seconds", operation),
+        enabled,
+    )
+
+
+def tracked_database_query(
+    operation: str,
+    *,
+    instrumentation: PrometheusInstrumentation | None = None,
+    enabled: bool | None = None,
+) -> Callable[[F], F]:
+    """Time each call into ``database_query_duration_seconds{operation}``."""
+    operation = _static_label("tracked_database_query", "operation", operation)
+    return _decorator(
+        "tracked_database_query",
+        lambda name: _DurationProbe(instrumentation, "database_query_duration_seconds", operation),
+        enabled,
+    )
+
+
+def tracked_memory_operation(
+    operation: str,
+    memory_type: str,
+    user_type: str | None = None,
+    *,
+    instrumentation: PrometheusInstrumentation | None = None,
+    enabled: bool | None = None,
+) -> Callable[[F], F]:
+    """Count each call that succeeds in ``memory_operations_total{operation,memory_type,user_type}``."""
+    operation = _static_label("tracked_memory_operation", "operation", operation)
+    memory_type = _static_label("tracked_memory_operation", "memory_type", memory_type)
+    user_type = _optional_label("tracked_memory_operation", "user_type", user_type)
+    return _decorator(
+        "tracked_memory_operation",
+        lambda name: _MemoryProbe(instrumentation, operation, memory_type, user_type),
+        enabled,
+    )
+
+
+def tracked_document_operation(
+    operation: str,
+    document_type: str,
+    *,
+    instrumentation: PrometheusInstrumentation | None = None,
+    enabled: bool | None = None,
+) -> Callable[[F], F]:
+    """Count each call in ``document_operations_total{operation,document_type,status}`` with
+    ``status`` the call's outcome: ``success``, ``error`` or ``cancelled``."""
+    operation = _static_label("tracked_document_operation", "operation", operation)
+    document_type = _static_label("tracked_document_operation", "document_type", document_type)
+    return _decorator(
+        "tracked_document_operation",
+        lambda name: _DocumentProbe(instrumentation, operation, document_type),
+        enabled,
+    )
+
+
+def tracked_session(
+    user_type: str | None = None,
+    *,
+    instrumentation: PrometheusInstrumentation | None = None,
+    enabled: bool | None = None,
+) -> Callable[[F], F]:
+    """Hold one session in ``active_sessions_current{user_type}`` while each call runs; the
+    gauge comes back down however the call ends."""
+    user_type = _optional_label("tracked_session", "user_type", user_type)
+    return _decorator("tracked_session", lambda name: _SessionProbe(instrumentation, user_type), enabled)
+
+
+def instrumented_metrics(func: object) -> tuple[str, ...]:
+    """The metrics crowdmon decorators on ``func`` (a function, or a bound method) record into."""
+    found: list[str] = []
+    current: object = func
+    for _ in range(64):
+        if current is None:
+            break
+        parent = getattr(current, "_self_parent", None)
+        holder = parent if isinstance(parent, _CrowdmonWrapper) else current
+        if isinstance(holder, _CrowdmonWrapper):
+            found.extend(holder._self_probe.metrics)
+        if isinstance(current, (classmethod, staticmethod)):
+            current = current.__func__
+        else:
+            current = getattr(current, "__wrapped__", None)
+    return tuple(dict.fromkeys(found))
+
+
+# -- applying a decorator ----------------------------------------------------------------------
+
+
+if TYPE_CHECKING:
+    _FunctionWrapper = wrapt.FunctionWrapper[..., Any]
+else:
+    _FunctionWrapper = wrapt.FunctionWrapper
+
+
+class _CrowdmonWrapper(_FunctionWrapper):
+    """wrapt's function wrapper, carrying the probe so tests can see what is instrumented."""
+
+    def __init__(self, wrapped: Any, wrapper: Any, probe: _Probe) -> None:
+        super().__init__(wrapped, wrapper)
+        self._self_probe = probe
+
+
+def _decorator(name: str, make_probe: Callable[[str], _Probe], enabled: bool | None) -> Callable[[F], F]:
+    if enabled is None:
+        enabled = os.environ.get(DISABLE_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+    elif not isinstance(enabled, bool):
+        raise CrowdmonSetupError(f"@{name}(enabled=...) takes True, False or None, got {enabled!r}")
+
+    def decorate(func: F) -> F:
+        if not enabled:
+            return func
+        target = _callable_target(name, func)
+        probe = make_probe(_function_label(target))
+        if inspect.isasyncgenfunction(target):
+            wrapper = _async_generator_wrapper(probe)
+        elif inspect.iscoroutinefunction(target):
+            wrapper = _async_wrapper(probe)
+        elif inspect.isgeneratorfunction(target):
+            wrapper = _generator_wrapper(probe)
+        else:
+            wrapper = _sync_wrapper(probe)
+        return cast(F, _CrowdmonWrapper(func, wrapper, probe))
+
+    return decorate
+
+
+def _callable_target(name: str, func: object) -> Any:
+    if isinstance(func, (classmethod, staticmethod)):
+        return func.__func__
+    if isinstance(func, type):
+        raise TypeError(
+            f"@{name}(...) cannot decorate the class {func.__name__}; decorate its methods instead"
+        )
+    if not callable(func):
+        raise TypeError(
+            f"@{name}(...) can only decorate a function, method, classmethod or staticmethod, "
+            f"got {type(func).__name__} {func!r}; put the decorator directly above a def"
+        )
+    return func
+
+
+def _function_label(target: Any) -> str:
+    """The ``function`` label: the qualified name, without the ``<locals>`` of enclosing functions."""
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or type(target).__name__
+    return str(name).rpartition("<locals>.")[2]
+
+
+def _static_label(decorator: str, parameter: str, value: object) -> str:
+    """A label value given at decoration, checked now so that calls have nothing left to check."""
+    if callable(value) and not isinstance(value, (str, Enum)):
+        raise CrowdmonSetupError(
+            f"@{decorator} needs its arguments: write @{decorator}({parameter}=...) above the "
+            f"function, not a bare @{decorator}"
+        )
+    if isinstance(value, Enum):
+        value = value.value
+    if not isinstance(value, str):
+        raise TypeError(
+            f"@{decorator}({parameter}=...) must be a str (or an Enum of str), got "
+            f"{type(value).__name__} {value!r}; label values are strings, e.g. {parameter}={str(value)!r}"
+        )
+    if not value:
+        raise CrowdmonSetupError(f"@{decorator}({parameter}='') needs a non-empty label value")
+    return value
+
+
+def _optional_label(decorator: str, parameter: str, value: object) -> str | None:
+    return None if value is None else _static_label(decorator, parameter, value)
+
+
+# -- the wrappers: the outcome rule around each kind of callable ---------------------------------
+
+
+def _sync_wrapper(probe: _Probe) -> Callable[..., Any]:
+    begin, finish = probe.begin, probe.finish
+
+    def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
+        state = begin()
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as error:
+            finish(state, error)
+            raise
+        finish(state, None)
+        return result
+
+    return call
+
+
+def _async_wrapper(probe: _Probe) -> Callable[..., Any]:
+    begin, finish = probe.begin, probe.finish
+
+    async def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
+        state = begin()
+        try:
+            result = await wrapped(*args, **kwargs)
+        except BaseException as error:
+            finish(state, error)
+            raise
+        finish(state, None)
+        return result
+
+    return call
+
+
+def _generator_wrapper(probe: _Probe) -> Callable[..., Any]:
+    def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
+        # Called now, so a wrong argument fails at the call as it would undecorated.
+        return _timed_generator(probe, wrapped(*args, **kwargs))
+
+    return call
+
+
+def _timed_generator(probe: _Probe, generator: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
+    state = probe.begin()
+    try:
+        result = yield from generator
+    except BaseException as error:
+        probe.finish(state, error)
+        raise
+    probe.finish(state, None)
+    return result
+
+
+def _async_generator_wrapper(probe: _Probe) -> Callable[..., Any]:
+    def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
+        return _timed_async_generator(probe, wrapped(*args, **kwargs))
+
+    return call
+
+
+async def _timed_async_generator(probe: _Probe, generator: AsyncGenerator[Any, Any]) -> AsyncGenerator[Any, Any]:
+    state = probe.begin()
+    try:
+        to_send: Any = None
+        to_throw: BaseException | None = None
+        while True:
+            try:
+                if to_throw is not None:
+                    thrown, to_throw = to_throw, None
+                    value = await generator.athrow(thrown)
+                else:
+                    value = await generator.asend(to_send)
+            except StopAsyncIteration:
+                break
+            try:
+                to_send = yield value
+            except GeneratorExit:
+                await generator.aclose()
+                raise
+            except BaseException as thrown:  # athrow() on the wrapper: pass it to the generator
+                to_throw = thrown
+    except BaseException as error:
+        probe.finish(state, error)
+        raise
+    probe.finish(state, None)
+
+
+# -- probes: what each decorator records -------------------------------------------------------
+
+
+class _Probe:
+    """Records one decorator's metrics around a call: ``begin()`` before, ``finish()`` after.
+
+    Neither ever raises: a failure is reported to ``crowdmon_internal_errors_total{site}``."""
+
+    metrics: tuple[str, ...] = ()
+    site = "decorator"
+
+    def __init__(self, instrumentation: PrometheusInstrumentation | None) -> None:
+        self._fixed = instrumentation
+        self._bound: PrometheusInstrumentation | None = None
+
+    def instrumentation(self) -> PrometheusInstrumentation:
+        fixed = self._fixed
+        return fixed if fixed is not None else default_instrumentation()
+
+    def bind(self) -> PrometheusInstrumentation:
+        """The instrumentation to record into, re-resolving cached children when it changed."""
+        target = self.instrumentation()
+        if target is not self._bound:
+            self.resolve(target)
+            self._bound = target
+        return target
+
+    def resolve(self, target: PrometheusInstrumentation) -> None:
+        """Look up what does not change from call to call (override)."""
+
+    def begin(self) -> Any:
+        return perf_counter()
+
+    def finish(self, state: Any, error: BaseException | None) -> None:
+        elapsed = perf_counter() - state
+        try:
+            outcome = outcome_of(error)
+            if outcome is not None:
+                self.record(self.bind(), elapsed, outcome, error)
+        except Exception as failure:
+            self.report(failure)
+
+    def record(
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+    ) -> None:
+        raise NotImplementedError
+
+    def report(self, failure: Exception) -> None:
+        with contextlib.suppress(Exception):  # nothing left to report to
+            self.instrumentation().report_internal_error(self.site, failure)
+
+
+class _ExternalProbe(_Probe):
+    metrics = ("external_api_duration_seconds", "external_service_errors_total")
+    site = "tracked_external"
+
+    def __init__(self, instrumentation: PrometheusInstrumentation | None, service: str, endpoint: str) -> None:
+        super().__init__(instrumentation)
+        self.service, self.endpoint = service, endpoint
+        self._children: dict[str, Any] = {}
+
+    def resolve(self, target: PrometheusInstrumentation) -> None:
+        durations = target.metric("external_api_duration_seconds")
+        self._children = {
+            outcome: durations.labels(self.service, self.endpoint, outcome)
+            for outcome in (SUCCESS, ERROR, CANCELLED)
+        }
+
+    def record(
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+    ) -> None:
+        self._children[outcome].observe(elapsed)
+        if outcome == ERROR and error is not None:
+            target.count_external_error(self.service, self.endpoint, error)
+
+
+class _ErrorsProbe(_Probe):
+    metrics = ("application_errors_total", "application_error_details_total")
+    site = "tracked_errors"
+
+    def __init__(
+        self,
+        instrumentation: PrometheusInstrumentation | None,
+        component: str,
+        error_type: str | None,
+        taxonomy: ErrorTaxonomy,
+        function: str,
+    ) -> None:
+        super().__init__(instrumentation)
+        self.component, self.error_type, self.taxonomy, self.function = component, error_type, taxonomy, function
+
+    def begin(self) -> Any:
+        return 0.0
+
+    def finish(self, state: Any, error: BaseException | None) -> None:
+        if error is None or not isinstance(error, Exception):
+            return
+        try:
+            target = self.bind()
+            target.record_error(
+                error,
+                error_type=self.error_type or self.taxonomy.classify(error),
+                component=self.component,
+                user_type=target.user_type_label(None),
+                endpoint=target.endpoint_label(None),
+                function=self.function,
+            )
+        except Exception as failure:
+            self.report(failure)
+
+
+class _DurationProbe(_Probe):
+    def __init__(self, instrumentation: PrometheusInstrumentation | None, metric: str, operation: str) -> None:
+        super().__init__(instrumentation)
+        self.metrics = (metric,)
+        self.site = metric
+        self.operation = operation
+        self._child: Any = None
+
+    def resolve(self, target: PrometheusInstrumentation) -> None:
+        self._child = target.metric(self.metrics[0]).labels(self.operation)
+
+    def record(
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+    ) -> None:
+        self._child.observe(elapsed)
+
+
+class _ChatProbe(_Probe):
+    metrics = ("chat_processing_duration_seconds",)
+    site = "tracked_chat"
+
+    def __init__(
+        self, instrumentation: PrometheusInstrumentation | None, endpoint: str | None, user_type: str | None
+    ) -> None:
+        super().__init__(instrumentation)
+        self.endpoint, self.user_type = endpoint, user_type
+        self._metric: LabelledMetric | None = None
+
+    def resolve(self, target: PrometheusInstrumentation) -> None:
+        self._metric = target.metric("chat_processing_duration_seconds")
+
+    def record(
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+    ) -> None:
+        assert self._metric is not None
+        self._metric.labels(target.endpoint_label(self.endpoint), target.user_type_label(self.user_type)).observe(elapsed)
+
+
+class _MemoryProbe(_Probe):
+    metrics = ("memory_operations_total",)
+    site = "tracked_memory_operation"
+
+    def __init__(
+        self, instrumentation: PrometheusInstrumentation | None, operation: str, memory_type: str, user_type: str | None
+    ) -> None:
+        super().__init__(instrumentation)
+        self.operation, self.memory_type, self.user_type = operation, memory_type, user_type
+        self._metric: LabelledMetric | None = None
+
+    def resolve(self, target: PrometheusInstrumentation) -> None:
+        self._metric = target.metric("memory_operations_total")
+
+    def record(
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+    ) -> None:
+        if outcome == SUCCESS:
+            assert self._metric is not None
+            self._metric.labels(self.operation, self.memory_type, target.user_type_label(self.user_type)).inc()
+
+
+class _DocumentProbe(_Probe):
+    metrics = ("document_operations_total",)
+    site = "tracked_document_operation"
+
+    def __init__(self, instrumentation: PrometheusInstrumentation | None, operation: str, document_type: str) -> None:
+        super().__init__(instrumentation)
+        self.operation, self.document_type = operation, document_type
+        self._children: dict[str, Any] = {}
+
+    def resolve(self, target: PrometheusInstrumentation) -> None:
+        documents = target.metric("document_operations_total")
+        self._children = {
+            outcome: documents.labels(self.operation, self.document_type, outcome)
+            for outcome in (SUCCESS, ERROR, CANCELLED)
+        }
+
+    def record(
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+    ) -> None:
+        self._children[outcome].inc()
+
+
+class _SessionProbe(_Probe):
+    metrics = ("active_sessions_current",)
+    site = "tracked_session"
+
+    def __init__(self, instrumentation: PrometheusInstrumentation | None, user_type: str | None) -> None:
+        super().__init__(instrumentation)
+        self.user_type = user_type
+
+    def begin(self) -> Any:
+        try:
+            target = self.bind()
+            child = target.metric("active_sessions_current").labels(target.user_type_label(self.user_type))
+            child.inc()
+            return child
+        except Exception as failure:
+            self.report(failure)
+            return None
+
+    def finish(self, state: Any, error: BaseException | None) -> None:
+        # Whatever ended the call, KeyboardInterrupt included: the gauge comes back down.
+        if state is None:
+            return
+        try:
+            state.dec()
+        except Exception as failure:
+            self.report(failure)

@@ -1,0 +1,173 @@
+"""The error taxonomy: which ``error_type`` an exception is counted under.
+
+Rules map an exception class, or a dotted class name, to a category.  A dotted name matches a class
+of that name defined in that module or any submodule of it, so ``"openai.APIError"`` matches
+``openai._exceptions.APIError`` and neither package needs to be importable.  The first match along
+the exception's MRO wins (a user rule beats a default for the same class).  An exception no rule
+matches is classified by its ``__cause__`` and then by the leaves of an ``ExceptionGroup``; what is
+still unmatched is ``system``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from crowdmon.catalogue import ERROR_TYPES
+
+#: The category of an exception no rule matches.
+FALLBACK_CATEGORY = "system"
+
+RuleTarget = type[BaseException] | str
+
+#: The defaults, most of them by dotted name so that no third-party package is imported.
+DEFAULT_RULES: tuple[tuple[RuleTarget, str], ...] = (
+    (PermissionError, "auth"),
+    ("jwt.PyJWTError", "auth"),
+    ("jose.JOSEError", "auth"),
+    ("authlib.AuthlibBaseError", "auth"),
+    (sqlite3.Error, "database"),
+    ("sqlalchemy.SQLAlchemyError", "database"),
+    ("asyncpg.PostgresError", "database"),
+    ("psycopg.Error", "database"),
+    ("psycopg2.Error", "database"),
+    ("pymongo.PyMongoError", "database"),
+    ("redis.RedisError", "database"),
+    (TimeoutError, "external_service"),
+    (asyncio.TimeoutError, "external_service"),
+    (ConnectionError, "external_service"),
+    ("httpx.HTTPError", "external_service"),
+    ("requests.RequestException", "external_service"),
+    ("aiohttp.ClientError", "external_service"),
+    ("openai.OpenAIError", "ai_system"),
+    ("anthropic.AnthropicError", "ai_system"),
+    ("langchain_core.LangChainException", "ai_system"),
+    ("itsdangerous.BadSignature", "session"),
+    ("pydantic_core.ValidationError", "validation"),
+    ("pydantic.ValidationError", "validation"),
+    ("jsonschema.ValidationError", "validation"),
+    (ValueError, "validation"),
+)
+
+
+class ErrorTaxonomy:
+    """Classifies exceptions into the ``error_type`` categories by rules held as data."""
+
+    def __init__(
+        self,
+        rules: Mapping[Any, str] | Iterable[tuple[RuleTarget, str]] = (),
+        *,
+        defaults: bool = True,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._by_class: dict[type[BaseException], str] = {}
+        # qualname -> [(module prefix, category)], user rules first
+        self._by_name: dict[str, list[tuple[str, str]]] = {}
+        self._cache: dict[type[BaseException], str | None] = {}
+        if defaults:
+            for target, category in DEFAULT_RULES:
+                self.add_rule(target, category)
+        items = rules.items() if isinstance(rules, Mapping) else rules
+        for target, category in items:
+            self.add_rule(target, category)
+
+    def add_rule(self, target: RuleTarget, category: str) -> None:
+        """Classify ``target`` (a class, or a dotted name such as ``"openai.APIError"``) and its
+        subclasses as ``category``; a later rule for the same target replaces the earlier one."""
+        if category not in ERROR_TYPES:
+            raise _setup_error(
+                f"unknown error category {category!r}; use one of: {', '.join(ERROR_TYPES)}"
+            )
+        with self._lock:
+            if isinstance(target, type) and issubclass(target, BaseException):
+                self._by_class[target] = category
+            elif isinstance(target, str) and "." in target.strip(".") and " " not in target:
+                module, _, name = target.rpartition(".")
+                entries = [entry for entry in self._by_name.get(name, []) if entry[0] != module]
+                self._by_name[name] = [(module, category), *entries]
+            else:
+                raise _setup_error(
+                    f"an error rule needs an exception class or a dotted class name such as "
+                    f"'sqlalchemy.exc.SQLAlchemyError', got {target!r}"
+                )
+            self._cache.clear()
+
+    def classify(self, error: BaseException) -> str:
+        """The category of ``error``: its own class first, then its cause, then group leaves."""
+        for candidate in _candidates(error):
+            category = self._match(type(candidate))
+            if category is not None:
+                return category
+        return FALLBACK_CATEGORY
+
+    def _match(self, cls: type[BaseException]) -> str | None:
+        try:
+            return self._cache[cls]
+        except KeyError:
+            pass
+        found: str | None = None
+        for klass in cls.__mro__:
+            found = self._by_class.get(klass)
+            if found is None:
+                found = self._match_name(klass)
+            if found is not None:
+                break
+        with self._lock:
+            if len(self._cache) < 4096:
+                self._cache[cls] = found
+        return found
+
+    def _match_name(self, klass: type) -> str | None:
+        entries = self._by_name.get(klass.__qualname__)
+        if not entries:
+            return None
+        module = klass.__module__
+        for prefix, category in entries:
+            if module == prefix or module.startswith(prefix + "."):
+                return category
+        return None
+
+
+def _setup_error(message: str) -> Exception:
+    from crowdmon.instrumentation import CrowdmonSetupError  # defined after this module loads
+
+    return CrowdmonSetupError(message)
+
+
+def _candidates(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then its ``__cause__`` chain, then the leaves of any exception group met."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending and len(seen) < 64:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        if current.__cause__ is not None:
+            pending.insert(0, current.__cause__)
+        if _GROUP is not None and isinstance(current, _GROUP):
+            nested = getattr(current, "exceptions", ())
+            pending.extend(nested if isinstance(nested, tuple) else ())
+
+
+# ``BaseExceptionGroup`` is a builtin from Python 3.11 on.
+_GROUP: type[BaseException] | None = getattr(builtins, "BaseExceptionGroup", None)
+
+
+#: The taxonomy decorators and ``track_application_error`` use unless given another.
+default_taxonomy = ErrorTaxonomy()
+
+
+def add_error_rule(target: RuleTarget, category: str) -> None:
+    """Add a rule to the default taxonomy: ``add_error_rule("openai.APIError", "ai_system")``."""
+    default_taxonomy.add_rule(target, category)
+
+
+def classify_error(error: BaseException) -> str:
+    """The ``error_type`` the default taxonomy gives ``error``."""
+    return default_taxonomy.classify(error)
