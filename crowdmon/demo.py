@@ -345,22 +345,40 @@ OPENING: tuple[tuple[str, str, dict[str, str] | None, str, str], ...] = (
 
 
 async def generate_traffic(base_url: str, rate: float) -> None:
-    """Send a mix of requests to the demo app, ``rate`` per second, until cancelled."""
+    """Send a mix of requests to the demo app, ``rate`` per second, until cancelled.
+
+    Requests start on schedule whatever their latency (at most 64 in flight)."""
     import httpx
 
     sessions: list[int] = []
+    in_flight = asyncio.Semaphore(64)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def send(step: int) -> None:
+        try:
+            if step < len(OPENING):
+                method, path, body, failure, user = OPENING[step]
+                headers = {"x-demo-user": user, "x-demo-fail": failure}
+                await client.request(method, path, json=body, headers=headers)
+            else:
+                await _random_request(client, step, sessions)
+        except (httpx.HTTPError, ValueError, KeyError) as error:
+            logger.debug("demo request failed: %s", error)
+        finally:
+            in_flight.release()
+
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
-        for step in itertools.count():
-            try:
-                if step < len(OPENING):
-                    method, path, body, failure, user = OPENING[step]
-                    headers = {"x-demo-user": user, "x-demo-fail": failure}
-                    await client.request(method, path, json=body, headers=headers)
-                else:
-                    await _random_request(client, step, sessions)
-            except (httpx.HTTPError, ValueError, KeyError) as error:
-                logger.debug("demo request failed: %s", error)
-            await asyncio.sleep(1.0 / rate)
+        try:
+            for step in itertools.count():
+                await in_flight.acquire()
+                task = asyncio.create_task(send(step))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                await asyncio.sleep(1.0 / rate)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _random_request(client: Any, step: int, sessions: list[int]) -> None:
@@ -374,9 +392,9 @@ async def _random_request(client: Any, step: int, sessions: list[int]) -> None:
     headers = {"x-demo-user": user}
     if step % 25 == 0:
         await client.get("/health")
-    elif bot or choice < 0.25:
+    elif bot or choice < 0.3:
         await client.post("/chat", json={"message": "What is an ECSP licence?"}, headers=headers)
-    elif choice < 0.35:
+    elif choice < 0.38:
         await client.get("/chat/stream", headers=headers)
     elif choice < 0.5:
         await client.get(f"/documents/{random.randint(1, 1000)}", headers=headers)
