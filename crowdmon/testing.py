@@ -1,0 +1,171 @@
+"""Helpers for testing your own instrumentation, and a pytest plugin.
+
+``crowdmon_instrumentation`` (a pytest fixture) gives each test an instrumentation on a registry of
+its own and makes it the process-wide default for the test, so decorators applied at import time,
+module-level tracking functions and ``setup_monitoring(app)`` all record into it.  The plugin loads
+by itself once crowdmon is installed (entry point ``pytest11``); otherwise add
+``-p crowdmon.testing`` or ``pytest_plugins = ["crowdmon.testing"]`` in your root ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from crowdmon.catalogue import BY_NAME, MetricKind
+from crowdmon.decorators import instrumented_metrics
+from crowdmon.instrumentation import (
+    PrometheusInstrumentation,
+    default_instrumentation,
+    replace_default_instrumentation,
+)
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - the helpers work without pytest
+    pytest = None  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def isolated_instrumentation(**options: Any) -> Iterator[PrometheusInstrumentation]:
+    """An instrumentation on a fresh registry, standing in as the process-wide default until the
+    block ends.  ``options`` go to :class:`PrometheusInstrumentation` (e.g. ``cardinality_caps``)."""
+    instrumentation = PrometheusInstrumentation(CollectorRegistry(), **options)
+    previous = replace_default_instrumentation(instrumentation)
+    try:
+        yield instrumentation
+    finally:
+        replace_default_instrumentation(previous)
+
+
+def metric_value(
+    name: str,
+    labels: Mapping[str, str] | None = None,
+    *,
+    instrumentation: PrometheusInstrumentation | None = None,
+) -> float:
+    """The current value of one sample; 0.0 when it does not exist yet.
+
+    ``name`` is a sample name (``"chat_messages_total"``, ``"vector_search_duration_seconds_sum"``);
+    a histogram's family name means its ``_count``."""
+    registry = (instrumentation or default_instrumentation()).registry
+    found = registry.get_sample_value(_sample_name(name), dict(labels or {}))
+    return 0.0 if found is None else found
+
+
+def assert_metric(
+    name: str,
+    labels: Mapping[str, str] | None = None,
+    value: float | None = None,
+    *,
+    instrumentation: PrometheusInstrumentation | None = None,
+) -> float:
+    """Assert the sample ``name{labels}`` exists (and equals ``value``, when given); returns it.
+
+    The failure message lists the samples the family does have, so a wrong label shows at once."""
+    registry = (instrumentation or default_instrumentation()).registry
+    sample = _sample_name(name)
+    found = registry.get_sample_value(sample, dict(labels or {}))
+    if found is None or (value is not None and found != value):
+        expected = "to exist" if value is None else f"to be {value!r}"
+        got = "it does not exist" if found is None else f"it is {found!r}"
+        raise AssertionError(
+            f"expected {sample}{_format(labels)} {expected}, but {got}.\n"
+            f"Samples of this family:\n{_family_listing(registry, sample)}"
+        )
+    return found
+
+
+class MetricDelta:
+    """How much one sample changed inside a ``with metric_delta(...)`` block."""
+
+    def __init__(self, name: str, labels: Mapping[str, str] | None, instrumentation: PrometheusInstrumentation | None) -> None:
+        self.name = _sample_name(name)
+        self.labels = dict(labels or {})
+        self._instrumentation = instrumentation
+        self.before = 0.0
+        self.after: float | None = None
+
+    def _read(self) -> float:
+        return metric_value(self.name, self.labels, instrumentation=self._instrumentation)
+
+    @property
+    def value(self) -> float:
+        """The change so far (the final change once the block has ended)."""
+        after = self._read() if self.after is None else self.after
+        return after - self.before
+
+    def assert_incremented(self, by: float = 1.0) -> None:
+        """Assert the sample grew by exactly ``by``."""
+        if self.value != by:
+            raise AssertionError(
+                f"expected {self.name}{_format(self.labels)} to grow by {by!r}, but it changed by "
+                f"{self.value!r} (from {self.before!r})"
+            )
+
+    def assert_unchanged(self) -> None:
+        """Assert the sample did not change."""
+        self.assert_incremented(0.0)
+
+
+@contextlib.contextmanager
+def metric_delta(
+    name: str,
+    labels: Mapping[str, str] | None = None,
+    *,
+    instrumentation: PrometheusInstrumentation | None = None,
+) -> Iterator[MetricDelta]:
+    """``with metric_delta("chat_messages_total", {...}) as d: ...`` then ``d.assert_incremented()``."""
+    delta = MetricDelta(name, labels, instrumentation)
+    delta.before = delta._read()
+    try:
+        yield delta
+    finally:
+        delta.after = delta._read()
+
+
+def assert_instrumented(func: object, *metrics: str) -> tuple[str, ...]:
+    """Assert crowdmon decorators are on ``func`` and, if named, record into every one of
+    ``metrics``; returns the metrics they record into."""
+    found = instrumented_metrics(func)
+    name = getattr(func, "__qualname__", repr(func))
+    if not found:
+        raise AssertionError(f"{name} carries no crowdmon decorator (or CROWDMON_DISABLED is set)")
+    missing = [metric for metric in metrics if metric not in found]
+    if missing:
+        raise AssertionError(f"{name} records into {', '.join(found)}, not into {', '.join(missing)}")
+    return found
+
+
+def _sample_name(name: str) -> str:
+    spec = BY_NAME.get(name)
+    if spec is not None and spec.kind == MetricKind.HISTOGRAM:
+        return name + "_count"
+    return name
+
+
+def _format(labels: Mapping[str, str] | None) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{value}"' for key, value in sorted(labels.items())) + "}"
+
+
+def _family_listing(registry: CollectorRegistry, sample: str) -> str:
+    lines = []
+    for family in registry.collect():
+        for item in family.samples:
+            if item.name == sample:
+                lines.append(f"  {item.name}{_format(item.labels)} {item.value!r}")
+    return "\n".join(lines[:50]) or "  (none)"
+
+
+if pytest is not None:
+
+    @pytest.fixture
+    def crowdmon_instrumentation() -> Iterator[PrometheusInstrumentation]:
+        """An instrumentation on its own registry, the process-wide default for this test."""
+        with isolated_instrumentation() as instrumentation:
+            yield instrumentation

@@ -1,0 +1,456 @@
+"""The outcome rule of the decorators, for every kind of callable they wrap.
+
+| what leaves the call          | duration                  | counted as error | re-raised           |
+| return, or stream exhausted   | observed, outcome success | no               | —                   |
+| an Exception                  | observed, outcome error   | once per metric  | unchanged           |
+| cancellation (asyncio/anyio)  | observed, outcome cancelled | no             | unchanged           |
+| GeneratorExit (stream closed) | observed                  | no               | unchanged           |
+| KeyboardInterrupt, SystemExit | —                         | no               | unchanged           |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any
+
+import anyio
+import pytest
+from prometheus_client import CollectorRegistry
+
+from crowdmon import PrometheusInstrumentation, tracked_errors, tracked_external, tracked_session
+from tests.support import value
+
+KINDS = ("sync", "async", "generator", "async_generator")
+
+
+def drive(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that only awaits ``asyncio.sleep(0)``, without an event loop, so that
+    ``KeyboardInterrupt`` and ``SystemExit`` reach the test exactly as raised."""
+    try:
+        while True:
+            coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+
+
+def external_function(kind: str, instrumentation: PrometheusInstrumentation) -> Callable[..., Any]:
+    """A function of ``kind`` decorated with ``@tracked_external``; it raises ``error`` if given."""
+    decorate = tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    if kind == "sync":
+
+        def sync(error: BaseException | None = None) -> int:
+            if error is not None:
+                raise error
+            return 42
+
+        return decorate(sync)
+    if kind == "async":
+
+        async def coroutine(error: BaseException | None = None) -> int:
+            await asyncio.sleep(0)
+            if error is not None:
+                raise error
+            return 42
+
+        return decorate(coroutine)
+    if kind == "generator":
+
+        def generator(error: BaseException | None = None) -> Iterator[int]:
+            yield 41
+            if error is not None:
+                raise error
+            yield 42
+
+        return decorate(generator)
+
+    async def async_generator(error: BaseException | None = None) -> AsyncIterator[int]:
+        await asyncio.sleep(0)
+        yield 41
+        if error is not None:
+            raise error
+        yield 42
+
+    return decorate(async_generator)
+
+
+def call(kind: str, function: Callable[..., Any], error: BaseException | None = None) -> Any:
+    if kind == "sync":
+        return function(error)
+    if kind == "async":
+        return drive(function(error))
+    if kind == "generator":
+        return list(function(error))
+
+    async def collect() -> list[int]:
+        return [item async for item in function(error)]
+
+    return drive(collect())
+
+
+def durations(registry: CollectorRegistry, outcome: str) -> float:
+    return value(
+        registry, "external_api_duration_seconds_count", service="llm", endpoint="complete", outcome=outcome
+    )
+
+
+def all_durations(registry: CollectorRegistry) -> float:
+    return sum(durations(registry, outcome) for outcome in ("success", "error", "cancelled"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_return_or_exhausted_stream_is_observed_as_success(
+    kind: str, registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    result = call(kind, external_function(kind, instrumentation))
+
+    assert result == (42 if kind in ("sync", "async") else [41, 42])
+    assert durations(registry, "success") == 1
+    assert durations(registry, "error") == 0
+    assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="ValueError") == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exception_is_observed_as_error_counted_once_and_reraised_unchanged(
+    kind: str, registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    error = ValueError("the model said no")
+
+    with pytest.raises(ValueError) as raised:
+        call(kind, external_function(kind, instrumentation), error)
+
+    assert raised.value is error
+    assert durations(registry, "error") == 1
+    assert durations(registry, "success") == 0
+    assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="ValueError") == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("exit_type", [KeyboardInterrupt, SystemExit])
+def test_keyboard_interrupt_and_system_exit_are_not_observed_and_reraised(
+    kind: str, exit_type: type[BaseException], registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    error = exit_type()
+
+    with pytest.raises(exit_type) as raised:
+        call(kind, external_function(kind, instrumentation), error)
+
+    assert raised.value is error
+    assert all_durations(registry) == 0
+
+
+def test_closing_a_generator_early_is_observed_as_success_not_error(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    stream = external_function("generator", instrumentation)()
+    assert next(stream) == 41
+
+    stream.close()
+
+    assert durations(registry, "success") == 1
+    assert durations(registry, "error") == 0
+
+
+def test_closing_an_async_generator_early_is_observed_and_closes_the_inner_one(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    closed = []
+
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    async def tokens() -> AsyncIterator[str]:
+        try:
+            yield "EU"
+            yield "crowdfunding"
+        finally:
+            closed.append(True)
+
+    async def consume_one() -> str:
+        stream = tokens()
+        first = await stream.__anext__()
+        await stream.aclose()
+        return first
+
+    assert asyncio.run(consume_one()) == "EU"
+    assert closed == [True]
+    assert durations(registry, "success") == 1
+    assert durations(registry, "error") == 0
+
+
+def test_async_generator_passes_sent_and_thrown_values_through(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    async def echo() -> AsyncIterator[str]:
+        received = yield "ready"
+        try:
+            yield f"got {received}"
+        except KeyError:
+            yield "recovered"
+
+    async def exchange() -> list[str]:
+        stream = echo()
+        seen = [await stream.__anext__(), await stream.asend("ping"), await stream.athrow(KeyError("k"))]
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+        return seen
+
+    assert asyncio.run(exchange()) == ["ready", "got ping", "recovered"]
+    assert durations(registry, "success") == 1
+
+
+def test_generator_return_value_and_send_pass_through(instrumentation: PrometheusInstrumentation) -> None:
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    def accumulate() -> Iterator[int]:
+        total = 0
+        while True:
+            received = yield total
+            if received is None:
+                return
+            total += received
+
+    stream = accumulate()
+    next(stream)
+    assert stream.send(2) == 2
+    assert stream.send(3) == 5
+
+
+@pytest.mark.parametrize("kind", ["async", "async_generator"])
+def test_asyncio_cancellation_is_observed_as_cancelled_and_never_swallowed(
+    kind: str, registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    started = asyncio.Event()
+
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    async def slow_stream() -> AsyncIterator[int]:
+        started.set()
+        await asyncio.sleep(30)
+        yield 1
+
+    async def consume() -> None:
+        if kind == "async":
+            await slow()
+        else:
+            async for _ in slow_stream():
+                pass
+
+    async def main() -> None:
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert durations(registry, "cancelled") == 1
+    assert durations(registry, "error") == 0
+    assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="CancelledError") == 0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_anyio_cancel_scope_is_observed_as_cancelled(
+    backend: str, registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    async def slow() -> str:
+        await anyio.sleep(30)
+        return "never"
+
+    async def main() -> bool:
+        with anyio.move_on_after(0.01) as scope:
+            await slow()
+        return scope.cancelled_caught
+
+    assert anyio.run(main, backend=backend) is True
+    assert durations(registry, "cancelled") == 1
+    assert durations(registry, "error") == 0
+
+
+def test_exception_through_nested_decorators_is_counted_once_per_metric(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    @tracked_errors(component="chat_endpoint", instrumentation=instrumentation)
+    @tracked_errors(component="rag_system", instrumentation=instrumentation)
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    def ask() -> None:
+        raise ConnectionError("provider unreachable")
+
+    with pytest.raises(ConnectionError):
+        ask()
+
+    # Both timing layers observe the call; the error is counted once in each error metric, by the
+    # innermost decorator that counts into it.
+    assert durations(registry, "error") == 2
+    assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="ConnectionError") == 1
+    assert value(registry, "application_errors_total", error_type="external_service", component="rag_system", user_type="unknown") == 1
+    assert value(registry, "application_errors_total", error_type="external_service", component="chat_endpoint", user_type="unknown") == 0
+    assert value(
+        registry, "application_error_details_total", error_type="external_service", component="rag_system",
+        exception="ConnectionError", endpoint="unknown", function="ask",
+    ) == 1
+
+
+def test_error_raised_from_a_counted_one_is_not_counted_again(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    class DocumentUnavailable(Exception):
+        pass
+
+    @tracked_errors(component="document_store", instrumentation=instrumentation)
+    def query() -> None:
+        raise sqlite3.OperationalError("no such table")
+
+    @tracked_errors(component="documents_api", instrumentation=instrumentation)
+    def fetch() -> None:
+        try:
+            query()
+        except sqlite3.Error as error:
+            raise DocumentUnavailable("try later") from error
+
+    with pytest.raises(DocumentUnavailable):
+        fetch()
+
+    assert value(registry, "database_errors_total", component="document_store", exception="OperationalError") == 1
+    assert value(registry, "application_errors_total", error_type="database", component="document_store", user_type="unknown") == 1
+    assert value(registry, "application_errors_total", error_type="database", component="documents_api", user_type="unknown") == 0
+
+
+def test_the_same_error_in_separate_calls_counts_each_time(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    @tracked_errors(component="auth0", instrumentation=instrumentation)
+    def check(user: str) -> None:
+        raise PermissionError(f"{user} may not")
+
+    for user in ("ann", "bob", "cy"):
+        with pytest.raises(PermissionError):
+            check(user)
+
+    assert value(registry, "auth_errors_total", component="auth0", exception="PermissionError") == 3
+
+
+def session_function(kind: str, instrumentation: PrometheusInstrumentation, seen: list[float], registry: CollectorRegistry) -> Callable[..., Any]:
+    decorate = tracked_session(user_type="authenticated", instrumentation=instrumentation)
+
+    def during() -> None:
+        seen.append(value(registry, "active_sessions_current", user_type="authenticated"))
+
+    if kind == "sync":
+
+        def sync(error: BaseException | None = None) -> int:
+            during()
+            if error is not None:
+                raise error
+            return 42
+
+        return decorate(sync)
+    if kind == "async":
+
+        async def coroutine(error: BaseException | None = None) -> int:
+            during()
+            await asyncio.sleep(0)
+            if error is not None:
+                raise error
+            return 42
+
+        return decorate(coroutine)
+    if kind == "generator":
+
+        def generator(error: BaseException | None = None) -> Iterator[int]:
+            during()
+            yield 41
+            if error is not None:
+                raise error
+            yield 42
+
+        return decorate(generator)
+
+    async def async_generator(error: BaseException | None = None) -> AsyncIterator[int]:
+        during()
+        yield 41
+        if error is not None:
+            raise error
+        yield 42
+
+    return decorate(async_generator)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("error", [None, ValueError("bad"), KeyboardInterrupt(), SystemExit(1)], ids=repr)
+def test_session_gauge_is_up_during_the_call_and_always_comes_back_down(
+    kind: str, error: BaseException | None, registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    seen: list[float] = []
+    function = session_function(kind, instrumentation, seen, registry)
+
+    if error is None:
+        call(kind, function)
+    else:
+        with pytest.raises(type(error)):
+            call(kind, function, error)
+
+    assert seen == [1.0]
+    assert value(registry, "active_sessions_current", user_type="authenticated") == 0
+
+
+def test_session_gauge_comes_back_down_on_cancellation_and_on_a_closed_stream(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    started = asyncio.Event()
+
+    @tracked_session(user_type="premium", instrumentation=instrumentation)
+    async def chat() -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    @tracked_session(user_type="premium", instrumentation=instrumentation)
+    async def stream() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+
+    async def main() -> list[float]:
+        task = asyncio.create_task(chat())
+        await started.wait()
+        during = value(registry, "active_sessions_current", user_type="premium")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        tokens = stream()
+        await tokens.__anext__()
+        streaming = value(registry, "active_sessions_current", user_type="premium")
+        await tokens.aclose()
+        return [during, streaming]
+
+    assert asyncio.run(main()) == [1.0, 1.0]
+    assert value(registry, "active_sessions_current", user_type="premium") == 0
+
+
+def test_a_failure_inside_crowdmon_is_counted_and_the_business_error_still_propagates(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    class HostileError(Exception):
+        """Refuses crowdmon's bookkeeping attribute."""
+
+        def __getattribute__(self, name: str) -> Any:
+            if name == "_crowdmon_counted":
+                raise RuntimeError("no attributes for you")
+            return super().__getattribute__(name)
+
+    error = HostileError("business failure")
+
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    def call_model() -> None:
+        raise error
+
+    with pytest.raises(HostileError) as raised:
+        call_model()
+
+    assert raised.value is error
+    assert durations(registry, "error") == 1
+    assert value(registry, "crowdmon_internal_errors_total", site="tracked_external") == 1
