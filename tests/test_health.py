@@ -1,0 +1,143 @@
+"""``/health``: components' states, registered checks (sync or async, with a timeout), 503."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+
+from crowdmon import CrowdmonSetupError, PrometheusInstrumentation, setup_monitoring
+from tests.support import uvicorn_in_thread, value
+
+
+def served(registry: CollectorRegistry) -> tuple[Starlette, PrometheusInstrumentation]:
+    app = Starlette()
+    return app, setup_monitoring(app, registry=registry)
+
+
+def status_of(registry: CollectorRegistry, component: str) -> str:
+    states = [
+        state
+        for state in ("healthy", "degraded", "unhealthy", "unknown")
+        if value(registry, "component_health_status", component=component, status=state) == 1
+    ]
+    assert len(states) == 1, states
+    return states[0]
+
+
+def test_health_lists_components_and_is_healthy_without_any(registry: CollectorRegistry) -> None:
+    app, monitoring = served(registry)
+    with uvicorn_in_thread(app) as base_url:
+        empty = httpx.get(base_url + "/health")
+        monitoring.register_component("rag_system")
+        monitoring.register_component("auth0")
+        monitoring.set_component_degraded("auth0")
+        degraded = httpx.get(base_url + "/health")
+        monitoring.set_component_unhealthy("rag_system")
+        unhealthy = httpx.get(base_url + "/health")
+        head = httpx.head(base_url + "/health")
+
+    assert (empty.status_code, empty.json()) == (200, {"status": "healthy", "components": {}})
+    assert (degraded.status_code, degraded.json()) == (
+        200, {"status": "degraded", "components": {"rag_system": "unknown", "auth0": "degraded"}}
+    )
+    assert unhealthy.status_code == 503
+    assert unhealthy.json()["status"] == "unhealthy"
+    assert (head.status_code, head.content) == (503, b"")
+
+
+def test_registered_checks_run_on_each_request_and_set_component_health(registry: CollectorRegistry) -> None:
+    app, monitoring = served(registry)
+    database_up = threading.Event()
+    database_up.set()
+    check_threads: list[str] = []
+
+    def database() -> bool:
+        check_threads.append(threading.current_thread().name)
+        return database_up.is_set()
+
+    async def vector_store() -> str:
+        await asyncio.sleep(0)
+        return "degraded"
+
+    async def cache() -> None:
+        return None
+
+    monitoring.register_health_check("database", database)
+    monitoring.register_health_check("vector_store", vector_store)
+    monitoring.register_health_check("cache", cache)
+    assert status_of(registry, "database") == "unknown"
+
+    with uvicorn_in_thread(app) as base_url:
+        first = httpx.get(base_url + "/health")
+        database_up.clear()
+        second = httpx.get(base_url + "/health")
+
+    assert (first.status_code, first.json()["components"]) == (
+        200, {"database": "healthy", "vector_store": "degraded", "cache": "healthy"}
+    )
+    assert first.json()["status"] == "degraded"
+    assert second.status_code == 503
+    assert second.json()["failures"] == {"database": "check returned False", "vector_store": "check returned 'degraded'"}
+    assert status_of(registry, "database") == "unhealthy"
+    assert status_of(registry, "vector_store") == "degraded"
+    assert status_of(registry, "cache") == "healthy"
+    # A sync check runs in a worker thread, never blocking the event loop.
+    assert all(name != "MainThread" for name in check_threads) and len(check_threads) == 2
+
+
+def test_a_check_that_raises_or_times_out_makes_its_component_unhealthy(registry: CollectorRegistry) -> None:
+    app, monitoring = served(registry)
+
+    async def hangs() -> bool:
+        await asyncio.sleep(30)
+        return True
+
+    release = threading.Event()
+
+    def blocks() -> bool:
+        release.wait(30)  # held until the test has its answer: /health must not wait for it
+        return True
+
+    def raises() -> bool:
+        raise ConnectionError("postgres://admin:secret@db refused")
+
+    monitoring.register_health_check("llm", hangs, timeout=0.2)
+    monitoring.register_health_check("stripe", blocks, timeout=0.2)
+    monitoring.register_health_check("database", raises)
+
+    with uvicorn_in_thread(app) as base_url:
+        try:
+            response = httpx.get(base_url + "/health", timeout=10)
+        finally:
+            release.set()
+
+    assert response.status_code == 503
+    assert response.json()["failures"] == {
+        "llm": "timed out after 0.2 s",
+        "stripe": "timed out after 0.2 s",
+        "database": "raised ConnectionError",
+    }
+    assert "secret" not in response.text
+    assert [status_of(registry, name) for name in ("llm", "stripe", "database")] == ["unhealthy"] * 3
+
+
+@pytest.mark.parametrize(
+    ("component", "check", "timeout", "message"),
+    [
+        ("db", "SELECT 1", 1.0, "must be a callable"),
+        ("db", lambda: True, 0, "positive number of seconds"),
+        ("db", lambda: True, "5", "positive number of seconds"),
+        ("", lambda: True, 1.0, "non-empty string"),
+    ],
+)
+def test_bad_health_checks_fail_at_registration(
+    component: str, check: object, timeout: object, message: str, instrumentation: PrometheusInstrumentation
+) -> None:
+    with pytest.raises(CrowdmonSetupError) as raised:
+        instrumentation.register_health_check(component, check, timeout=timeout)  # type: ignore[arg-type]
+    assert message in str(raised.value)

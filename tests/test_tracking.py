@@ -1,0 +1,323 @@
+"""The seed's tracking API, on an instrumentation and as module-level functions, and the request
+context that supplies ``endpoint`` and ``user_type``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import crowdmon
+from crowdmon import PrometheusInstrumentation, setup_monitoring, tracked_chat, tracked_errors
+from crowdmon.testing import isolated_instrumentation
+from tests.support import scraped, uvicorn_in_thread, value
+
+
+def test_context_managers_work_with_with_and_async_with(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    with instrumentation.track_request_performance("/chat", "authenticated"):
+        pass
+    with instrumentation.track_vector_search("similarity_search"):
+        pass
+
+    async def asynchronous() -> None:
+        async with instrumentation.track_database_query("select"):
+            await asyncio.sleep(0)
+        async with instrumentation.track_external_api_call("openai", "chat/completions"):
+            await asyncio.sleep(0)
+
+    asyncio.run(asynchronous())
+
+    assert value(registry, "chat_processing_duration_seconds_count", endpoint="/chat", user_type="authenticated") == 1
+    assert value(registry, "vector_search_duration_seconds_count", operation="similarity_search") == 1
+    assert value(registry, "database_query_duration_seconds_count", operation="select") == 1
+    assert value(registry, "external_api_duration_seconds_count", service="openai", endpoint="chat/completions", outcome="success") == 1
+
+
+def test_external_call_context_manager_follows_the_outcome_rule(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    error = ConnectionError("reset")
+    with pytest.raises(ConnectionError) as raised, instrumentation.track_external_api_call("openai", "embeddings"):
+        raise error
+
+    async def cancelled() -> None:
+        async def call() -> None:
+            async with instrumentation.track_external_api_call("openai", "embeddings"):
+                await asyncio.sleep(30)
+
+        task = asyncio.create_task(call())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    with pytest.raises(KeyboardInterrupt), instrumentation.track_external_api_call("openai", "embeddings"):
+        raise KeyboardInterrupt
+
+    def durations(outcome: str) -> float:
+        return value(registry, "external_api_duration_seconds_count", service="openai", endpoint="embeddings", outcome=outcome)
+
+    assert raised.value is error
+    assert (durations("success"), durations("error"), durations("cancelled")) == (0, 1, 1)
+    assert value(registry, "external_service_errors_total", service="openai", endpoint="embeddings", exception="ConnectionError") == 1
+
+
+def test_business_counters(registry: CollectorRegistry, instrumentation: PrometheusInstrumentation) -> None:
+    instrumentation.track_chat_message(user_type="authenticated", message_type="assistant", cache_hit=True, rag_used=True)
+    instrumentation.track_chat_message("authenticated", "assistant", True, True)
+    instrumentation.track_memory_operation("store", "conversation", "authenticated")
+    instrumentation.track_document_operation("add", "eu_crowdfunding", "success")
+
+    assert value(
+        registry, "chat_messages_total", user_type="authenticated", message_type="assistant", cache_hit="true", rag_used="true"
+    ) == 2
+    assert value(registry, "memory_operations_total", operation="store", memory_type="conversation", user_type="authenticated") == 1
+    assert value(registry, "document_operations_total", operation="add", document_type="eu_crowdfunding", status="success") == 1
+
+
+@pytest.mark.parametrize(
+    ("error_type", "category_metric", "category_labels"),
+    [
+        ("auth", "auth_errors_total", {"component": "chat_endpoint"}),
+        ("database", "database_errors_total", {"component": "chat_endpoint"}),
+        ("ai_system", "ai_system_errors_total", {"component": "chat_endpoint"}),
+        ("session", "session_errors_total", {"component": "chat_endpoint"}),
+        ("external_service", "external_service_errors_total", {"service": "chat_endpoint", "endpoint": "/chat"}),
+        ("validation", None, {}),
+        ("system", None, {}),
+    ],
+)
+def test_track_application_error_feeds_the_totals_details_and_category_counter(
+    error_type: str,
+    category_metric: str | None,
+    category_labels: dict[str, str],
+    registry: CollectorRegistry,
+    instrumentation: PrometheusInstrumentation,
+) -> None:
+    instrumentation.track_application_error(
+        error_type=error_type, component="chat_endpoint", error=LookupError("secret user text"),
+        user_type="authenticated", endpoint="/chat", function="chat",
+    )
+
+    assert value(registry, "application_errors_total", error_type=error_type, component="chat_endpoint", user_type="authenticated") == 1
+    assert value(
+        registry, "application_error_details_total", error_type=error_type, component="chat_endpoint",
+        exception="LookupError", endpoint="/chat", function="chat",
+    ) == 1
+    if category_metric is not None:
+        assert value(registry, category_metric, exception="LookupError", **category_labels) == 1
+
+
+def test_track_application_error_classifies_when_no_error_type_is_given_and_is_not_counted_twice(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    @tracked_errors(component="db_layer", instrumentation=instrumentation)
+    def save() -> None:
+        try:
+            raise sqlite3.OperationalError("locked")
+        except sqlite3.Error as error:
+            instrumentation.track_application_error(None, "repository", error, function="save")
+            raise
+
+    with pytest.raises(sqlite3.OperationalError):
+        save()
+
+    # Counted by the explicit call; the decorator it then passed through does not count it again.
+    assert value(registry, "database_errors_total", component="repository", exception="OperationalError") == 1
+    assert value(registry, "database_errors_total", component="db_layer", exception="OperationalError") == 0
+
+
+def test_an_unknown_error_type_at_call_time_is_recorded_as_system_and_reported_not_raised(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="crowdmon"):
+        instrumentation.track_application_error("netwrok", "chat", KeyError("k"))
+
+    assert value(registry, "application_errors_total", error_type="system", component="chat", user_type="unknown") == 1
+    assert value(registry, "crowdmon_internal_errors_total", site="track_application_error") == 1
+    assert "error_type must be one of" in caplog.text
+
+
+def test_sessions_explicit_and_as_a_context_manager_always_come_back_down(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    def active() -> float:
+        return value(registry, "active_sessions_current", user_type="authenticated")
+
+    instrumentation.start_session("authenticated")
+    instrumentation.start_session("authenticated")
+    instrumentation.end_session("authenticated")
+    assert active() == 1
+    with pytest.raises(ValueError), instrumentation.track_session("authenticated"):
+        assert active() == 2
+        raise ValueError("session failed")
+    assert active() == 1
+
+    async def in_async() -> float:
+        async with instrumentation.track_session("authenticated"):
+            return active()
+
+    assert asyncio.run(in_async()) == 2
+    assert active() == 1
+
+
+def test_component_health_is_one_hot_and_starts_unknown(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    instrumentation.register_component("rag_system")
+    instrumentation.register_component("auth0")
+    instrumentation.set_component_degraded("auth0")
+
+    def states(component: str) -> dict[str, float]:
+        return {
+            state: value(registry, "component_health_status", component=component, status=state)
+            for state in ("healthy", "degraded", "unhealthy", "unknown")
+        }
+
+    assert states("rag_system") == {"healthy": 0, "degraded": 0, "unhealthy": 0, "unknown": 1}
+    assert states("auth0") == {"healthy": 0, "degraded": 1, "unhealthy": 0, "unknown": 0}
+    instrumentation.set_component_unhealthy("auth0")
+    instrumentation.set_component_healthy("rag_system")
+    assert instrumentation.component_health() == {"rag_system": "healthy", "auth0": "unhealthy"}
+    with pytest.raises(ValueError, match="health state must be one of"):
+        instrumentation.set_component_health("auth0", "sick")
+
+
+def test_module_level_functions_record_into_the_default_instrumentation() -> None:
+    with isolated_instrumentation() as default:
+        registry = default.registry
+        crowdmon.track_chat_message("anonymous", "user")
+        crowdmon.track_memory_operation("retrieve", "conversation", "anonymous")
+        crowdmon.track_document_operation("delete", "eu_crowdfunding", "error")
+        crowdmon.track_application_error("auth", "auth0", PermissionError())
+        with crowdmon.track_request_performance("/chat", "anonymous"):
+            pass
+        with crowdmon.track_external_api_call("stripe", "charges"):
+            pass
+        with crowdmon.track_vector_search("upsert"), crowdmon.track_database_query("insert"):
+            pass
+        crowdmon.start_session("anonymous")
+        with crowdmon.track_session("anonymous"):
+            sessions_inside = value(registry, "active_sessions_current", user_type="anonymous")
+        crowdmon.end_session("anonymous")
+        crowdmon.register_component("vector_store")
+        crowdmon.set_component_degraded("vector_store")
+        health = crowdmon.component_health()
+
+    assert value(registry, "chat_messages_total", user_type="anonymous", message_type="user", cache_hit="false", rag_used="false") == 1
+    assert value(registry, "memory_operations_total", operation="retrieve", memory_type="conversation", user_type="anonymous") == 1
+    assert value(registry, "document_operations_total", operation="delete", document_type="eu_crowdfunding", status="error") == 1
+    assert value(registry, "auth_errors_total", component="auth0", exception="PermissionError") == 1
+    assert value(registry, "chat_processing_duration_seconds_count", endpoint="/chat", user_type="anonymous") == 1
+    assert value(registry, "external_api_duration_seconds_count", service="stripe", endpoint="charges", outcome="success") == 1
+    assert value(registry, "vector_search_duration_seconds_count", operation="upsert") == 1
+    assert value(registry, "database_query_duration_seconds_count", operation="insert") == 1
+    assert sessions_inside == 2
+    assert value(registry, "active_sessions_current", user_type="anonymous") == 0
+    assert health == {"vector_store": "degraded"}
+
+
+class HeaderAuth(AuthenticationBackend):
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        if "x-user" in conn.headers:
+            return AuthCredentials(["authenticated"]), SimpleUser(conn.headers["x-user"])
+        return None
+
+
+def test_request_context_supplies_endpoint_and_user_type_from_the_default_resolver() -> None:
+    """A decorator applied before the app is set up lands on that app's /metrics."""
+    with isolated_instrumentation():
+
+        @tracked_chat()
+        @tracked_errors(component="chat_endpoint")
+        async def answer(question: str) -> str:
+            crowdmon.track_chat_message(message_type="user")
+            if question == "fail":
+                raise PermissionError("not yours")
+            return "ok"
+
+        async def chat(request: Request) -> Response:
+            try:
+                return JSONResponse({"answer": await answer(request.path_params["question"])})
+            except PermissionError:
+                return JSONResponse({}, status_code=403)
+
+        app = Starlette(
+            routes=[Route("/chat/{question}", chat)],
+            middleware=[Middleware(AuthenticationMiddleware, backend=HeaderAuth())],
+        )
+        setup_monitoring(app)
+        with uvicorn_in_thread(app) as base_url:
+            httpx.get(f"{base_url}/chat/hello", headers={"x-user": "ann"})
+            httpx.get(f"{base_url}/chat/hello")
+            httpx.get(f"{base_url}/chat/fail")
+            scrape = httpx.get(f"{base_url}/metrics").text
+
+    assert scraped(scrape, "chat_processing_duration_seconds_count", endpoint="/chat/{question}", user_type="authenticated") == 1
+    assert scraped(scrape, "chat_processing_duration_seconds_count", endpoint="/chat/{question}", user_type="anonymous") == 2
+    assert scraped(scrape, "chat_messages_total", user_type="anonymous", message_type="user", cache_hit="false", rag_used="false") == 2
+    assert scraped(
+        scrape, "application_error_details_total", error_type="auth", component="chat_endpoint",
+        exception="PermissionError", endpoint="/chat/{question}", function="answer",
+    ) == 1
+    assert scraped(scrape, "application_errors_total", error_type="auth", component="chat_endpoint", user_type="anonymous") == 1
+
+
+def test_user_type_resolver_passed_to_setup_monitoring_and_its_failures_contained() -> None:
+    registry = CollectorRegistry()
+
+    def plan_of(scope: dict[str, object]) -> str:
+        for name, header in scope["headers"]:  # type: ignore[attr-defined]
+            if name == b"x-plan":
+                if header == b"broken":
+                    raise LookupError("no such plan")
+                return str(header.decode())
+        return "free"
+
+    monitoring: PrometheusInstrumentation
+
+    async def chat(request: Request) -> Response:
+        monitoring.track_chat_message(message_type="user")
+        with monitoring.track_request_performance():
+            pass
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/chat", chat)])
+    monitoring = setup_monitoring(app, registry=registry, user_type_resolver=plan_of)
+    with uvicorn_in_thread(app) as base_url:
+        statuses = [
+            httpx.get(f"{base_url}/chat", headers=headers).status_code
+            for headers in ({"x-plan": "premium"}, {}, {"x-plan": "broken"})
+        ]
+
+    def messages(user_type: str) -> float:
+        return value(registry, "chat_messages_total", user_type=user_type, message_type="user", cache_hit="false", rag_used="false")
+
+    assert statuses == [200, 200, 200]
+    assert (messages("premium"), messages("free"), messages("unknown")) == (1, 1, 1)
+    assert value(registry, "chat_processing_duration_seconds_count", endpoint="/chat", user_type="premium") == 1
+    assert value(registry, "crowdmon_internal_errors_total", site="user_type_resolver") == 2
+
+
+def test_outside_a_request_endpoint_and_user_type_are_unknown(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    assert crowdmon.current_endpoint() is None
+    assert crowdmon.current_user_type() is None
+    with instrumentation.track_request_performance():
+        pass
+    assert value(registry, "chat_processing_duration_seconds_count", endpoint="unknown", user_type="unknown") == 1
