@@ -70,8 +70,8 @@ def assert_metric(
     sample = _sample_name(name)
     found = registry.get_sample_value(sample, dict(labels or {}))
     if found is None or (value is not None and found != value):
-        expected = "to exist" if value is None else f"to be {value!r}"
-        got = "it does not exist" if found is None else f"it is {found!r}"
+        expected = "to exist" if value is None else f"to be {value:g}"
+        got = "it does not exist" if found is None else f"it is {found:g}"
         raise AssertionError(
             f"expected {sample}{_format(labels)} {expected}, but {got}.\n"
             f"Samples of this family:\n{_family_listing(registry, sample)}"
@@ -102,8 +102,8 @@ class MetricDelta:
         """Assert the sample grew by exactly ``by``."""
         if self.value != by:
             raise AssertionError(
-                f"expected {self.name}{_format(self.labels)} to grow by {by!r}, but it changed by "
-                f"{self.value!r} (from {self.before!r})"
+                f"expected {self.name}{_format(self.labels)} to grow by {by:g}, but it changed by "
+                f"{self.value:g} (from {self.before:g})"
             )
 
     def assert_unchanged(self) -> None:
@@ -158,7 +158,7 @@ def _family_listing(registry: CollectorRegistry, sample: str) -> str:
     for family in registry.collect():
         for item in family.samples:
             if item.name == sample:
-                lines.append(f"  {item.name}{_format(item.labels)} {item.value!r}")
+                lines.append(f"  {item.name}{_format(item.labels)} {item.value:g}")
     return "\n".join(lines[:50]) or "  (none)"
 
 

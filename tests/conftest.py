@@ -9,6 +9,10 @@ from prometheus_client import CollectorRegistry
 
 from crowdmon import PrometheusInstrumentation
 
+# crowdmon's own pytest plugin (the crowdmon_instrumentation fixture).  An installed crowdmon
+# registers it under this name through its pytest11 entry point, and then this line does nothing.
+pytest_plugins = ["crowdmon.testing"]
+
 
 @pytest.fixture
 def registry() -> CollectorRegistry:

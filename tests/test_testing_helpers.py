@@ -1,0 +1,146 @@
+"""``crowdmon.testing``: the helpers users import into their own test suites."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import tomllib
+
+import crowdmon
+from crowdmon import (
+    PrometheusInstrumentation,
+    default_instrumentation,
+    tracked_errors,
+    tracked_external,
+)
+from crowdmon.testing import (
+    assert_instrumented,
+    assert_metric,
+    isolated_instrumentation,
+    metric_delta,
+)
+from tests.support import REPO_ROOT, subprocess_env
+
+
+@tracked_errors(component="billing")
+@tracked_external("stripe", endpoint="charges")
+def charge(amount: int) -> str:
+    """A module-level function decorated at import time, before any test runs."""
+    if amount < 0:
+        raise ValueError("negative amount")
+    return "charged"
+
+
+def test_fixture_isolates_each_test_and_catches_import_time_decorators(
+    crowdmon_instrumentation: PrometheusInstrumentation,
+) -> None:
+    assert default_instrumentation() is crowdmon_instrumentation
+    charge(5)
+    assert_metric(
+        "external_api_duration_seconds", {"service": "stripe", "endpoint": "charges", "outcome": "success"}, 1
+    )
+
+
+def test_fixture_starts_from_zero_in_the_next_test(crowdmon_instrumentation: PrometheusInstrumentation) -> None:
+    labels = {"service": "stripe", "endpoint": "charges", "outcome": "success"}
+    with metric_delta("external_api_duration_seconds", labels) as delta:
+        charge(1)
+        charge(2)
+    delta.assert_incremented(2)
+    assert_metric("external_api_duration_seconds", labels, 2)
+
+
+def test_assert_metric_explains_a_mismatch_with_the_samples_that_exist(
+    crowdmon_instrumentation: PrometheusInstrumentation,
+) -> None:
+    with pytest.raises(ValueError):
+        charge(-1)
+
+    with pytest.raises(AssertionError) as wrong_label:
+        assert_metric("external_service_errors_total", {"service": "stripe", "endpoint": "charge", "exception": "ValueError"}, 1)
+    with pytest.raises(AssertionError) as wrong_value:
+        assert_metric("external_service_errors_total", {"service": "stripe", "endpoint": "charges", "exception": "ValueError"}, 2)
+
+    assert 'expected external_service_errors_total{endpoint="charge",exception="ValueError",service="stripe"} to be 1' in str(wrong_label.value)
+    assert "it does not exist" in str(wrong_label.value)
+    assert 'external_service_errors_total{endpoint="charges",exception="ValueError",service="stripe"} 1' in str(wrong_label.value)
+    assert "to be 2, but it is 1" in str(wrong_value.value)
+    assert assert_metric(
+        "application_errors_total", {"error_type": "validation", "component": "billing", "user_type": "unknown"}
+    ) == 1
+
+
+def test_metric_delta_reports_the_change_and_fails_clearly() -> None:
+    with isolated_instrumentation() as instrumentation:
+        labels = {"user_type": "anonymous", "message_type": "user", "cache_hit": "false", "rag_used": "false"}
+        with metric_delta("chat_messages_total", labels) as delta:
+            crowdmon.track_chat_message("anonymous")
+            assert delta.value == 1
+            crowdmon.track_chat_message("anonymous")
+        with metric_delta("chat_messages_total", labels, instrumentation=instrumentation) as unchanged:
+            pass
+
+    delta.assert_incremented(by=2)
+    unchanged.assert_unchanged()
+    with pytest.raises(AssertionError, match=r"to grow by 1, but it changed by 2 \(from 0\)"):
+        delta.assert_incremented()
+
+
+def test_assert_instrumented_names_what_a_function_records() -> None:
+    def plain() -> None:
+        pass
+
+    class Service:
+        @tracked_external("openai")
+        def complete(self) -> None:
+            pass
+
+    assert assert_instrumented(charge, "external_api_duration_seconds", "application_errors_total") == (
+        "application_errors_total", "application_error_details_total",
+        "external_api_duration_seconds", "external_service_errors_total",
+    )
+    assert_instrumented(Service().complete, "external_api_duration_seconds")
+    with pytest.raises(AssertionError, match="carries no crowdmon decorator"):
+        assert_instrumented(plain)
+    with pytest.raises(AssertionError, match="not into chat_messages_total"):
+        assert_instrumented(charge, "chat_messages_total")
+
+
+def test_isolated_instrumentation_restores_the_previous_default() -> None:
+    before = default_instrumentation()
+    with isolated_instrumentation(cardinality_caps={"chat_messages_total": 2}) as inner:
+        assert default_instrumentation() is inner
+        assert inner.registry is not before.registry
+        assert inner.guard.cap_for("chat_messages_total", "user_type") == 2
+    assert default_instrumentation() is before
+
+
+def test_the_pytest_plugin_gives_a_users_suite_the_fixture(tmp_path: Path) -> None:
+    (tmp_path / "test_user_suite.py").write_text(textwrap.dedent('''
+        from crowdmon import track_document_operation
+        from crowdmon.testing import assert_metric
+
+        def test_counts(crowdmon_instrumentation):
+            track_document_operation("add", "pdf", "success")
+            assert_metric("document_operations_total", {"operation": "add", "document_type": "pdf", "status": "success"}, 1)
+
+        def test_isolated(crowdmon_instrumentation):
+            track_document_operation("add", "pdf", "success")
+            assert_metric("document_operations_total", {"operation": "add", "document_type": "pdf", "status": "success"}, 1)
+    '''))
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["crowdmon.testing"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", str(tmp_path)],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+
+
+def test_the_plugin_is_registered_as_a_pytest11_entry_point() -> None:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert project["project"]["entry-points"]["pytest11"] == {"crowdmon.testing": "crowdmon.testing"}
