@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.support import REPO_ROOT, free_port, scraped, subprocess_env, wait_for_http
+from tests.support import REPO_ROOT, free_port, scrape_samples, subprocess_env, wait_for_http
 
 
 def test_demo_serves_metrics_and_health_with_traffic_and_stops_by_itself() -> None:
@@ -24,7 +24,10 @@ def test_demo_serves_metrics_and_health_with_traffic_and_stops_by_itself() -> No
         total = 0.0
         while time.monotonic() < deadline and total < 20:
             scrape = httpx.get(base_url + "/metrics").text
-            total = scraped(scrape, "crowdfunding_api_requests_total", method="POST", handler="/chat", status="200")
+            total = sum(
+                count for (name, labels), count in scrape_samples(scrape).items()
+                if name == "crowdfunding_api_requests_total" and ("handler", "/chat") in labels
+            )
             time.sleep(0.2)
         health = httpx.get(base_url + "/health")
         stdout, stderr = process.communicate(timeout=20)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import httpx
@@ -76,10 +77,12 @@ async def test_concurrent_requests_are_all_counted(registry: CollectorRegistry) 
 def test_demo_app_serves_metrics_and_health(registry: CollectorRegistry) -> None:
     app = build_demo_app(PrometheusInstrumentation(registry))
     with uvicorn_in_thread(app) as base_url, httpx.Client(base_url=base_url) as client:
-        assert client.post("/chat", json={"message": "hello"}).status_code == 200
+        # The demo's dependencies fail now and then by design: count what each answer was.
+        statuses = Counter(client.post("/chat", json={"message": "hello"}).status_code for _ in range(10))
         health = client.get("/health")
         scrape = client.get("/metrics").text
 
-    assert health.status_code == 200
-    assert health.json()["status"] == "healthy"
-    assert scraped(scrape, "crowdfunding_api_requests_total", method="POST", handler="/chat", status="200") == 1
+    assert health.status_code in (200, 503)
+    assert set(health.json()["components"]) >= {"rag_system", "openai"}
+    for status, count in statuses.items():
+        assert scraped(scrape, "crowdfunding_api_requests_total", method="POST", handler="/chat", status=str(status)) == count
