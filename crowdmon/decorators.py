@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import wrapt
 
+from crowdmon import instrumentation as _instrumentation_module
 from crowdmon.catalogue import ERROR_TYPES
 from crowdmon.errors import ErrorTaxonomy, default_taxonomy
 from crowdmon.instrumentation import (
@@ -286,7 +287,7 @@ def _optional_label(decorator: str, parameter: str, value: object) -> str | None
 
 
 def _sync_wrapper(probe: _Probe) -> Callable[..., Any]:
-    begin, finish = probe.begin, probe.finish
+    begin, succeeded, finish = probe.begin, probe.succeeded, probe.finish
 
     def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
         state = begin()
@@ -295,14 +296,14 @@ def _sync_wrapper(probe: _Probe) -> Callable[..., Any]:
         except BaseException as error:
             finish(state, error)
             raise
-        finish(state, None)
+        succeeded(state)
         return result
 
     return call
 
 
 def _async_wrapper(probe: _Probe) -> Callable[..., Any]:
-    begin, finish = probe.begin, probe.finish
+    begin, succeeded, finish = probe.begin, probe.succeeded, probe.finish
 
     async def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
         state = begin()
@@ -311,7 +312,7 @@ def _async_wrapper(probe: _Probe) -> Callable[..., Any]:
         except BaseException as error:
             finish(state, error)
             raise
-        finish(state, None)
+        succeeded(state)
         return result
 
     return call
@@ -332,7 +333,7 @@ def _timed_generator(probe: _Probe, generator: Generator[Any, Any, Any]) -> Gene
     except BaseException as error:
         probe.finish(state, error)
         raise
-    probe.finish(state, None)
+    probe.succeeded(state)
     return result
 
 
@@ -367,30 +368,36 @@ async def _timed_async_generator(probe: _Probe, generator: AsyncGenerator[Any, A
     except BaseException as error:
         probe.finish(state, error)
         raise
-    probe.finish(state, None)
+    probe.succeeded(state)
 
 
 # -- probes: what each decorator records -------------------------------------------------------
 
 
 class _Probe:
-    """Records one decorator's metrics around a call: ``begin()`` before, ``finish()`` after.
+    """Records one decorator's metrics around a call: ``state = begin()`` before it, then
+    ``succeeded(state)`` or ``finish(state, error)``.
 
-    Neither ever raises: a failure is reported to ``crowdmon_internal_errors_total{site}``."""
+    None of them ever raises: a failure is reported to ``crowdmon_internal_errors_total{site}``.
+    Subclasses override ``succeeded`` for the common path, and ``resolve`` to look up, once per
+    instrumentation, the children that do not change from call to call."""
 
     metrics: tuple[str, ...] = ()
     site = "decorator"
+    #: ``state`` is the start time; a builtin, so the hot path makes no Python call for it.
+    begin: Callable[[], Any] = staticmethod(perf_counter)
 
     def __init__(self, instrumentation: PrometheusInstrumentation | None) -> None:
         self._fixed = instrumentation
-        self._bound: PrometheusInstrumentation | None = None
+        self._bound: object = _UNBOUND
 
     def instrumentation(self) -> PrometheusInstrumentation:
         fixed = self._fixed
         return fixed if fixed is not None else default_instrumentation()
 
     def bind(self) -> PrometheusInstrumentation:
-        """The instrumentation to record into, re-resolving cached children when it changed."""
+        """The instrumentation to record into, re-resolving cached children when it changed
+        (the default instance is looked up at every call, so tests can replace it)."""
         target = self.instrumentation()
         if target is not self._bound:
             self.resolve(target)
@@ -400,8 +407,8 @@ class _Probe:
     def resolve(self, target: PrometheusInstrumentation) -> None:
         """Look up what does not change from call to call (override)."""
 
-    def begin(self) -> Any:
-        return perf_counter()
+    def succeeded(self, state: Any) -> None:
+        self.finish(state, None)
 
     def finish(self, state: Any, error: BaseException | None) -> None:
         elapsed = perf_counter() - state
@@ -422,6 +429,9 @@ class _Probe:
             self.instrumentation().report_internal_error(self.site, failure)
 
 
+_UNBOUND = object()
+
+
 class _ExternalProbe(_Probe):
     metrics = ("external_api_duration_seconds", "external_service_errors_total")
     site = "tracked_external"
@@ -430,6 +440,7 @@ class _ExternalProbe(_Probe):
         super().__init__(instrumentation)
         self.service, self.endpoint = service, endpoint
         self._children: dict[str, Any] = {}
+        self._success: Any = None
 
     def resolve(self, target: PrometheusInstrumentation) -> None:
         durations = target.metric("external_api_duration_seconds")
@@ -437,6 +448,16 @@ class _ExternalProbe(_Probe):
             outcome: durations.labels(self.service, self.endpoint, outcome)
             for outcome in (SUCCESS, ERROR, CANCELLED)
         }
+        self._success = self._children[SUCCESS]
+
+    def succeeded(self, state: Any) -> None:
+        elapsed = perf_counter() - state
+        try:
+            if (self._fixed or _instrumentation_module._default) is not self._bound:
+                self.bind()
+            self._success.observe(elapsed)
+        except Exception as failure:
+            self.report(failure)
 
     def record(
         self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
@@ -461,8 +482,12 @@ class _ErrorsProbe(_Probe):
         super().__init__(instrumentation)
         self.component, self.error_type, self.taxonomy, self.function = component, error_type, taxonomy, function
 
-    def begin(self) -> Any:
-        return 0.0
+    @staticmethod
+    def begin() -> Any:
+        return None
+
+    def succeeded(self, state: Any) -> None:
+        pass
 
     def finish(self, state: Any, error: BaseException | None) -> None:
         if error is None or not isinstance(error, Exception):
@@ -491,6 +516,15 @@ class _DurationProbe(_Probe):
 
     def resolve(self, target: PrometheusInstrumentation) -> None:
         self._child = target.metric(self.metrics[0]).labels(self.operation)
+
+    def succeeded(self, state: Any) -> None:
+        elapsed = perf_counter() - state
+        try:
+            if (self._fixed or _instrumentation_module._default) is not self._bound:
+                self.bind()
+            self._child.observe(elapsed)
+        except Exception as failure:
+            self.report(failure)
 
     def record(
         self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
@@ -557,6 +591,18 @@ class _DocumentProbe(_Probe):
             for outcome in (SUCCESS, ERROR, CANCELLED)
         }
 
+    @staticmethod
+    def begin() -> Any:
+        return 0.0
+
+    def succeeded(self, state: Any) -> None:
+        try:
+            if (self._fixed or _instrumentation_module._default) is not self._bound:
+                self.bind()
+            self._children[SUCCESS].inc()
+        except Exception as failure:
+            self.report(failure)
+
     def record(
         self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
     ) -> None:
@@ -580,6 +626,9 @@ class _SessionProbe(_Probe):
         except Exception as failure:
             self.report(failure)
             return None
+
+    def succeeded(self, state: Any) -> None:
+        self.finish(state, None)
 
     def finish(self, state: Any, error: BaseException | None) -> None:
         # Whatever ended the call, KeyboardInterrupt included: the gauge comes back down.

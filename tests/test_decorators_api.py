@@ -355,3 +355,21 @@ def test_mypy_sees_the_original_signature_through_every_decorator(tmp_path: Path
         f'Revealed type is "def (size: int) -> {source.stem}.Store"',
         'Argument 1 to "complete" has incompatible type "int"; expected "str"  [arg-type]',
     ], stdout
+
+
+def test_the_decorator_benchmark_runs_and_reports_every_decorator() -> None:
+    import subprocess
+    import sys
+
+    from tests.support import subprocess_env
+
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "decorators.py"), "--rounds", "1", "--calls", "20"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {tuple(line.split()[:2]) for line in result.stdout.splitlines() if line.startswith(("sync", "async", "generator"))}
+    for name in ("Histogram.time()", "@tracked_external", "@tracked_errors", "@tracked_session", "@tracked_database_query"):
+        assert ("sync", name) in rows, result.stdout
+    assert ("async", "@tracked_external") in rows
+    assert "median of 1 interleaved rounds x 20 calls" in result.stdout
