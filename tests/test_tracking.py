@@ -321,3 +321,40 @@ def test_outside_a_request_endpoint_and_user_type_are_unknown(
     with instrumentation.track_request_performance():
         pass
     assert value(registry, "chat_processing_duration_seconds_count", endpoint="unknown", user_type="unknown") == 1
+
+
+def test_demo_traffic_gives_every_metric_family_of_the_catalogue_data() -> None:
+    from crowdmon.catalogue import CATALOGUE
+    from crowdmon.demo import DEMO_CARDINALITY_CAPS, build_demo_app, generate_traffic
+
+    registry = CollectorRegistry()
+    instrumentation = PrometheusInstrumentation(registry, cardinality_caps=DEMO_CARDINALITY_CAPS)
+    app = build_demo_app(instrumentation)
+
+    def families_without_data() -> list[str]:
+        seen = {sample.name for family in registry.collect() for sample in family.samples}
+        return [
+            item.name for item in CATALOGUE
+            if not any(name == item.name or name.startswith(item.name.removesuffix("_total") + "_") for name in seen)
+        ]
+
+    async def drive(base_url: str) -> list[str]:
+        traffic = asyncio.create_task(generate_traffic(base_url, rate=50))
+        try:
+            for _ in range(60):  # at most ~15 s; the opening requests need about one
+                await asyncio.sleep(0.25)
+                missing = families_without_data()
+                if not missing:
+                    break
+        finally:
+            traffic.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await traffic
+        return missing
+
+    with uvicorn_in_thread(app) as base_url:
+        missing = asyncio.run(drive(base_url))
+        health = httpx.get(base_url + "/health")
+
+    assert missing == []
+    assert set(health.json()["components"]) == {"database", "vector_store", "openai", "rag_system", "auth0"}
