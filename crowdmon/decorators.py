@@ -226,11 +226,13 @@ def _decorator(name: str, make_probe: Callable[[str], _Probe], enabled: bool | N
             return func
         target = _callable_target(name, func)
         probe = make_probe(_function_label(target))
-        if inspect.isasyncgenfunction(target):
+        # A callable object is what its __call__ is.
+        kind = target if inspect.isroutine(target) or not callable(target) else type(target).__call__
+        if inspect.isasyncgenfunction(target) or inspect.isasyncgenfunction(kind):
             wrapper = _async_generator_wrapper(probe)
-        elif inspect.iscoroutinefunction(target):
+        elif inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(kind):
             wrapper = _async_wrapper(probe)
-        elif inspect.isgeneratorfunction(target):
+        elif inspect.isgeneratorfunction(target) or inspect.isgeneratorfunction(kind):
             wrapper = _generator_wrapper(probe)
         else:
             wrapper = _sync_wrapper(probe)

@@ -373,3 +373,18 @@ def test_the_decorator_benchmark_runs_and_reports_every_decorator() -> None:
         assert ("sync", name) in rows, result.stdout
     assert ("async", "@tracked_external") in rows
     assert "median of 1 interleaved rounds x 20 calls" in result.stdout
+
+
+def test_a_callable_object_with_an_async_call_is_timed_as_a_coroutine(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    class Embedder:
+        async def __call__(self, text: str) -> list[float]:
+            await asyncio.sleep(0.01)
+            return [0.0]
+
+    embed = tracked_external("openai", endpoint="embeddings", instrumentation=instrumentation)(Embedder())
+
+    assert asyncio.run(embed("kiis")) == [0.0]
+    assert value(registry, "external_api_duration_seconds_count", service="openai", endpoint="embeddings", outcome="success") == 1
+    assert value(registry, "external_api_duration_seconds_sum", service="openai", endpoint="embeddings", outcome="success") >= 0.009  # the await was timed
