@@ -1,12 +1,12 @@
 """Timing a block of code: the one outcome rule shared by context managers and decorators.
 
-| what leaves the block           | duration                  | counted as error | re-raised          |
-| ------------------------------- | ------------------------- | ---------------- | ------------------ |
-| nothing (normal exit)           | observed, outcome success | no               | —                  |
-| an ``Exception``                | observed, outcome error   | yes              | unchanged          |
-| cancellation (asyncio / anyio)  | observed, outcome cancelled | no             | unchanged          |
-| ``GeneratorExit``               | observed, outcome success | no               | unchanged          |
-| ``KeyboardInterrupt``/``SystemExit`` | not observed         | no               | unchanged          |
+| what leaves the block                 | duration                    | counted as error | re-raised |
+| ------------------------------------- | --------------------------- | ---------------- | --------- |
+| nothing (return, stream exhausted)    | observed, outcome success   | no               | —         |
+| an ``Exception``                      | observed, outcome error     | once per metric  | unchanged |
+| cancellation (asyncio / anyio / trio) | observed, outcome cancelled | no               | unchanged |
+| ``GeneratorExit`` (stream closed)     | observed, outcome success   | no               | unchanged |
+| ``KeyboardInterrupt``/``SystemExit``  | not observed                | no               | unchanged |
 """
 
 from __future__ import annotations
