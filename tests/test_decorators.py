@@ -253,17 +253,33 @@ def test_asyncio_cancellation_is_observed_as_cancelled_and_never_swallowed(
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("kind", ["async", "async_generator"])
 def test_anyio_cancel_scope_is_observed_as_cancelled(
-    backend: str, registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+    backend: str, kind: str, registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
 ) -> None:
     @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
     async def slow() -> str:
         await anyio.sleep(30)
         return "never"
 
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    async def slow_stream() -> AsyncIterator[str]:
+        yield "first"
+        await anyio.sleep(30)
+        yield "never"
+
     async def main() -> bool:
         with anyio.move_on_after(0.01) as scope:
-            await slow()
+            if kind == "async":
+                await slow()
+            else:
+                stream = slow_stream()
+                try:
+                    async for _ in stream:
+                        pass
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await stream.aclose()
         return scope.cancelled_caught
 
     assert anyio.run(main, backend=backend) is True
