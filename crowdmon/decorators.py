@@ -231,7 +231,9 @@ def _decorator(name: str, make_probe: Callable[[str], _Probe], enabled: bool | N
         if inspect.isasyncgenfunction(target) or inspect.isasyncgenfunction(kind):
             wrapper = _async_generator_wrapper(probe)
         elif inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(kind):
-            wrapper = _async_wrapper(probe)
+            wrapper = _async_errors_wrapper(probe) if probe.errors_only else _async_wrapper(probe)
+        elif probe.errors_only and not (inspect.isgeneratorfunction(target) or inspect.isgeneratorfunction(kind)):
+            wrapper = _sync_errors_wrapper(probe)
         elif inspect.isgeneratorfunction(target) or inspect.isgeneratorfunction(kind):
             wrapper = _generator_wrapper(probe)
         else:
@@ -320,6 +322,33 @@ def _async_wrapper(probe: _Probe) -> Callable[..., Any]:
     return call
 
 
+def _sync_errors_wrapper(probe: _Probe) -> Callable[..., Any]:
+    """For a probe that only looks at exceptions: nothing to do on the way in or on success."""
+    finish = probe.finish
+
+    def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
+        try:
+            return wrapped(*args, **kwargs)
+        except BaseException as error:
+            finish(None, error)
+            raise
+
+    return call
+
+
+def _async_errors_wrapper(probe: _Probe) -> Callable[..., Any]:
+    finish = probe.finish
+
+    async def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
+        try:
+            return await wrapped(*args, **kwargs)
+        except BaseException as error:
+            finish(None, error)
+            raise
+
+    return call
+
+
 def _generator_wrapper(probe: _Probe) -> Callable[..., Any]:
     def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
         # Called now, so a wrong argument fails at the call as it would undecorated.
@@ -386,6 +415,8 @@ class _Probe:
 
     metrics: tuple[str, ...] = ()
     site = "decorator"
+    #: Records nothing unless an exception leaves the call (the wrappers then skip begin/succeeded).
+    errors_only = False
     #: ``state`` is the start time; a builtin, so the hot path makes no Python call for it.
     begin: Callable[[], Any] = staticmethod(perf_counter)
 
@@ -472,6 +503,7 @@ class _ExternalProbe(_Probe):
 class _ErrorsProbe(_Probe):
     metrics = ("application_errors_total", "application_error_details_total")
     site = "tracked_errors"
+    errors_only = True
 
     def __init__(
         self,

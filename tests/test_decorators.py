@@ -470,3 +470,21 @@ def test_a_failure_inside_crowdmon_is_counted_and_the_business_error_still_propa
     assert raised.value is error
     assert durations(registry, "error") == 1
     assert value(registry, "crowdmon_internal_errors_total", site="tracked_external") == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tracked_errors_counts_an_exception_of_every_kind_of_callable_and_nothing_else(
+    kind: str, registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    function = external_function(kind, instrumentation)
+    guarded = tracked_errors(component="rag_system", instrumentation=instrumentation)(function.__wrapped__)
+
+    call(kind, guarded)
+    with pytest.raises(KeyboardInterrupt):
+        call(kind, guarded, KeyboardInterrupt())
+    with pytest.raises(PermissionError):
+        call(kind, guarded, PermissionError("no"))
+
+    assert value(registry, "application_errors_total", error_type="auth", component="rag_system", user_type="unknown") == 1
+    assert value(registry, "auth_errors_total", component="rag_system", exception="PermissionError") == 1
+    assert value(registry, "application_errors_total", error_type="system", component="rag_system", user_type="unknown") == 0

@@ -372,7 +372,7 @@ def test_the_decorator_benchmark_runs_and_reports_every_decorator() -> None:
     for name in ("Histogram.time()", "@tracked_external", "@tracked_errors", "@tracked_session", "@tracked_database_query"):
         assert ("sync", name) in rows, result.stdout
     assert ("async", "@tracked_external") in rows
-    assert "median of 1 interleaved rounds x 20 calls" in result.stdout
+    assert "median of 1 interleaved rounds x 20 calls (cpu time)" in result.stdout
 
 
 def test_a_callable_object_with_an_async_call_is_timed_as_a_coroutine(
