@@ -40,7 +40,7 @@ from crowdmon.decorators import (
     tracked_vector_search,
 )
 from crowdmon.errors import ErrorTaxonomy
-from crowdmon.instrumentation import PrometheusInstrumentation
+from crowdmon.instrumentation import PrometheusInstrumentation, replace_default_instrumentation
 from crowdmon.integration import setup_monitoring
 
 logger = logging.getLogger("crowdmon.demo")
@@ -292,8 +292,7 @@ def build_demo_app(instrumentation: PrometheusInstrumentation | None = None) -> 
     """The demo app with crowdmon set up on it (on the process-wide default instrumentation
     unless one is given)."""
     if instrumentation is None:
-        # The first instrumentation on the global registry fixes its caps; later ones share them.
-        instrumentation = PrometheusInstrumentation(cardinality_caps=DEMO_CARDINALITY_CAPS)
+        instrumentation = _default_with_demo_caps()
     services = build_services(instrumentation)
     app = Starlette(routes=_routes(services))
     monitoring = setup_monitoring(app, instrumentation=instrumentation, user_type_resolver=demo_user_type)
@@ -316,6 +315,16 @@ def build_demo_app(instrumentation: PrometheusInstrumentation | None = None) -> 
         monitoring.register_component(component)
         monitoring.set_component_healthy(component)
     return app
+
+
+def _default_with_demo_caps() -> PrometheusInstrumentation:
+    """The process-wide default instrumentation; built here with the demo's caps unless it exists
+    (the first instrumentation on a registry fixes the caps; later ones share them)."""
+    current = replace_default_instrumentation(None)
+    if current is None:
+        current = PrometheusInstrumentation(cardinality_caps=DEMO_CARDINALITY_CAPS)
+    replace_default_instrumentation(current)
+    return current
 
 
 #: The first requests of the generated traffic: every path of the demo, failures included, so
