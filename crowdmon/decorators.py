@@ -226,18 +226,15 @@ def _decorator(name: str, make_probe: Callable[[str], _Probe], enabled: bool | N
             return func
         target = _callable_target(name, func)
         probe = make_probe(_function_label(target))
-        # A callable object is what its __call__ is.
-        kind = target if inspect.isroutine(target) or not callable(target) else type(target).__call__
-        if inspect.isasyncgenfunction(target) or inspect.isasyncgenfunction(kind):
+        shape = _shape(target)
+        if shape == "async_generator":
             wrapper = _async_generator_wrapper(probe)
-        elif inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(kind):
-            wrapper = _async_errors_wrapper(probe) if probe.errors_only else _async_wrapper(probe)
-        elif probe.errors_only and not (inspect.isgeneratorfunction(target) or inspect.isgeneratorfunction(kind)):
-            wrapper = _sync_errors_wrapper(probe)
-        elif inspect.isgeneratorfunction(target) or inspect.isgeneratorfunction(kind):
+        elif shape == "generator":
             wrapper = _generator_wrapper(probe)
+        elif shape == "coroutine":
+            wrapper = _async_errors_wrapper(probe) if probe.errors_only else _async_wrapper(probe)
         else:
-            wrapper = _sync_wrapper(probe)
+            wrapper = _sync_errors_wrapper(probe) if probe.errors_only else _sync_wrapper(probe)
         return cast(F, _CrowdmonWrapper(func, wrapper, probe))
 
     return decorate
@@ -256,6 +253,22 @@ def _callable_target(name: str, func: object) -> Any:
             f"got {type(func).__name__} {func!r}; put the decorator directly above a def"
         )
     return func
+
+
+def _shape(target: Any) -> str:
+    """What calling ``target`` gives: a coroutine, a (async) generator, or a plain result.  A
+    callable object is what its ``__call__`` is."""
+    candidates = [target]
+    if not inspect.isroutine(target) and callable(target):
+        candidates.append(type(target).__call__)
+    for candidate in candidates:
+        if inspect.isasyncgenfunction(candidate):
+            return "async_generator"
+        if inspect.iscoroutinefunction(candidate):
+            return "coroutine"
+        if inspect.isgeneratorfunction(candidate):
+            return "generator"
+    return "sync"
 
 
 def _function_label(target: Any) -> str:
