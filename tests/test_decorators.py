@@ -17,6 +17,8 @@ from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from crowdmon import PrometheusInstrumentation, tracked_errors, tracked_external, tracked_session
@@ -488,3 +490,62 @@ def test_tracked_errors_counts_an_exception_of_every_kind_of_callable_and_nothin
     assert value(registry, "application_errors_total", error_type="auth", component="rag_system", user_type="unknown") == 1
     assert value(registry, "auth_errors_total", component="rag_system", exception="PermissionError") == 1
     assert value(registry, "application_errors_total", error_type="system", component="rag_system", user_type="unknown") == 0
+
+
+ERROR_METRICS = (
+    "application_errors_total", "application_error_details_total", "auth_errors_total", "database_errors_total",
+    "external_service_errors_total", "ai_system_errors_total", "session_errors_total",
+)
+
+
+def error_totals(registry: CollectorRegistry) -> dict[str, float]:
+    totals = dict.fromkeys(ERROR_METRICS, 0.0)
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals
+
+
+@given(
+    layers=st.lists(st.sampled_from(["errors:a", "errors:b", "external:x", "external:y"]), min_size=1, max_size=6),
+    error=st.sampled_from([PermissionError, sqlite3.OperationalError, TimeoutError, ValueError, KeyError]),
+    asynchronous=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_any_stack_of_decorators_counts_one_exception_at_most_once_per_metric(
+    layers: list[str], error: type[Exception], asynchronous: bool
+) -> None:
+    registry = CollectorRegistry()
+    instrumentation = PrometheusInstrumentation(registry)
+
+    def body() -> None:
+        raise error("failure")
+
+    async def async_body() -> None:
+        raise error("failure")
+
+    function: Any = async_body if asynchronous else body
+    for layer in layers:
+        kind, name = layer.split(":")
+        if kind == "errors":
+            function = tracked_errors(component=name, instrumentation=instrumentation)(function)
+        else:
+            function = tracked_external(name, endpoint="call", instrumentation=instrumentation)(function)
+
+    with pytest.raises(error):
+        drive(function()) if asynchronous else function()
+
+    totals = error_totals(registry)
+    assert all(total <= 1 for total in totals.values()), totals
+    has_errors_layer = any(layer.startswith("errors") for layer in layers)
+    has_external_layer = any(layer.startswith("external") for layer in layers)
+    assert totals["application_errors_total"] == (1 if has_errors_layer else 0)
+    assert totals["application_error_details_total"] == (1 if has_errors_layer else 0)
+    expected_external = has_external_layer or (has_errors_layer and error is TimeoutError)
+    assert totals["external_service_errors_total"] == (1 if expected_external else 0)
+    timing_layers = sum(layer.startswith("external") for layer in layers)
+    assert sum(
+        value(registry, "external_api_duration_seconds_count", service=service, endpoint="call", outcome="error")
+        for service in ("x", "y")
+    ) == timing_layers
