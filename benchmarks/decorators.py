@@ -114,7 +114,7 @@ def time_variant(kind: str, function: Callable[[], Any], calls: int) -> float:
                     pass
         return (perf_counter() - started) / calls
 
-    return drive(run())
+    return float(drive(run()))
 
 
 def drive(coroutine: Any) -> Any:
