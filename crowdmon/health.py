@@ -1,7 +1,9 @@
 """The ``/health`` endpoint: every component's state and an overall status, as JSON.
 
 Each request first runs the registered health checks (concurrently; sync ones in a worker thread),
-each bounded by its timeout, and sets ``component_health_status`` from their answers.
+each bounded by its timeout, and sets ``component_health_status`` from their answers.  A sync check
+that hangs keeps its worker thread after its timeout; it is not started again until it returns, so
+a hung check holds one thread, not one per ``/health`` request.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ def overall_status(states: dict[str, str]) -> str:
     return "healthy"
 
 
+#: Components whose sync check is still running in a worker thread.
+_running_in_threads: set[tuple[int, str]] = set()
+
+
 async def run_health_checks(instrumentation: PrometheusInstrumentation) -> dict[str, str]:
     """Run every registered check and record its state; returns a reason for each failed check."""
     failures: dict[str, str] = {}
 
     async def run(check: HealthCheck) -> None:
-        state, reason = await _run_one(check)
+        state, reason = await _run_one(check, (id(instrumentation.registry), check.component))
         instrumentation.set_component_health(check.component, state)
         if reason:
             failures[check.component] = reason
@@ -46,13 +52,23 @@ async def run_health_checks(instrumentation: PrometheusInstrumentation) -> dict[
     return failures
 
 
-async def _run_one(check: HealthCheck) -> tuple[str, str]:
+async def _run_one(check: HealthCheck, key: tuple[int, str]) -> tuple[str, str]:
     try:
         with anyio.fail_after(check.timeout):
             if inspect.iscoroutinefunction(check.check):
                 answer = await check.check()
             else:
-                answer = await anyio.to_thread.run_sync(check.check, abandon_on_cancel=True)
+                if key in _running_in_threads:
+                    return "unhealthy", "still running since an earlier request"
+                _running_in_threads.add(key)
+
+                def in_thread() -> Any:
+                    try:
+                        return check.check()
+                    finally:
+                        _running_in_threads.discard(key)
+
+                answer = await anyio.to_thread.run_sync(in_thread, abandon_on_cancel=True)
                 if inspect.isawaitable(answer):
                     answer = await answer
     except TimeoutError:

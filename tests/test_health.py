@@ -141,3 +141,35 @@ def test_bad_health_checks_fail_at_registration(
     with pytest.raises(CrowdmonSetupError) as raised:
         instrumentation.register_health_check(component, check, timeout=timeout)  # type: ignore[arg-type]
     assert message in str(raised.value)
+
+
+def test_a_hung_sync_check_holds_one_thread_not_one_per_request(registry: CollectorRegistry) -> None:
+    app, monitoring = served(registry)
+    release = threading.Event()
+    lock = threading.Lock()
+    started = [0]
+
+    def hangs() -> bool:
+        with lock:
+            started[0] += 1
+        release.wait(30)
+        return True
+
+    monitoring.register_health_check("database", hangs, timeout=0.05)
+    with uvicorn_in_thread(app) as base_url:
+        try:
+            answers = [httpx.get(base_url + "/health", timeout=10) for _ in range(5)]
+            started_while_hung = started[0]
+        finally:
+            release.set()
+        recovered = 0
+        for _ in range(100):  # once the thread has returned, the next request runs the check again
+            recovered = httpx.get(base_url + "/health", timeout=10).status_code
+            if recovered == 200:
+                break
+
+    assert [answer.status_code for answer in answers] == [503] * 5
+    assert answers[0].json()["failures"] == {"database": "timed out after 0.05 s"}
+    assert answers[4].json()["failures"] == {"database": "still running since an earlier request"}
+    assert started_while_hung == 1
+    assert recovered == 200
