@@ -26,6 +26,7 @@ import glob
 import os
 import re
 import sys
+import tempfile
 from typing import Any
 
 from crowdmon.instrumentation import CrowdmonSetupError
@@ -56,12 +57,22 @@ def check_directory(path: str | None = None) -> str:
             f"{ENV_VAR}={path!r} does not exist or is not a directory; create it before starting "
             f"the server: mkdir -p {path}"
         )
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not _writable(path):
         raise CrowdmonSetupError(
             f"{ENV_VAR}={path!r} is not writable by this process (uid {os.getuid()}); every worker "
             f"writes its metric files there. Fix its owner or mode, or point {ENV_VAR} elsewhere."
         )
     return path
+
+
+def _writable(path: str) -> bool:
+    if not os.access(path, os.W_OK | os.X_OK):
+        return False
+    try:  # access() says yes to root everywhere; a real file says what the workers will meet
+        with tempfile.TemporaryFile(dir=path, prefix=".crowdmon-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def check_process_setup() -> bool:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -216,9 +217,16 @@ class Prometheus:
             time.sleep(0.25)
         return last
 
+    def targets(self) -> dict[str, list[dict[str, Any]]]:
+        """The targets API's answer: ``activeTargets`` and ``droppedTargets``; empty until ready."""
+        try:
+            response = httpx.get(f"{self.url}/api/v1/targets", timeout=5)
+        except httpx.HTTPError:
+            return {"activeTargets": [], "droppedTargets": []}
+        return response.json()["data"] if response.status_code == 200 else {"activeTargets": [], "droppedTargets": []}
+
     def targets_health(self) -> list[str]:
-        response = httpx.get(f"{self.url}/api/v1/targets", timeout=5).json()
-        return [target["health"] + ":" + target.get("lastError", "") for target in response["data"]["activeTargets"]]
+        return [target["health"] + ":" + target.get("lastError", "") for target in self.targets()["activeTargets"]]
 
     def close(self) -> None:
         self.process.terminate()

@@ -138,7 +138,7 @@ def test_protection_mistakes_fail_at_setup(registry: CollectorRegistry, options:
 
 
 def test_setup_monitoring_refuses_a_metrics_app_on_another_registry(registry: CollectorRegistry) -> None:
-    with pytest.raises(CrowdmonSetupError, match="MetricsApp\\(instrumentation, ...\\)"):
+    with pytest.raises(CrowdmonSetupError, match=r"MetricsApp\(instrumentation, \.\.\.\)"):
         setup_monitoring(Starlette(), registry=registry, metrics_app=MetricsApp(PrometheusInstrumentation(CollectorRegistry())))
 
 
