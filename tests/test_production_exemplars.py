@@ -15,7 +15,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from crowdmon import CrowdmonSetupError, PrometheusInstrumentation, PrometheusMiddleware, setup_monitoring
+from crowdmon import (
+    CrowdmonSetupError,
+    PrometheusInstrumentation,
+    PrometheusMiddleware,
+    setup_monitoring,
+)
 from crowdmon._types import ASGIApp, Receive, Scope, Send
 from crowdmon.exemplars import MAX_EXEMPLAR_RUNES
 from tests.support import value
