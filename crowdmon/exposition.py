@@ -127,7 +127,10 @@ class MetricsApp:
         if self.multiprocess:
             path = multiprocess_directory()
             if self.prune_dead_workers:
-                prune_dead_processes(path)
+                try:
+                    prune_dead_processes(path)
+                except OSError as error:  # the scrape goes on; the totals are still right
+                    self.instrumentation.report_internal_error("metrics.prune", error)
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
             return registry

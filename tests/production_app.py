@@ -27,6 +27,7 @@ setup_monitoring(
         bearer_token=os.environ.get("METRICS_TOKEN") or None,
         prune_dead_workers=os.environ.get("CROWDMON_TEST_PRUNE", "1") == "1",
     ),
+    exemplars=os.environ.get("CROWDMON_TEST_EXEMPLARS") or None,
 )
 
 

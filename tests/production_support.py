@@ -156,13 +156,15 @@ class Load:
     statuses: dict[int, int]
 
 
-def hey(url: str, requests: int, concurrency: int = 20, method: str = "GET", body: str | None = None) -> Load:
+def hey(url: str, requests: int, concurrency: int = 20, method: str = "GET", body: str | None = None, headers: tuple[str, ...] = ()) -> Load:
     """``hey`` against ``url``: ``requests`` requests, at most ``concurrency`` at a time."""
     # hey gives each of its workers requests // concurrency requests: keep the total exact.
     assert requests % concurrency == 0, "requests must be a multiple of concurrency"
     argv = ["hey", "-n", str(requests), "-c", str(concurrency), "-m", method, "-t", "30"]
     if body is not None:
         argv += ["-d", body, "-T", "application/json"]
+    for header in headers:
+        argv += ["-H", header]
     result = subprocess.run([*argv, url], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     statuses = {int(code): int(count) for code, count in re.findall(r"\[(\d{3})\]\s+(\d+) responses", result.stdout)}
@@ -174,7 +176,7 @@ def hey(url: str, requests: int, concurrency: int = 20, method: str = "GET", bod
 class Prometheus:
     """A real Prometheus on 127.0.0.1 with its own config and storage under a temp dir."""
 
-    def __init__(self, config: str, tmp_path: Path) -> None:
+    def __init__(self, config: str, tmp_path: Path, *flags: str) -> None:
         self.port = free_port()
         directory = tmp_path / "prometheus"
         directory.mkdir()
@@ -187,7 +189,7 @@ class Prometheus:
                     f"--config.file={directory / 'prometheus.yml'}",
                     f"--storage.tsdb.path={directory / 'data'}",
                     f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--web.enable-lifecycle",
+                    *flags,
                 ],
                 stdout=sink, stderr=subprocess.STDOUT,
             )
@@ -216,6 +218,15 @@ class Prometheus:
                 return last
             time.sleep(0.25)
         return last
+
+    def exemplars(self, expression: str) -> list[dict[str, Any]]:
+        """The query-exemplars API's answer for ``expression`` over the last minute."""
+        now = time.time()
+        try:
+            response = httpx.get(f"{self.url}/api/v1/query_exemplars", params={"query": expression, "start": now - 60, "end": now + 60}, timeout=5)
+        except httpx.HTTPError:
+            return []
+        return list(response.json().get("data") or []) if response.status_code == 200 else []
 
     def targets(self) -> dict[str, list[dict[str, Any]]]:
         """The targets API's answer: ``activeTargets`` and ``droppedTargets``; empty until ready."""

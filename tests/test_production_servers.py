@@ -35,6 +35,8 @@ pytestmark = pytest.mark.timeout(120)
 ITEMS = 1500
 CHATS = 500
 ITEMS_AFTER_RESTART = 1000
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN_ID = "00f067aa0ba902b7"
 ITEM_LABELS = {"method": "GET", "handler": "/items/{item_id}", "status": "200"}
 CHAT_LABELS = {"user_type": "authenticated", "message_type": "assistant", "cache_hit": "true", "rag_used": "true"}
 
@@ -47,10 +49,10 @@ def prometheus_for(tmp_path: Path) -> Iterator[list[Prometheus]]:
         prometheus.close()
 
 
-def start_prometheus(port: int, tmp_path: Path, started: list[Prometheus]) -> Prometheus:
+def start_prometheus(port: int, tmp_path: Path, started: list[Prometheus], *flags: str) -> Prometheus:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    prometheus = Prometheus(prometheus_config(f"127.0.0.1:{port}", token_file), tmp_path)
+    prometheus = Prometheus(prometheus_config(f"127.0.0.1:{port}", token_file), tmp_path, *flags)
     started.append(prometheus)
     return prometheus
 
@@ -179,7 +181,8 @@ def assert_prometheus_reads(prometheus: Prometheus, items: int, chats: int) -> N
     query = 'sum(crowdfunding_api_requests_total{handler="/items/{item_id}",status="200"})'
     assert prometheus.wait_for(query, items) == items, prometheus.targets_health()
     assert prometheus.wait_for("sum(chat_messages_total)", chats) == chats
-    assert prometheus.query("sum(crowdfunding_api_requests_in_progress)") == 0
+    # A scrape taken while requests were held showed them; a later one must not.
+    assert prometheus.wait_for("sum(crowdfunding_api_requests_in_progress)", 0) == 0
 
 
 def test_gunicorn_with_two_uvicorn_workers(tmp_path: Path, prometheus_for: list[Prometheus]) -> None:
@@ -208,9 +211,13 @@ def test_uvicorn_with_two_workers(tmp_path: Path, prometheus_for: list[Prometheu
 def test_hypercorn_single_worker(tmp_path: Path, prometheus_for: list[Prometheus]) -> None:
     port = free_port()
     env = server_env(tmp_path, multiprocess=False)
-    prometheus = start_prometheus(port, tmp_path, prometheus_for)
+    env["CROWDMON_TEST_EXEMPLARS"] = "traceparent"
+    prometheus = start_prometheus(port, tmp_path, prometheus_for, "--enable-feature=exemplar-storage")
     with serve(hypercorn_command(port), port, tmp_path, env) as server:
-        drive_load(server, ITEMS, CHATS)
+        load = hey(f"{server.base_url}/items/7", ITEMS, headers=(f"traceparent: 00-{TRACE_ID}-{SPAN_ID}-01",))
+        assert load.statuses == {200: ITEMS}
+        load = hey(f"{server.base_url}/chat", CHATS, method="POST", body='{"text": "What is an ECSP licence?"}')
+        assert load.statuses == {200: CHATS}
         hold_dir = tmp_path / "hold"
         with ThreadPoolExecutor(max_workers=8) as pool:
             holds = hold_requests(server, hold_dir, pool, None, count=4)
@@ -228,6 +235,10 @@ def test_hypercorn_single_worker(tmp_path: Path, prometheus_for: list[Prometheus
             key("active_sessions_current", user_type="authenticated"): 0,
         })
         assert_prometheus_reads(prometheus, ITEMS, CHATS)
+        # The trace id of the load's traceparent header reached Prometheus as an exemplar.
+        series = prometheus.exemplars('crowdfunding_api_requests_total{handler="/items/{item_id}"}')
+        traces = {exemplar["labels"]["trace_id"] for entry in series for exemplar in entry["exemplars"]}
+        assert traces == {TRACE_ID}
         with server.client() as client:
             assert client.get("/metrics").status_code == 401
             assert client.get("/metrics", headers=AUTH).status_code == 200
