@@ -23,6 +23,7 @@ from crowdmon import (
 )
 from crowdmon._types import ASGIApp, Receive, Scope, Send
 from crowdmon.exemplars import MAX_EXEMPLAR_RUNES
+from tests.production_support import readme_snippet
 from tests.support import value
 
 OPENMETRICS = {"accept": "application/openmetrics-text; version=1.0.0"}
@@ -168,3 +169,20 @@ async def test_without_a_provider_nothing_is_asked(registry: CollectorRegistry) 
 
     assert instrumentation.requests.exemplars is None  # type: ignore[attr-defined]
     assert exemplars_in(await scrape(app)) == {}
+
+
+async def test_readme_exemplars_snippet() -> None:
+    namespace: dict[str, Any] = {}
+    exec(readme_snippet("exemplars"), namespace)
+    app = namespace["app"]
+
+    @app.get("/answer/{question_id}")
+    async def answer(question_id: int) -> dict[str, int]:
+        return {"question_id": question_id}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=WithSpan(app, sampled=True)), base_url="http://t") as client:
+        assert (await client.get("/answer/1")).status_code == 200
+    found = exemplars_in(await scrape(app))
+
+    key = ("crowdfunding_api_requests_total", (("handler", "/answer/{question_id}"), ("method", "GET"), ("status", "200")))
+    assert found[key].labels == {"trace_id": TRACE_ID, "span_id": SPAN_ID}
