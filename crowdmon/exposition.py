@@ -33,7 +33,6 @@ from crowdmon.instrumentation import (
     PrometheusInstrumentation,
     default_instrumentation,
 )
-from crowdmon.multiprocess import check_process_setup, multiprocess_directory, prune_dead_processes
 
 Headers = list[tuple[bytes, bytes]]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -59,9 +58,13 @@ class MetricsApp:
         allow_from: Iterable[str] | None = None,
         prune_dead_workers: bool = True,
     ) -> None:
+        # Imported here, not with this module, so `python3 -m crowdmon.multiprocess` runs cleanly.
+        from crowdmon import multiprocess
+
+        self._multiprocess = multiprocess
         self._instrumentation = instrumentation
         self.compress = compress
-        self.multiprocess = instrumentation.multiprocess if instrumentation else check_process_setup()
+        self.multiprocess = instrumentation.multiprocess if instrumentation else multiprocess.check_process_setup()
         self.prune_dead_workers = prune_dead_workers
         self._credentials = _credentials(bearer_token, basic_auth)
         self._challenge = _challenge(bearer_token, basic_auth)
@@ -125,10 +128,10 @@ class MetricsApp:
 
     def _registry_for_scrape(self) -> CollectorRegistry:
         if self.multiprocess:
-            path = multiprocess_directory()
+            path = self._multiprocess.multiprocess_directory()
             if self.prune_dead_workers:
                 try:
-                    prune_dead_processes(path)
+                    self._multiprocess.prune_dead_processes(path)
                 except OSError as error:  # the scrape goes on; the totals are still right
                     self.instrumentation.report_internal_error("metrics.prune", error)
             registry = CollectorRegistry()

@@ -145,7 +145,8 @@ def prepare_for_uvicorn(env: dict[str, str]) -> None:
     """The README's step before ``uvicorn --workers``: check and empty the directory."""
     argv = readme_command("uvicorn-workers", "python3")
     result = subprocess.run([PYTHON, *argv[1:]], env=subprocess_env(env), cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    assert (result.returncode, result.stderr) == (0, "")
+    assert "is ready for a multi-worker server" in result.stdout
 
 
 @dataclass
