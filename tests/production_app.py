@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from crowdmon import MetricsApp, default_instrumentation, setup_monitoring
+from crowdmon import MetricsApp, default_instrumentation, setup_monitoring, tracked_document_operation
 from crowdmon._types import Message, Receive, Scope, Send
 
 api = FastAPI()
@@ -36,10 +36,16 @@ async def get_item(item_id: int) -> dict[str, int]:
     return {"item_id": item_id}
 
 
+@tracked_document_operation("retrieve", "eu_crowdfunding")
+async def retrieve_documents(question: str) -> list[str]:
+    return [question[:10]]
+
+
 @api.post("/chat")
 async def chat(message: dict[str, str]) -> dict[str, str]:
+    documents = await retrieve_documents(message.get("text", ""))
     monitoring.track_chat_message("authenticated", "assistant", cache_hit=True, rag_used=True)
-    return {"answer": message.get("text", "")[:20]}
+    return {"answer": documents[0]}
 
 
 @api.get("/pid")

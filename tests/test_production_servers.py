@@ -38,6 +38,7 @@ ITEMS_AFTER_RESTART = 1000
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN_ID = "00f067aa0ba902b7"
 ITEM_LABELS = {"method": "GET", "handler": "/items/{item_id}", "status": "200"}
+DOCUMENT_LABELS = {"operation": "retrieve", "document_type": "eu_crowdfunding", "status": "success"}
 CHAT_LABELS = {"user_type": "authenticated", "message_type": "assistant", "cache_hit": "true", "rag_used": "true"}
 
 
@@ -130,6 +131,7 @@ def run_multiworker_matrix(server: Server, tmp_path: Path, prometheus: Prometheu
         key("crowdfunding_api_requests_total", **ITEM_LABELS): ITEMS,
         key("crowdfunding_api_request_duration_seconds_count", method="GET", handler="/items/{item_id}"): ITEMS,
         key("chat_messages_total", **CHAT_LABELS): CHATS,
+        key("document_operations_total", **DOCUMENT_LABELS): CHATS,
         key("crowdfunding_api_requests_in_progress", method="GET"): 0,
     })
 
@@ -168,6 +170,7 @@ def run_multiworker_matrix(server: Server, tmp_path: Path, prometheus: Prometheu
     assert_every_worker_reports(server, 2, {
         key("crowdfunding_api_requests_total", **ITEM_LABELS): total,
         key("chat_messages_total", **CHAT_LABELS): CHATS,
+        key("document_operations_total", **DOCUMENT_LABELS): CHATS,
         key("crowdfunding_api_requests_total", method="GET", handler="/hold", status="200"): completed,
         key("crowdfunding_api_requests_in_progress", method="GET"): 0,
         key("active_sessions_current", user_type="authenticated"): 0,
@@ -183,6 +186,7 @@ def assert_prometheus_reads(prometheus: Prometheus, items: int, chats: int) -> N
     query = 'sum(crowdfunding_api_requests_total{handler="/items/{item_id}",status="200"})'
     assert prometheus.wait_for(query, items) == items, prometheus.targets_health()
     assert prometheus.wait_for("sum(chat_messages_total)", chats) == chats
+    assert prometheus.wait_for('sum(document_operations_total{status="success"})', chats) == chats
     # A scrape taken while requests were held showed them; a later one must not.
     assert prometheus.wait_for("sum(crowdfunding_api_requests_in_progress)", 0) == 0
 
@@ -232,6 +236,7 @@ def test_hypercorn_single_worker(tmp_path: Path, prometheus_for: list[Prometheus
             key("crowdfunding_api_requests_total", **ITEM_LABELS): ITEMS,
             key("crowdfunding_api_request_duration_seconds_count", method="GET", handler="/items/{item_id}"): ITEMS,
             key("chat_messages_total", **CHAT_LABELS): CHATS,
+        key("document_operations_total", **DOCUMENT_LABELS): CHATS,
             key("crowdfunding_api_requests_total", method="GET", handler="/hold", status="200"): 4,
             key("crowdfunding_api_requests_in_progress", method="GET"): 0,
             key("active_sessions_current", user_type="authenticated"): 0,
