@@ -15,7 +15,12 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from crowdmon import MetricsApp, default_instrumentation, setup_monitoring, tracked_document_operation
+from crowdmon import (
+    MetricsApp,
+    default_instrumentation,
+    setup_monitoring,
+    tracked_document_operation,
+)
 from crowdmon._types import Message, Receive, Scope, Send
 
 api = FastAPI()
