@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
+import hashlib
 import hmac
 import ipaddress
 import socket
@@ -141,7 +142,7 @@ class MetricsApp:
 
 
 def _credentials(bearer_token: str | None, basic_auth: tuple[str, str] | None) -> list[bytes]:
-    """The ``Authorization`` header values that pass, as bytes."""
+    """SHA-256 digests of the ``Authorization`` header values that pass."""
     accepted = []
     if bearer_token is not None:
         if not isinstance(bearer_token, str) or not bearer_token.strip() or bearer_token != bearer_token.strip():
@@ -163,7 +164,7 @@ def _credentials(bearer_token: str | None, basic_auth: tuple[str, str] | None) -
             )
         pair = f"{basic_auth[0]}:{basic_auth[1]}".encode()
         accepted.append(b"Basic " + base64.b64encode(pair))
-    return accepted
+    return [hashlib.sha256(value).digest() for value in accepted]
 
 
 def _challenge(bearer_token: str | None, basic_auth: tuple[str, str] | None) -> Headers:
@@ -188,10 +189,12 @@ def _authorised(header: bytes, accepted: list[bytes]) -> bool:
         header = b"Bearer " + credentials.strip()
     else:
         return False
-    # Every candidate is compared, so the time taken does not tell which scheme nearly matched.
+    # Digests of equal length are compared, every candidate each time: the time taken tells
+    # neither the secret's length nor which scheme nearly matched.
+    digest = hashlib.sha256(header).digest()
     matched = False
     for candidate in accepted:
-        matched |= hmac.compare_digest(header, candidate)
+        matched |= hmac.compare_digest(digest, candidate)
     return matched
 
 
