@@ -15,7 +15,7 @@ from crowdmon.decorators import (
     tracked_vector_search,
 )
 from crowdmon.errors import ErrorTaxonomy, add_error_rule, classify_error, default_taxonomy
-from crowdmon.exposition import MetricsApp
+from crowdmon.exposition import MetricsApp, MetricsServer, serve_metrics
 from crowdmon.health import HealthApp
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
@@ -53,6 +53,7 @@ __all__ = [
     "MetricKind",
     "MetricSpec",
     "MetricsApp",
+    "MetricsServer",
     "PrometheusInstrumentation",
     "PrometheusMiddleware",
     "add_error_rule",
@@ -67,6 +68,7 @@ __all__ = [
     "instrumented_metrics",
     "register_component",
     "register_health_check",
+    "serve_metrics",
     "set_component_degraded",
     "set_component_healthy",
     "set_component_unhealthy",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics_core import (
@@ -27,6 +27,9 @@ from prometheus_client.utils import floatToGoString
 
 from crowdmon.cardinality import CardinalityGuard
 from crowdmon.catalogue import BY_NAME, MetricSpec
+
+if TYPE_CHECKING:
+    from crowdmon.exemplars import ExemplarStore
 
 REQUESTS = BY_NAME["crowdfunding_api_requests_total"]
 DURATION = BY_NAME["crowdfunding_api_request_duration_seconds"]
@@ -94,6 +97,9 @@ class _Shard:
 class ShardedRequestRecorder:
     """Lock-free request recording for one process; a prometheus_client collector."""
 
+    #: Set by :mod:`crowdmon.exemplars` when a middleware asks for exemplars.
+    exemplars: ExemplarStore | None = None
+
     def __init__(self, guard: CardinalityGuard) -> None:
         self._guard = guard
         self._local = threading.local()
@@ -151,6 +157,10 @@ class ShardedRequestRecorder:
         return [_family(spec) for spec in (REQUESTS, DURATION, REQUEST_SIZE, RESPONSE_SIZE, IN_PROGRESS)]
 
     def collect(self) -> Iterator[Metric]:
+        families = self._collect_families()
+        return families if self.exemplars is None else self.exemplars.attach(families)
+
+    def _collect_families(self) -> Iterator[Metric]:
         with self._shards_lock:
             shards = list(self._shards)
         series: dict[RequestKey, list[float]] = {}

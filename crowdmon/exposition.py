@@ -1,15 +1,27 @@
-"""The ``/metrics`` endpoint as an ASGI app.
+"""The ``/metrics`` endpoint as an ASGI app, and on a port of its own.
 
 Serves the Prometheus text format or OpenMetrics by content negotiation, gzips when the client
 asks, answers ``HEAD``, and filters families with ``?name[]=``.  Under prometheus_client's
-multiprocess mode every scrape reads the workers' files through a fresh ``MultiProcessCollector``.
+multiprocess mode every scrape reads the workers' files through a fresh ``MultiProcessCollector``,
+after dropping the live gauges of workers that died.  Optional protection: a client address
+allow-list (403) and a bearer token or basic-auth credentials (401), compared in constant time;
+a refused scrape carries no metric.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import gzip
-import os
-from urllib.parse import parse_qs
+import hashlib
+import hmac
+import ipaddress
+import socket
+import threading
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from urllib.parse import parse_qs, urlsplit
 
 import anyio.to_thread
 from prometheus_client import CollectorRegistry
@@ -17,38 +29,95 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from crowdmon._types import Receive, Scope, Send
-from crowdmon.instrumentation import PrometheusInstrumentation, default_instrumentation
+from crowdmon.instrumentation import (
+    CrowdmonSetupError,
+    PrometheusInstrumentation,
+    default_instrumentation,
+)
+
+Headers = list[tuple[bytes, bytes]]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class MetricsApp:
-    """An ASGI app that exposes the instrumentation's registry."""
+    """An ASGI app that exposes the instrumentation's registry (or, in multiprocess mode, the
+    workers' files).
+
+    ``bearer_token`` and ``basic_auth=(user, password)`` require credentials (either one passes
+    when both are set); ``allow_from`` lists the client addresses or networks (``"10.0.0.0/8"``)
+    that may scrape.  The address is the ASGI ``client``: behind a proxy that is the proxy's,
+    unless the server rewrites it (``uvicorn --proxy-headers --forwarded-allow-ips``).
+    """
 
     def __init__(
         self,
         instrumentation: PrometheusInstrumentation | None = None,
         *,
         compress: bool = True,
+        bearer_token: str | None = None,
+        basic_auth: tuple[str, str] | None = None,
+        allow_from: Iterable[str] | None = None,
+        prune_dead_workers: bool = True,
     ) -> None:
-        self.instrumentation = instrumentation or default_instrumentation()
+        # Imported here, not with this module, so `python3 -m crowdmon.multiprocess` runs cleanly.
+        from crowdmon import multiprocess
+
+        self._multiprocess = multiprocess
+        self._instrumentation = instrumentation
         self.compress = compress
+        self.multiprocess = instrumentation.multiprocess if instrumentation else multiprocess.check_process_setup()
+        self.prune_dead_workers = prune_dead_workers
+        self._credentials = _credentials(bearer_token, basic_auth)
+        self._challenge = _challenge(bearer_token, basic_auth)
+        self._networks = _networks(allow_from)
+
+    @property
+    def instrumentation(self) -> PrometheusInstrumentation:
+        # Resolved on first use: in multiprocess mode a scrape needs only the directory, so a
+        # metrics-only process (a gunicorn master) builds no metrics of its own.
+        if self._instrumentation is None:
+            self._instrumentation = default_instrumentation()
+        return self._instrumentation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         method = scope.get("method")
-        if method not in ("GET", "HEAD"):
-            await _respond(send, 405, b"Method Not Allowed\n", [(b"allow", b"GET, HEAD")], method)
-            return
         headers = _headers(scope)
+        client = scope.get("client")
+        refusal = self.refusal(headers, client[0] if client else None)
+        if refusal is None and method not in ("GET", "HEAD"):
+            refusal = 405, [(b"allow", b"GET, HEAD")]
+        if refusal is not None:
+            await _respond(send, refusal[0], b"", refusal[1], method)
+            return
+        query = scope.get("query_string", b"").decode("latin-1")
+        status, extra, body = await anyio.to_thread.run_sync(self.scrape, headers, query)
+        await _respond(send, status, body, extra, method)
+
+    def refusal(self, headers: dict[bytes, bytes], client_host: str | None) -> tuple[int, Headers] | None:
+        """``(403, headers)`` or ``(401, headers)`` for a scrape that may not see the metrics."""
+        if self._networks is not None and not _allowed(client_host, self._networks):
+            return 403, []
+        if self._credentials and not _authorised(headers.get(b"authorization", b""), self._credentials):
+            return 401, self._challenge
+        return None
+
+    def scrape(self, headers: dict[bytes, bytes], query: str) -> tuple[int, Headers, bytes]:
+        """Status, headers and body of an allowed scrape."""
         accept = headers.get(b"accept", b"").decode("latin-1")
-        names = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("name[]")
-        body, content_type = await anyio.to_thread.run_sync(self.render, accept, names)
-        extra = [(b"content-type", content_type.encode("latin-1"))]
+        names = parse_qs(query).get("name[]")
+        try:
+            body, content_type = self.render(accept, names)
+        except Exception as error:
+            self.instrumentation.report_internal_error("metrics.render", error)
+            return 500, [(b"content-type", b"text/plain; charset=utf-8")], b"metrics unavailable\n"
+        extra = [(b"content-type", content_type.encode("latin-1")), (b"cache-control", b"no-store")]
         if self.compress and b"gzip" in headers.get(b"accept-encoding", b""):
             body = gzip.compress(body, compresslevel=5)
             extra.append((b"content-encoding", b"gzip"))
         extra.append((b"vary", b"Accept, Accept-Encoding"))
-        await _respond(send, 200, body, extra, method)
+        return 200, extra, body
 
     def render(self, accept: str = "", names: list[str] | None = None) -> tuple[bytes, str]:
         """The exposition for an ``Accept`` header, and its content type."""
@@ -59,20 +128,216 @@ class MetricsApp:
         return encoder(registry), content_type
 
     def _registry_for_scrape(self) -> CollectorRegistry:
-        if self.instrumentation.multiprocess:
+        if self.multiprocess:
+            path = self._multiprocess.multiprocess_directory()
+            if self.prune_dead_workers:
+                try:
+                    self._multiprocess.prune_dead_processes(path)
+                except OSError as error:  # the scrape goes on; the totals are still right
+                    self.instrumentation.report_internal_error("metrics.prune", error)
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])  # type: ignore[no-untyped-call]
+            MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
             return registry
         return self.instrumentation.registry
+
+
+def _credentials(bearer_token: str | None, basic_auth: tuple[str, str] | None) -> list[bytes]:
+    """SHA-256 digests of the ``Authorization`` header values that pass."""
+    accepted = []
+    if bearer_token is not None:
+        if not isinstance(bearer_token, str) or not bearer_token.strip() or bearer_token != bearer_token.strip():
+            raise CrowdmonSetupError(
+                "bearer_token must be a non-empty string without surrounding whitespace; read it "
+                "from a secret, e.g. bearer_token=os.environ['METRICS_TOKEN']"
+            )
+        accepted.append(b"Bearer " + bearer_token.encode())
+    if basic_auth is not None:
+        if (
+            not isinstance(basic_auth, tuple)
+            or len(basic_auth) != 2
+            or not all(isinstance(part, str) and part for part in basic_auth)
+            or ":" in basic_auth[0]
+        ):
+            raise CrowdmonSetupError(
+                "basic_auth must be a (user, password) tuple of non-empty strings, the user "
+                "without ':', e.g. basic_auth=('prometheus', os.environ['METRICS_PASSWORD'])"
+            )
+        pair = f"{basic_auth[0]}:{basic_auth[1]}".encode()
+        accepted.append(b"Basic " + base64.b64encode(pair))
+    return [hashlib.sha256(value).digest() for value in accepted]
+
+
+def _challenge(bearer_token: str | None, basic_auth: tuple[str, str] | None) -> Headers:
+    challenges = []
+    if bearer_token is not None:
+        challenges.append((b"www-authenticate", b'Bearer realm="metrics"'))
+    if basic_auth is not None:
+        challenges.append((b"www-authenticate", b'Basic realm="metrics", charset="UTF-8"'))
+    return challenges
+
+
+def _authorised(header: bytes, accepted: list[bytes]) -> bool:
+    scheme, _, credentials = header.strip().partition(b" ")
+    if scheme.lower() == b"basic":
+        # Re-encode what was sent, so padding or line breaks in the base64 cannot matter.
+        try:
+            credentials = base64.b64encode(base64.b64decode(credentials.strip(), validate=True))
+        except (binascii.Error, ValueError):
+            return False
+        header = b"Basic " + credentials
+    elif scheme.lower() == b"bearer":
+        header = b"Bearer " + credentials.strip()
+    else:
+        return False
+    # Digests of equal length are compared, every candidate each time: the time taken tells
+    # neither the secret's length nor which scheme nearly matched.
+    digest = hashlib.sha256(header).digest()
+    matched = False
+    for candidate in accepted:
+        matched |= hmac.compare_digest(digest, candidate)
+    return matched
+
+
+def _networks(allow_from: Iterable[str] | None) -> tuple[IPNetwork, ...] | None:
+    if allow_from is None:
+        return None
+    if isinstance(allow_from, str):
+        raise CrowdmonSetupError(
+            f"allow_from must be a collection of addresses or networks, got the string "
+            f"{allow_from!r}; write allow_from=[{allow_from!r}]"
+        )
+    networks = []
+    for entry in allow_from:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except (TypeError, ValueError) as error:
+            raise CrowdmonSetupError(
+                f"allow_from entry {entry!r} is not an IP address or network: {error}; "
+                "use e.g. '127.0.0.1', '10.0.0.0/8' or '::1'"
+            ) from None
+    return tuple(networks)
+
+
+def _allowed(host: str | None, networks: tuple[IPNetwork, ...]) -> bool:
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a unix socket path or a name: not an address on the list
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
     return {name.lower(): value for name, value in scope.get("headers") or ()}
 
 
-async def _respond(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]], method: object
-) -> None:
+async def _respond(send: Send, status: int, body: bytes, headers: Headers, method: object) -> None:
     headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+
+# -- metrics on a listener of their own --------------------------------------------------------
+
+
+class MetricsServer:
+    """A :class:`MetricsApp` served by a small threaded HTTP server; see :func:`serve_metrics`."""
+
+    def __init__(self, app: MetricsApp, host: str, port: int, path: str) -> None:
+        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+        try:
+            self._server = server_class((host, port), _handler_for(app, path))
+        except OSError as error:
+            raise CrowdmonSetupError(
+                f"crowdmon cannot serve metrics on {host}:{port}: {error}; pick a free port "
+                "(in a multi-worker server, serve metrics from one process only, e.g. gunicorn's "
+                "when_ready hook)"
+            ) from error
+        self._server.daemon_threads = True
+        self.host = host
+        self.port = int(self._server.server_address[1])
+        self.path = path
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="crowdmon-metrics", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{self.path}"
+
+    def close(self) -> None:
+        """Stop listening and wait for the server thread."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def serve_metrics(
+    port: int,
+    host: str = "127.0.0.1",
+    *,
+    instrumentation: PrometheusInstrumentation | None = None,
+    path: str = "/metrics",
+    **options: object,
+) -> MetricsServer:
+    """Serve ``/metrics`` on ``host:port`` in a background thread, apart from the app's listener.
+
+    ``options`` are :class:`MetricsApp`'s (``bearer_token``, ``basic_auth``, ``allow_from``,
+    ``compress``).  ``port=0`` picks a free port (read it back from ``.port``).  Returns the
+    running :class:`MetricsServer`; ``close()`` stops it.
+    """
+    if not path.startswith("/"):
+        raise CrowdmonSetupError(f"path must start with '/', got {path!r}")
+    app = MetricsApp(instrumentation, **options)  # type: ignore[arg-type]
+    return MetricsServer(app, host, port, path)
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _handler_for(app: MetricsApp, path: str) -> type[BaseHTTPRequestHandler]:
+    class MetricsHandler(BaseHTTPRequestHandler):
+        server_version = "crowdmon"
+
+        def do_GET(self) -> None:
+            self._answer(send_body=True)
+
+        def do_HEAD(self) -> None:
+            self._answer(send_body=False)
+
+        def _answer(self, send_body: bool) -> None:
+            url = urlsplit(self.path)
+            headers = {name.lower().encode("latin-1"): value.encode("latin-1") for name, value in self.headers.items()}
+            refusal = app.refusal(headers, self.client_address[0])
+            if refusal is not None:
+                status, extra, body = refusal[0], refusal[1], b""
+            elif url.path != path:
+                status, extra, body = 404, [], b""
+            else:
+                status, extra, body = app.scrape(headers, url.query)
+            self.send_response(status)
+            for name, value in extra:
+                self.send_header(name.decode("latin-1"), value.decode("latin-1"))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if send_body:
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # scrapes are not worth a log line each
+
+    return MetricsHandler

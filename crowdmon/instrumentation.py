@@ -92,7 +92,9 @@ class _MetricSet:
     def __init__(self, registry: CollectorRegistry | None, guard: CardinalityGuard) -> None:
         self.registry = registry
         self.guard = guard
-        self.multiprocess = multiprocess_mode()
+        from crowdmon.multiprocess import check_process_setup  # imports this module
+
+        self.multiprocess = check_process_setup()
         target = registry
         registered: list[Any] = []
         try:

@@ -27,12 +27,14 @@ def setup_monitoring(
     metrics_path: str | None = "/metrics",
     health_path: str | None = "/health",
     exclude_paths: Iterable[str] = (),
+    metrics_app: MetricsApp | None = None,
     **middleware_options: Any,
 ) -> PrometheusInstrumentation:
     """Add :class:`PrometheusMiddleware` and the ``/metrics`` and ``/health`` routes to ``app``.
 
     Returns the instrumentation everything records into: the process-wide default one unless a
     ``registry`` or ``instrumentation`` is given.  ``None`` for a path leaves that route out.
+    ``metrics_app`` serves ``metrics_path`` with your own :class:`MetricsApp` (e.g. protected).
     """
     if not isinstance(app, Starlette):
         raise CrowdmonSetupError(
@@ -45,6 +47,11 @@ def setup_monitoring(
     if instrumentation is None:
         instrumentation = (
             default_instrumentation() if registry is None else PrometheusInstrumentation(registry)
+        )
+    if metrics_app is not None and metrics_app.instrumentation.registry is not instrumentation.registry:
+        raise CrowdmonSetupError(
+            "metrics_app exposes another registry than the one setup_monitoring records into; "
+            "build it on the same instrumentation: MetricsApp(instrumentation, ...)"
         )
     for path in (metrics_path, health_path):
         if path is not None and not path.startswith("/"):
@@ -61,7 +68,7 @@ def setup_monitoring(
     # Inserted first, so a catch-all route or mount of the app cannot shadow them.
     routes = []
     if metrics_path is not None:
-        routes.append(Route(metrics_path, MetricsApp(instrumentation), methods=["GET", "HEAD"], name="crowdmon_metrics"))
+        routes.append(Route(metrics_path, metrics_app or MetricsApp(instrumentation), methods=["GET", "HEAD"], name="crowdmon_metrics"))
     if health_path is not None:
         routes.append(Route(health_path, HealthApp(instrumentation), methods=["GET", "HEAD"], name="crowdmon_health"))
     app.router.routes[0:0] = routes

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.catalogue import OTHER_METHOD, UNMATCHED_HANDLER
 from crowdmon.context import RequestContext, UserTypeResolver, current_request
+from crowdmon.exemplars import ExemplarProvider, request_exemplars
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
     PrometheusInstrumentation,
@@ -32,7 +33,8 @@ class PrometheusMiddleware:
     Use it as ``app.add_middleware(PrometheusMiddleware)`` or wrap any ASGI callable:
     ``PrometheusMiddleware(app)``.  Requests whose path is in ``exclude_paths`` are not recorded.
     ``handler_resolver(scope)`` names the ``handler`` label for apps without a Starlette router;
-    returning ``None`` falls back to the router's match.
+    returning ``None`` falls back to the router's match.  ``exemplars`` (``"opentelemetry"``,
+    ``"traceparent"`` or a callable, see :mod:`crowdmon.exemplars`) attaches trace ids.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class PrometheusMiddleware:
         exclude_paths: Iterable[str] = ("/metrics",),
         handler_resolver: HandlerResolver | None = None,
         user_type_resolver: UserTypeResolver | None = None,
+        exemplars: ExemplarProvider | str | None = None,
     ) -> None:
         if instrumentation is not None and registry is not None:
             raise CrowdmonSetupError(
@@ -72,6 +75,7 @@ class PrometheusMiddleware:
         self.user_type_resolver = user_type_resolver
         self._requests = instrumentation.requests
         self._report = instrumentation.report_internal_error
+        self._exemplars = request_exemplars(exemplars, instrumentation)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -155,6 +159,11 @@ class PrometheusMiddleware:
                 )
             except Exception as error:
                 report("middleware.record", error)
+            if self._exemplars is not None:
+                try:
+                    self._exemplars.observe(scope, method, handler, _status_label(status), ended_at - start)
+                except Exception as error:
+                    report("middleware.exemplar", error)
 
         token = current_request.set(RequestContext(scope, entry_root_path, self.user_type_resolver))
         try:

@@ -1,0 +1,184 @@
+"""Exemplars, opt-in: a trace id on ``crowdfunding_api_requests_total`` and on the request
+duration histogram, in the OpenMetrics output.
+
+A provider is called once per request, in the request's context, with the ASGI scope; it returns
+the exemplar's labels (``{"trace_id": "..."}``) or ``None`` for no exemplar.  Built-in providers:
+``"opentelemetry"`` (the current span, when the ``opentelemetry-api`` package is installed and
+the span is sampled) and ``"traceparent"`` (the W3C ``traceparent`` request header, when sampled).
+The latest exemplar of each series is kept and shown; the Prometheus text format has no exemplars,
+so only scrapers asking for OpenMetrics see them.  prometheus_client's multiprocess mode keeps no
+exemplars: there, asking for them warns and records none.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
+
+from crowdmon._recorder import DURATION, REQUESTS, ShardedRequestRecorder
+from crowdmon._types import Scope
+from crowdmon.instrumentation import CrowdmonSetupError
+
+if TYPE_CHECKING:
+    from crowdmon.instrumentation import PrometheusInstrumentation
+
+ExemplarProvider = Callable[[Scope], "Mapping[str, str] | None"]
+
+#: OpenMetrics: an exemplar's label names and values together hold at most 128 characters.
+MAX_EXEMPLAR_RUNES = 128
+#: Series with an exemplar kept at most, per metric; requests folded by the guard never show one.
+MAX_SERIES = 4096
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+class ExemplarsUnavailableWarning(RuntimeWarning):
+    """Exemplars were asked for where prometheus_client cannot keep them (multiprocess mode)."""
+
+
+def opentelemetry_exemplar(scope: Scope) -> dict[str, str] | None:
+    """The current OpenTelemetry span's trace and span ids, if it is valid and sampled."""
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid or not context.trace_flags.sampled:
+        return None
+    return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
+
+
+def traceparent_exemplar(scope: Scope) -> dict[str, str] | None:
+    """The trace and span ids of the request's W3C ``traceparent`` header, if it is sampled."""
+    for name, value in scope.get("headers") or ():
+        if name == b"traceparent":
+            match = _TRACEPARENT.match(value.strip().lower())
+            if match is None or not int(match.group(3), 16) & 1 or match.group(1) == b"0" * 32:
+                return None
+            return {"trace_id": match.group(1).decode(), "span_id": match.group(2).decode()}
+    return None
+
+
+def exemplar_provider(option: object) -> ExemplarProvider | None:
+    """The provider an ``exemplars=`` option names: a callable, ``"opentelemetry"``,
+    ``"traceparent"``, or ``None`` / ``False`` for none."""
+    if option is None or option is False:
+        return None
+    if option == "opentelemetry":
+        try:
+            import opentelemetry.trace  # noqa: F401
+        except ImportError:
+            raise CrowdmonSetupError(
+                "exemplars='opentelemetry' needs the OpenTelemetry API: pip install opentelemetry-api "
+                "(and an SDK that records spans), or pass your own provider callable"
+            ) from None
+        return opentelemetry_exemplar
+    if option == "traceparent":
+        return traceparent_exemplar
+    if callable(option) and not isinstance(option, (str, bool)):
+        return option
+    raise CrowdmonSetupError(
+        f"exemplars must be 'opentelemetry', 'traceparent' or a callable taking the ASGI scope and "
+        f"returning labels such as {{'trace_id': ...}} or None; got {option!r}"
+    )
+
+
+class RequestExemplars:
+    """What the middleware calls per request, when exemplars are on."""
+
+    def __init__(self, provider: ExemplarProvider, store: ExemplarStore) -> None:
+        self.provider = provider
+        self.store = store
+
+    def observe(self, scope: Scope, method: str, handler: str, status: str, duration: float) -> None:
+        labels = self.provider(scope)
+        if labels:
+            self.store.record(method, handler, status, duration, _checked(labels))
+
+
+def request_exemplars(option: object, instrumentation: PrometheusInstrumentation) -> RequestExemplars | None:
+    """Exemplars for a middleware recording into ``instrumentation``, or ``None`` when off.
+
+    Checks the option at set-up; in multiprocess mode warns and returns ``None``.
+    """
+    provider = exemplar_provider(option)
+    if provider is None:
+        return None
+    recorder = instrumentation.requests
+    if instrumentation.multiprocess or not isinstance(recorder, ShardedRequestRecorder):
+        warnings.warn(
+            "crowdmon records no exemplars in prometheus_client's multiprocess mode "
+            "(PROMETHEUS_MULTIPROC_DIR is set): its files keep none. Requests are recorded as usual.",
+            ExemplarsUnavailableWarning,
+            stacklevel=3,
+        )
+        return None
+    if recorder.exemplars is None:
+        recorder.exemplars = ExemplarStore()
+    return RequestExemplars(provider, recorder.exemplars)
+
+
+class ExemplarStore:
+    """The latest exemplar of each request series, attached to the scraped families."""
+
+    def __init__(self) -> None:
+        self._bounds = DURATION.buckets
+        self._le = [floatToGoString(bound) for bound in (*self._bounds, float("inf"))]  # type: ignore[no-untyped-call]
+        self._counter: dict[tuple[str, str, str], Exemplar] = {}
+        self._buckets: dict[tuple[str, str, str], Exemplar] = {}
+
+    def record(self, method: str, handler: str, status: str, duration: float, labels: dict[str, str]) -> None:
+        now = time.time()
+        counter_key = (method, handler, status)
+        if counter_key in self._counter or len(self._counter) < MAX_SERIES:
+            self._counter[counter_key] = Exemplar(labels, 1.0, now)
+        bucket_key = (method, handler, self._le[bisect_left(self._bounds, duration)])
+        if bucket_key in self._buckets or len(self._buckets) < MAX_SERIES:
+            self._buckets[bucket_key] = Exemplar(labels, duration, now)
+
+    def attach(self, families: Iterable[Metric]) -> Iterator[Metric]:
+        """``families`` with the exemplars on their samples; exemplars of series that no longer
+        match a sample (labels folded by the guard) are dropped."""
+        counter_name = REQUESTS.name
+        bucket_name = DURATION.name + "_bucket"
+        for family in families:
+            if family.name == REQUESTS.name.removesuffix("_total"):
+                family.samples = _with_exemplars(family.samples, counter_name, ("method", "handler", "status"), self._counter)
+            elif family.name == DURATION.name:
+                family.samples = _with_exemplars(family.samples, bucket_name, ("method", "handler", "le"), self._buckets)
+            yield family
+
+
+def _with_exemplars(samples: list, name: str, keys: tuple[str, str, str], exemplars: dict[tuple[str, str, str], Exemplar]) -> list:  # type: ignore[type-arg]
+    matched = set()
+    result = []
+    for sample in samples:
+        if sample.name == name:
+            key = tuple(sample.labels.get(label, "") for label in keys)
+            exemplar = exemplars.get(key)
+            if exemplar is not None:
+                matched.add(key)
+                sample = sample._replace(exemplar=exemplar)
+        result.append(sample)
+    for stale in exemplars.keys() - matched:
+        exemplars.pop(stale, None)
+    return result
+
+
+def _checked(labels: Mapping[str, str]) -> dict[str, str]:
+    """``labels`` as an OpenMetrics exemplar label set; ``ValueError`` when it cannot be one."""
+    checked = {str(name): str(value) for name, value in labels.items()}
+    runes = 0
+    for name, value in checked.items():
+        if not _LABEL_NAME.match(name):
+            raise ValueError(f"exemplar label name {name!r} is not a valid label name")
+        runes += len(name) + len(value)
+    if runes > MAX_EXEMPLAR_RUNES:
+        raise ValueError(f"exemplar labels hold {runes} characters; OpenMetrics allows {MAX_EXEMPLAR_RUNES}")
+    return checked

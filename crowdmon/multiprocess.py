@@ -1,0 +1,182 @@
+"""Multi-worker servers: prometheus_client's multiprocess mode, prepared and kept clean.
+
+Under gunicorn (or ``uvicorn --workers N``) each worker is a process with its own memory, so
+prometheus_client keeps every value in files under ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics``
+sums them.  Three things make the totals exact:
+
+1. the directory exists, is writable, and is set in the environment *before* any process imports
+   prometheus_client (export it in the shell, the container spec or the systemd unit);
+2. it is emptied at every server start, or a restart reports the old run's counts on top;
+3. the ``live*`` gauges of a worker that died are removed (``mark_process_dead``), or they keep
+   its last value forever.
+
+This module is a gunicorn config module: ``gunicorn -c python:crowdmon.multiprocess ...`` gets
+:func:`on_starting` (checks and empties the directory) and :func:`child_exit` (marks the dead
+worker).  With a config file of your own, import both hooks into it.  ``uvicorn --workers N`` has
+no hooks: empty the directory before starting it (``python3 -m crowdmon.multiprocess``); dead
+workers are then cleaned at scrape time by :class:`crowdmon.MetricsApp`, which removes the live
+gauges of every process id that no longer exists (:func:`prune_dead_processes`).
+Without a hook, a restarted worker's dead predecessor is noticed at the next scrape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import sys
+import tempfile
+from typing import Any
+
+from crowdmon.instrumentation import CrowdmonSetupError
+
+ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
+
+
+def multiprocess_directory() -> str | None:
+    """The directory prometheus_client's multiprocess mode writes to, or ``None`` when it is off."""
+    return os.environ.get(ENV_VAR) or os.environ.get(ENV_VAR.lower()) or None
+
+
+def check_directory(path: str | None = None) -> str:
+    """The multiprocess directory, after checking that it exists and is writable.
+
+    Raises :class:`~crowdmon.CrowdmonSetupError` with the fix when it is unset, missing, not a
+    directory or not writable.
+    """
+    path = path or multiprocess_directory()
+    if not path:
+        raise CrowdmonSetupError(
+            f"{ENV_VAR} is not set. Multi-worker servers need it in the environment before any "
+            f"worker starts: mkdir -p /tmp/crowdmon-metrics && export {ENV_VAR}=/tmp/crowdmon-metrics"
+        )
+    if not os.path.isdir(path):
+        raise CrowdmonSetupError(
+            f"{ENV_VAR}={path!r} does not exist or is not a directory; create it before starting "
+            f"the server: mkdir -p {path}"
+        )
+    if not _writable(path):
+        raise CrowdmonSetupError(
+            f"{ENV_VAR}={path!r} is not writable by this process (uid {os.getuid()}); every worker "
+            f"writes its metric files there. Fix its owner or mode, or point {ENV_VAR} elsewhere."
+        )
+    return path
+
+
+def _writable(path: str) -> bool:
+    if not os.access(path, os.W_OK | os.X_OK):
+        return False
+    try:  # access() says yes to root everywhere; a real file says what the workers will meet
+        with tempfile.TemporaryFile(dir=path, prefix=".crowdmon-probe-"):
+            return True
+    except OSError:
+        return False
+
+
+def check_process_setup() -> bool:
+    """Whether this process records into multiprocess files; raises when that cannot work.
+
+    prometheus_client picks in-memory or file-backed values once, when it is first imported, so
+    the environment variable set (or unset) later in code is a mistake caught here, at set-up.
+    """
+    from prometheus_client import values
+
+    file_backed = values.ValueClass is not values.MutexValue
+    path = multiprocess_directory()
+    if path and not file_backed:
+        raise CrowdmonSetupError(
+            f"{ENV_VAR} was set after prometheus_client was imported, so this process keeps its "
+            "metrics in memory and /metrics would miss them. Set it in the environment the server "
+            f"starts with (shell, container spec, systemd unit), not in code: {ENV_VAR}={path}"
+        )
+    if file_backed and not path:
+        raise CrowdmonSetupError(
+            f"{ENV_VAR} was removed from the environment after prometheus_client was imported in "
+            "multiprocess mode; keep it set for the whole life of the server"
+        )
+    if path:
+        check_directory(path)
+    return bool(path)
+
+
+def prepare_directory(path: str | None = None) -> str:
+    """Check the multiprocess directory and remove the metric files of a previous run.
+
+    Only prometheus_client's ``*.db`` files are removed, so a mistyped path loses nothing else.
+    Call it once per server start, before the workers start; returns the directory.
+    """
+    path = check_directory(path)
+    for name in glob.glob(os.path.join(path, "*.db")):
+        os.remove(name)
+    return path
+
+
+def prune_dead_processes(path: str | None = None) -> list[int]:
+    """Remove the live-gauge files of processes that no longer exist; returns their ids.
+
+    What gunicorn's ``child_exit`` hook does for one worker, done for every dead worker at once:
+    for servers without such a hook (``uvicorn --workers``).  The directory must belong to one
+    server on one host (one process-id namespace), as prometheus_client requires anyway.
+    """
+    path = path or multiprocess_directory()
+    if not path:
+        return []
+    dead = set()
+    for name in os.listdir(path):
+        match = _LIVE_GAUGE_FILE.match(name)
+        if match is not None and not _process_exists(int(match.group(1))):
+            dead.add(int(match.group(1)))
+    for pid in dead:
+        remove_live_gauges(pid, path)
+    return sorted(dead)
+
+
+def remove_live_gauges(pid: int, path: str | None = None) -> None:
+    """prometheus_client's ``mark_process_dead``, safe to run twice at once (hook and scrape)."""
+    path = path or multiprocess_directory()
+    if not path:
+        return
+    for name in glob.glob(os.path.join(path, f"gauge_live*_{int(pid)}.db")):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+# -- gunicorn server hooks (this module doubles as a gunicorn config module) -----------------------
+
+
+def on_starting(server: Any) -> None:
+    """gunicorn hook, in the master before any worker starts: check and empty the directory."""
+    path = prepare_directory()
+    server.log.info("crowdmon: multiprocess metrics in %s (emptied for this run)", path)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """gunicorn hook, in the master when a worker exited: drop its live gauges."""
+    remove_live_gauges(worker.pid)
+
+
+def main() -> int:
+    """``python3 -m crowdmon.multiprocess``: check and empty the directory before a server starts."""
+    try:
+        path = prepare_directory()
+    except CrowdmonSetupError as error:
+        print(f"crowdmon: {error}", file=sys.stderr)
+        return 2
+    print(f"crowdmon: {path} is ready for a multi-worker server")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""A hardened ``/metrics``: bearer token, basic auth, address allow-list, ``HEAD``, ``name[]``,
+a separate listener, and the README's protection snippets."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from crowdmon import (
+    CrowdmonSetupError,
+    MetricsApp,
+    PrometheusInstrumentation,
+    serve_metrics,
+    setup_monitoring,
+)
+from tests.asgi import http_scope, run_asgi
+from tests.production_support import readme_snippet
+from tests.support import free_port, scraped
+
+TOKEN = "tok-3f9a"
+
+
+def protected_client(registry: CollectorRegistry, client: tuple[str, int] = ("127.0.0.1", 5000), **options: Any) -> httpx.AsyncClient:
+    instrumentation = PrometheusInstrumentation(registry)
+    app = Starlette(routes=[Route("/work", lambda request: PlainTextResponse("ok"))])
+    setup_monitoring(app, instrumentation=instrumentation, metrics_app=MetricsApp(instrumentation, **options))
+    instrumentation.track_document_operation("add", "pdf", "success")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=client), base_url="http://t")
+
+
+async def test_bearer_token_guards_the_metrics(registry: CollectorRegistry) -> None:
+    async with protected_client(registry, bearer_token=TOKEN) as client:
+        missing = await client.get("/metrics")
+        wrong = await client.get("/metrics", headers={"authorization": "Bearer tok-3f9b"})
+        basic_instead = await client.get("/metrics", headers={"authorization": "Basic " + base64.b64encode(b"x:" + TOKEN.encode()).decode()})
+        right = await client.get("/metrics", headers={"authorization": f"Bearer {TOKEN}"})
+        lower_scheme = await client.get("/metrics", headers={"authorization": f"bearer {TOKEN}"})
+
+    for refused in (missing, wrong, basic_instead):
+        assert refused.status_code == 401
+        assert refused.content == b""
+        assert refused.headers["www-authenticate"] == 'Bearer realm="metrics"'
+    assert right.status_code == 200
+    assert lower_scheme.status_code == 200
+    assert scraped(right.text, "document_operations_total", operation="add", document_type="pdf", status="success") == 1
+
+
+async def test_basic_auth_guards_the_metrics(registry: CollectorRegistry) -> None:
+    def basic(user: str, password: str) -> dict[str, str]:
+        return {"authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    async with protected_client(registry, basic_auth=("prometheus", "pa:ss")) as client:
+        right = await client.get("/metrics", headers=basic("prometheus", "pa:ss"))
+        wrong_password = await client.get("/metrics", headers=basic("prometheus", "pa:st"))
+        wrong_user = await client.get("/metrics", headers=basic("grafana", "pa:ss"))
+        garbage = await client.get("/metrics", headers={"authorization": "Basic %%%"})
+        head = await client.head("/metrics")
+
+    assert right.status_code == 200
+    for refused in (wrong_password, wrong_user, garbage, head):
+        assert refused.status_code == 401
+        assert refused.content == b""
+        assert refused.headers["www-authenticate"] == 'Basic realm="metrics", charset="UTF-8"'
+
+
+async def test_either_credential_passes_when_both_are_configured(registry: CollectorRegistry) -> None:
+    async with protected_client(registry, bearer_token=TOKEN, basic_auth=("u", "p")) as client:
+        by_token = await client.get("/metrics", headers={"authorization": f"Bearer {TOKEN}"})
+        by_password = await client.get("/metrics", auth=("u", "p"))
+        refused = await client.get("/metrics")
+
+    assert (by_token.status_code, by_password.status_code, refused.status_code) == (200, 200, 401)
+    assert refused.headers.get_list("www-authenticate") == ['Bearer realm="metrics"', 'Basic realm="metrics", charset="UTF-8"']
+
+
+@pytest.mark.parametrize(
+    ("client_host", "status"),
+    [("10.1.2.3", 200), ("127.0.0.1", 200), ("::ffff:10.9.9.9", 200), ("192.168.1.5", 403), ("2001:db8::1", 403)],
+)
+async def test_address_allow_list(registry: CollectorRegistry, client_host: str, status: int) -> None:
+    async with protected_client(registry, client=(client_host, 5000), allow_from=["10.0.0.0/8", "127.0.0.1"]) as client:
+        response = await client.get("/metrics")
+        work = await client.get("/work")
+
+    assert response.status_code == status
+    assert work.status_code == 200  # only /metrics is guarded
+    if status == 403:
+        assert response.content == b""
+
+
+async def test_allow_list_is_checked_before_credentials(registry: CollectorRegistry) -> None:
+    async with protected_client(registry, client=("192.168.1.5", 5000), allow_from=["10.0.0.0/8"], bearer_token=TOKEN) as client:
+        response = await client.get("/metrics", headers={"authorization": f"Bearer {TOKEN}"})
+
+    assert response.status_code == 403
+
+
+async def test_a_scope_without_client_address_is_refused_by_the_allow_list(registry: CollectorRegistry) -> None:
+    app = MetricsApp(PrometheusInstrumentation(registry), allow_from=["127.0.0.1"])
+    scope = http_scope("/metrics")
+    del scope["client"]
+    sent = await run_asgi(app, scope)
+
+    assert sent[0]["status"] == 403
+
+
+async def test_refused_scrapes_never_reach_the_registry(registry: CollectorRegistry) -> None:
+    app = MetricsApp(PrometheusInstrumentation(registry), bearer_token=TOKEN)
+    rendered = []
+    app.render = lambda *args: rendered.append(args) or (b"", "text/plain")  # type: ignore[method-assign]
+    sent = await run_asgi(app, http_scope("/metrics", headers=[(b"authorization", b"Bearer nope")]))
+
+    assert sent[0]["status"] == 401
+    assert rendered == []
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"bearer_token": ""}, "bearer_token must be a non-empty string"),
+        ({"bearer_token": " padded "}, "without surrounding whitespace"),
+        ({"basic_auth": ("user:name", "pw")}, "the user without ':'"),
+        ({"basic_auth": ("user", "")}, "basic_auth must be a \\(user, password\\) tuple"),
+        ({"allow_from": "10.0.0.0/8"}, "allow_from=\\['10.0.0.0/8'\\]"),
+        ({"allow_from": ["10.0.0.300"]}, "is not an IP address or network"),
+    ],
+)
+def test_protection_mistakes_fail_at_setup(registry: CollectorRegistry, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(CrowdmonSetupError, match=message):
+        MetricsApp(PrometheusInstrumentation(registry), **options)
+
+
+def test_setup_monitoring_refuses_a_metrics_app_on_another_registry(registry: CollectorRegistry) -> None:
+    with pytest.raises(CrowdmonSetupError, match=r"MetricsApp\(instrumentation, \.\.\.\)"):
+        setup_monitoring(Starlette(), registry=registry, metrics_app=MetricsApp(PrometheusInstrumentation(CollectorRegistry())))
+
+
+async def test_head_has_the_get_headers_and_no_body(registry: CollectorRegistry) -> None:
+    async with protected_client(registry) as client:
+        get = await client.get("/metrics", headers={"accept-encoding": "identity"})
+        head = await client.head("/metrics", headers={"accept-encoding": "identity"})
+
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    assert int(head.headers["content-length"]) == len(get.content)
+
+
+async def test_name_filter_takes_several_names_and_histogram_families(registry: CollectorRegistry) -> None:
+    async with protected_client(registry) as client:
+        await client.get("/work")
+        response = await client.get(
+            "/metrics",
+            params=[("name[]", "document_operations_total"), ("name[]", "crowdfunding_api_request_duration_seconds_bucket")],
+        )
+
+    families = {line.split()[2] for line in response.text.splitlines() if line.startswith("# TYPE")}
+    assert families == {"document_operations_total", "crowdfunding_api_request_duration_seconds"}
+    assert scraped(response.text, "crowdfunding_api_request_duration_seconds_bucket", method="GET", handler="/work", le="+Inf") == 1
+    assert "crowdfunding_api_requests_total{" not in response.text
+
+
+def test_serve_metrics_on_a_separate_listener(registry: CollectorRegistry) -> None:
+    instrumentation = PrometheusInstrumentation(registry)
+    instrumentation.track_chat_message("anonymous", "user", False, True)
+    with serve_metrics(port=0, instrumentation=instrumentation, bearer_token=TOKEN, allow_from=["127.0.0.1"]) as server:
+        assert server.url == f"http://127.0.0.1:{server.port}/metrics"
+        ok = httpx.get(server.url, headers={"authorization": f"Bearer {TOKEN}", "accept-encoding": "gzip"})
+        raw = httpx.get(server.url, headers={"authorization": f"Bearer {TOKEN}", "accept": "application/openmetrics-text; version=1.0.0"})
+        refused = httpx.get(server.url)
+        head = httpx.head(server.url, headers={"authorization": f"Bearer {TOKEN}"})
+        elsewhere = httpx.get(server.url.replace("/metrics", "/other"), headers={"authorization": f"Bearer {TOKEN}"})
+
+    assert ok.status_code == 200
+    assert ok.headers["content-encoding"] == "gzip"
+    labels = {"user_type": "anonymous", "message_type": "user", "cache_hit": "false", "rag_used": "true"}
+    assert scraped(ok.text, "chat_messages_total", **labels) == 1
+    assert raw.text.endswith("# EOF\n")
+    assert (refused.status_code, refused.content, refused.headers["www-authenticate"]) == (401, b"", 'Bearer realm="metrics"')
+    assert (head.status_code, head.content) == (200, b"")
+    assert elsewhere.status_code == 404
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url)  # closed
+
+
+def test_serve_metrics_refuses_a_busy_port(registry: CollectorRegistry) -> None:
+    instrumentation = PrometheusInstrumentation(registry)
+    with serve_metrics(port=0, instrumentation=instrumentation) as first, pytest.raises(CrowdmonSetupError, match="pick a free port"):
+        serve_metrics(port=first.port, instrumentation=instrumentation)
+
+
+async def test_readme_protect_snippet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METRICS_TOKEN", TOKEN)
+    namespace: dict[str, Any] = {}
+    exec(readme_snippet("protect"), namespace)
+    transport = httpx.ASGITransport(app=namespace["app"])
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        refused = await client.get("/metrics")
+        allowed = await client.get("/metrics", headers={"authorization": f"Bearer {TOKEN}"})
+
+    assert (refused.status_code, refused.content) == (401, b"")
+    assert allowed.status_code == 200
+    assert "crowdfunding_api_requests_in_progress" in allowed.text
+
+
+def test_readme_separate_port_snippet() -> None:
+    port = free_port()
+    code = readme_snippet("separate-port").replace('host="0.0.0.0"', 'host="127.0.0.1"').replace("port=9464", f"port={port}")
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)
+    with namespace["metrics_server"] as server:
+        scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"accept-encoding": "gzip"})
+
+    assert server.port == port
+    assert scrape.status_code == 200
+    assert "crowdfunding_api_requests_in_progress" in scrape.text
+    assert scrape.headers["content-encoding"] == "gzip"
+    assert "/metrics" not in {getattr(route, "path", None) for route in namespace["app"].router.routes}
