@@ -49,6 +49,9 @@ DEFAULT_THRESHOLDS: dict[str, float] = {key: value for key, (value, _) in THRESH
 
 @dataclass(frozen=True)
 class AlertSpec:
+    """One alert rule.  ``summary`` and ``description`` are Prometheus templates in which
+    ``{threshold}``, ``{threshold_percent}`` and ``{for}`` are filled in at export."""
+
     key: str
     alert: str
     category: str
@@ -58,58 +61,83 @@ class AlertSpec:
     summary: str
     description: str
     runbook: str
+    threshold_key: str | None = None
     #: Extra static labels; they also keep rules of one alert name apart.
     labels: tuple[tuple[str, str], ...] = ()
+
+    def render(self, text: str, thresholds: Thresholds, duration: str) -> str:
+        if self.threshold_key is not None:
+            value = thresholds[self.threshold_key]
+            text = text.replace("{threshold}", _fmt(value)).replace("{threshold_percent}", f"{value * 100:g}%")
+        return text.replace("{for}", duration)
 
 
 def _fmt(value: float) -> str:
     return repr(int(value)) if float(value).is_integer() else repr(value)
 
 
-_DASH = "crowdmon / {} dashboard"
-_HEALTH_RUNBOOK = (
-    "1. Open the {dash} and find when {{{{ $labels.component }}}} changed state.\n"
-    "2. Ask each instance's /health endpoint (it answers 503 while a component is unhealthy).\n"
-    "3. Check the component's logs and, on the Error Analysis dashboard, its errors.\n"
-    "4. The alert resolves once the application reports the component healthy again."
-).format(dash=_DASH.format("System Health"))
+def _dashboard(title: str) -> str:
+    return f"crowdmon / {title} dashboard"
 
 
 def _health(key: str, alert: str, state: str, severity: str, duration: str, meaning: str) -> AlertSpec:
+    def expr(s: Scope, t: Thresholds) -> str:
+        selected = gauge_sum("component_health_status", s, ("component",), [matcher("status", "=", state)], aggregation="max")
+        return f"{selected} == 1"
+
     return AlertSpec(
-        key, alert, "health", severity, duration,
-        lambda s, t: f"{gauge_sum('component_health_status', s, ('component',), [matcher('status', '=', state)], aggregation='max')} == 1",
+        key, alert, "health", severity, duration, expr,
         f"Component {{{{ $labels.component }}}} reports {state}",
-        f"Component {{{{ $labels.component }}}} has reported {state} on at least one instance; {meaning}",
-        _HEALTH_RUNBOOK,
+        f"Component {{{{ $labels.component }}}} has reported {state} for {{for}}; {meaning}",
+        f"1. Open the {_dashboard('System Health')} and find when {{{{ $labels.component }}}} changed state.\n"
+        "2. Ask each instance's /health endpoint: it answers 503 while a component is unhealthy.\n"
+        "3. Check the component's logs and its errors on the Error Analysis dashboard.\n"
+        "4. The alert resolves once the application reports the component healthy again.",
     )
 
 
 def _error_rate(kind: str) -> AlertSpec:
     key = f"error_rate_{kind}"
+
+    def expr(s: Scope, t: Thresholds) -> str:
+        rate = counter_rate("application_errors_total", s, ("error_type", "component"), [matcher("error_type", "=", kind)])
+        return f"{rate} > {_fmt(t[key])}"
+
     return AlertSpec(
-        key, "HighErrorRate", "errors", "warning", "5m",
-        lambda s, t: f"{counter_rate('application_errors_total', s, ('error_type', 'component'), [matcher('error_type', '=', kind)])} > {_fmt(t[key])}",
-        f"{kind} errors in {{{{ $labels.component }}}}: {{{{ $value | humanize }}}} per second",
-        "{{ $labels.component }} records {{ $value | humanize }} " + kind + " errors per second.",
-        "1. Open the Error Analysis dashboard and filter the Top exceptions table by this component.\n"
-        "2. application_error_details_total names the exception class, endpoint and function.\n"
-        "3. Correlate with deployments and with the component's dependency on the System Health dashboard.",
+        key, "HighErrorRate", "errors", "warning", "5m", expr,
+        f"{kind} errors in {{{{ $labels.component }}}}",
+        f'{{{{ $labels.component }}}} records {{{{ $value | printf "%.3g" }}}} {kind} errors per second, above {{threshold}}.',
+        f"1. Open the {_dashboard('Error Analysis')}; the Top exceptions table names the exception class, endpoint and function.\n"
+        "2. Correlate with deployments, and with the component's dependencies on the System Health dashboard.",
+        key,
         (("error_type", kind),),
     )
 
 
-def _latency(key: str, alert: str, metric: str, by: str, what: str, dashboard: str, duration: str = "10m") -> AlertSpec:
+def _latency(key: str, alert: str, metric: str, by: str, what: str, dashboard: str) -> AlertSpec:
     threshold = f"{key}_p95_seconds"
+
+    def expr(s: Scope, t: Thresholds) -> str:
+        return f"{quantile(0.95, metric, s, (by,))} > {_fmt(t[threshold])}"
+
     return AlertSpec(
-        key, alert, "latency", "warning", duration,
-        lambda s, t: f"{quantile(0.95, metric, s, (by,))} > {_fmt(t[threshold])}",
+        key, alert, "latency", "warning", "10m", expr,
         f"p95 {what} of {{{{ $labels.{by} }}}} is {{{{ $value | humanizeDuration }}}}",
-        f"95% of {what}s of {{{{ $labels.{by} }}}} take up to {{{{ $value | humanizeDuration }}}} ({metric}).",
-        f"1. Open the {_DASH.format(dashboard)} and compare p50, p95 and p99 of {{{{ $labels.{by} }}}}.\n"
-        "2. A rise of all quantiles points at load or a slow dependency; a rise of p99 alone at a few slow calls.\n"
+        f"The 95th percentile of {what} for {{{{ $labels.{by} }}}} is {{{{ $value | humanizeDuration }}}} over 5 minutes, above {{threshold}}s ({metric}).",
+        f"1. Open the {_dashboard(dashboard)} and compare p50, p95 and p99 of {{{{ $labels.{by} }}}}.\n"
+        "2. All quantiles rising points at load or a slow dependency; p99 alone at a few slow calls.\n"
         "3. Check the dependency latencies (external API, vector search, database) on the API Performance dashboard.",
+        threshold,
     )
+
+
+def _ratio_alert(key: str, alert: str, category: str, severity: str, duration: str, metric: str, numerator: str, by: tuple[str, ...], compare: str, texts: tuple[str, str, str]) -> AlertSpec:
+    label, op, value = numerator.split(" ")
+
+    def expr(s: Scope, t: Thresholds) -> str:
+        return f"{ratio(metric, s, [matcher(label, op, value)], by)} {compare} {_fmt(t[key])}"
+
+    return AlertSpec(key, alert, category, severity, duration, expr, *texts, threshold_key=key)
 
 
 def _sessions_drop(s: Scope, t: Thresholds) -> str:
@@ -122,44 +150,63 @@ def _sessions_drop(s: Scope, t: Thresholds) -> str:
     )
 
 
+def _increase_alert(key: str, alert: str, severity: str, metric: str, by: tuple[str, ...], texts: tuple[str, str, str]) -> AlertSpec:
+    def expr(s: Scope, t: Thresholds) -> str:
+        return f"{counter_rate(metric, s, by, window='15m', function='increase')} > {_fmt(t[key])}"
+
+    return AlertSpec(key, alert, "errors", severity, "0s", expr, *texts, threshold_key=key)
+
+
+def _chat_stopped(s: Scope, t: Thresholds) -> str:
+    chat = counter_rate("chat_messages_total", s, window="15m")
+    requests = counter_rate("crowdfunding_api_requests_total", s, window="15m")
+    return f"{chat} == 0 and {requests} > 0"
+
+
 ALERTS: tuple[AlertSpec, ...] = (
-    _health("component_unhealthy", "ComponentUnhealthy", "unhealthy", "critical", "1m", "requests depending on it are likely failing."),
+    _health("component_unhealthy", "ComponentUnhealthy", "unhealthy", "critical", "1m", "requests that depend on it are likely failing."),
     _health("component_degraded", "ComponentDegraded", "degraded", "warning", "5m", "it works with reduced capacity or quality."),
     _health("component_health_unknown", "ComponentHealthUnknown", "unknown", "info", "15m", "no health check has set its state since start-up."),
-    AlertSpec(
+    _ratio_alert(
         "http_error_ratio", "HighHTTPErrorRatio", "errors", "critical", "5m",
-        lambda s, t: f"{ratio('crowdfunding_api_requests_total', s, [matcher('status', '=~', '5..')], ('handler',))} > {_fmt(t['http_error_ratio'])}",
-        "{{ $labels.handler }} answers {{ $value | humanizePercentage }} of requests with 5xx",
-        "{{ $value | humanizePercentage }} of requests to {{ $labels.handler }} ended with a 5xx status over 5 minutes.",
-        "1. Open the API Performance dashboard: Error ratio and Requests by status for this handler.\n"
-        "2. Exceptions raised by the app are counted as 500: see Top exceptions on the Error Analysis dashboard.\n"
-        "3. Check the System Health dashboard for an unhealthy dependency.",
+        "crowdfunding_api_requests_total", "status =~ 5..", ("handler",), ">",
+        (
+            "{{ $labels.handler }} answers {{ $value | humanizePercentage }} of requests with 5xx",
+            "{{ $value | humanizePercentage }} of requests to {{ $labels.handler }} ended with a 5xx status over 5 minutes, above {threshold_percent}.",
+            f"1. Open the {_dashboard('API Performance')}: Error ratio and Requests by status for this handler.\n"
+            "2. Exceptions the app raises are counted as 500: see Top exceptions on the Error Analysis dashboard.\n"
+            "3. Check the System Health dashboard for an unhealthy dependency.",
+        ),
     ),
     *(_error_rate(kind) for kind in ERROR_TYPES),
-    AlertSpec(
+    _ratio_alert(
         "external_error_ratio", "ExternalServiceErrorRatioHigh", "errors", "warning", "5m",
-        lambda s, t: f"{ratio('external_api_duration_seconds', s, [matcher('outcome', '=', 'error')], ('service',))} > {_fmt(t['external_error_ratio'])}",
-        "{{ $value | humanizePercentage }} of calls to {{ $labels.service }} fail",
-        "{{ $value | humanizePercentage }} of calls to external service {{ $labels.service }} ended in an error over 5 minutes.",
-        "1. external_service_errors_total names the endpoint and exception class (Error Analysis dashboard).\n"
-        "2. Check the provider's status page and your quota or credentials.\n"
-        "3. Check the service's latency on the API Performance dashboard: timeouts show as slow calls first.",
+        "external_api_duration_seconds", "outcome = error", ("service",), ">",
+        (
+            "{{ $value | humanizePercentage }} of calls to {{ $labels.service }} fail",
+            "{{ $value | humanizePercentage }} of calls to external service {{ $labels.service }} ended in an error over 5 minutes, above {threshold_percent}.",
+            f"1. On the {_dashboard('Error Analysis')}, External service errors names the exception classes.\n"
+            "2. Check the provider's status page, your quota and your credentials.\n"
+            "3. Check the service's latency on the API Performance dashboard: timeouts show as slow calls first.",
+        ),
     ),
-    AlertSpec(
-        "crowdmon_internal_errors", "CrowdmonInternalErrors", "errors", "warning", "0s",
-        lambda s, t: f"{counter_rate('crowdmon_internal_errors_total', s, ('site',), window='15m', function='increase')} > {_fmt(t['crowdmon_internal_errors'])}",
-        "crowdmon contained failures at {{ $labels.site }}",
-        "crowdmon's own code failed {{ $value | humanize }} times at {{ $labels.site }} in 15 minutes; requests were not affected but some metrics may be missing.",
-        "1. The application log has the first failure of this site with its traceback (logger 'crowdmon').\n"
-        "2. Report it with that traceback; the application keeps working meanwhile.",
+    _increase_alert(
+        "crowdmon_internal_errors", "CrowdmonInternalErrors", "warning", "crowdmon_internal_errors_total", ("site",),
+        (
+            "crowdmon contained failures at {{ $labels.site }}",
+            "crowdmon's own code failed at {{ $labels.site }} in the last 15 minutes; requests were not affected, but some metrics may be missing.",
+            "1. The application log holds the first failure of this site with its traceback (logger 'crowdmon').\n"
+            "2. Report it with that traceback; the application keeps working meanwhile.",
+        ),
     ),
-    AlertSpec(
-        "crowdmon_label_overflow", "CrowdmonLabelOverflow", "errors", "info", "0s",
-        lambda s, t: f"{counter_rate('crowdmon_label_overflow_total', s, ('metric', 'label'), window='15m', function='increase')} > {_fmt(t['crowdmon_label_overflow'])}",
-        "Label {{ $labels.label }} of {{ $labels.metric }} reached its value cap",
-        "{{ $value | humanize }} new values of label {{ $labels.label }} on {{ $labels.metric }} were folded into <other> in 15 minutes.",
-        "1. Find what feeds the label: a raw path, a user id or a message in a label is a bug to fix at the call site.\n"
-        "2. If the values are legitimate and bounded, raise the cap with PrometheusInstrumentation(cardinality_caps={'metric:label': N}).",
+    _increase_alert(
+        "crowdmon_label_overflow", "CrowdmonLabelOverflow", "info", "crowdmon_label_overflow_total", ("metric", "label"),
+        (
+            "Label {{ $labels.label }} of {{ $labels.metric }} reached its value cap",
+            "New values of label {{ $labels.label }} on {{ $labels.metric }} were folded into <other> in the last 15 minutes.",
+            "1. Find what feeds the label: a raw path, a user id or a message in a label is a bug to fix where it is recorded.\n"
+            "2. If the values are legitimate and bounded, raise the cap: PrometheusInstrumentation(cardinality_caps={'metric:label': N}).",
+        ),
     ),
     _latency("http_latency", "HighRequestLatency", "crowdfunding_api_request_duration_seconds", "handler", "request latency", "API Performance"),
     _latency("chat_latency", "SlowChatProcessing", "chat_processing_duration_seconds", "endpoint", "chat processing time", "Chat Metrics"),
@@ -167,39 +214,41 @@ ALERTS: tuple[AlertSpec, ...] = (
     _latency("vector_search_latency", "SlowVectorSearch", "vector_search_duration_seconds", "operation", "vector search time", "API Performance"),
     _latency("database_latency", "SlowDatabaseQueries", "database_query_duration_seconds", "operation", "database query time", "API Performance"),
     AlertSpec(
-        "chat_stopped", "ChatMessagesStopped", "business", "warning", "15m",
-        lambda s, t: f"{counter_rate('chat_messages_total', s, window='15m')} == 0 and {counter_rate('crowdfunding_api_requests_total', s, window='15m')} > 0",
+        "chat_stopped", "ChatMessagesStopped", "business", "warning", "15m", _chat_stopped,
         "No chat messages while the API serves requests",
-        "The API keeps answering requests but no chat message was processed in 15 minutes.",
-        "1. Send a chat message yourself and watch the Chat Metrics dashboard.\n"
-        "2. Check ComponentUnhealthy alerts and the chat endpoint's errors on the Error Analysis dashboard.\n"
-        "3. Check the client front end: requests reaching other routes but not chat point at it.",
+        "The API keeps answering requests but no chat message was processed in the last 15 minutes.",
+        f"1. Send a chat message yourself and watch the {_dashboard('Chat Metrics')}.\n"
+        "2. Check for ComponentUnhealthy alerts and for the chat endpoint's errors on the Error Analysis dashboard.\n"
+        "3. Requests reaching other routes but not chat point at the client front end.",
     ),
-    AlertSpec(
-        "cache_hit_ratio_low", "ChatCacheHitRatioLow", "business", "info", "30m",
-        lambda s, t: f"{ratio('chat_messages_total', s, [matcher('cache_hit', '=', 'true')])} < {_fmt(t['cache_hit_ratio_min'])}",
-        "Chat cache hit ratio is {{ $value | humanizePercentage }}",
-        "Only {{ $value | humanizePercentage }} of chat messages were served from the cache over 5 minutes.",
-        "1. Check that the cache is reachable and not freshly emptied (a restart empties it).\n"
-        "2. Compare with RAG usage on the Chat Metrics dashboard: new kinds of questions miss the cache.",
+    _ratio_alert(
+        "cache_hit_ratio_min", "ChatCacheHitRatioLow", "business", "info", "30m",
+        "chat_messages_total", "cache_hit = true", (), "<",
+        (
+            "Chat cache hit ratio is {{ $value | humanizePercentage }}",
+            "Only {{ $value | humanizePercentage }} of chat messages were served from the cache over 5 minutes, below {threshold_percent}.",
+            "1. Check that the cache is reachable and was not just emptied (a restart empties it).\n"
+            f"2. Compare with RAG usage on the {_dashboard('Chat Metrics')}: new kinds of questions miss the cache.",
+        ),
     ),
-    AlertSpec(
+    _ratio_alert(
         "document_failure_ratio", "DocumentOperationFailures", "business", "warning", "15m",
-        lambda s, t: f"{ratio('document_operations_total', s, [matcher('status', '!=', 'success')], ('operation',))} > {_fmt(t['document_failure_ratio'])}",
-        "{{ $value | humanizePercentage }} of document {{ $labels.operation }} operations fail",
-        "{{ $value | humanizePercentage }} of document {{ $labels.operation }} operations did not end in success over 5 minutes.",
-        "1. Open the Business KPIs dashboard: Document operations by operation and status.\n"
-        "2. Check the database and vector store on the System Health dashboard.\n"
-        "3. Look for the failing documents' type in document_operations_total.",
+        "document_operations_total", "status != success", ("operation",), ">",
+        (
+            "{{ $value | humanizePercentage }} of document {{ $labels.operation }} operations fail",
+            "{{ $value | humanizePercentage }} of document {{ $labels.operation }} operations did not end in success over 5 minutes, above {threshold_percent}.",
+            f"1. Open the {_dashboard('Business KPIs')}: Document operations by operation and status.\n"
+            "2. Check the database and the vector store on the System Health dashboard.",
+        ),
     ),
     AlertSpec(
-        "sessions_drop", "ActiveSessionsDropped", "business", "warning", "10m",
-        _sessions_drop,
+        "sessions_drop", "ActiveSessionsDropped", "business", "warning", "10m", _sessions_drop,
         "Active sessions dropped to {{ $value | humanize }}",
-        "Active sessions fell to {{ $value | humanize }}, more than the configured share below the count one hour earlier.",
+        "Active sessions fell to {{ $value | humanize }}, more than {threshold_percent} below the count one hour earlier.",
         "1. Check authentication: auth errors on the Error Analysis dashboard and the auth component's health.\n"
         "2. Check whether the front end or a load balancer stopped sending users.\n"
-        "3. A planned release or a time-of-day pattern can explain it: silence the alert then.",
+        "3. A release or a time-of-day pattern can explain it: silence the alert then.",
+        "sessions_drop_ratio",
     ),
 )
 ALERT_KEYS = tuple(alert.key for alert in ALERTS)
@@ -249,7 +298,11 @@ def rule_groups(
                 "expr": alert.expr(scope, resolved_thresholds),
                 "for": resolved_durations[alert.key],
                 "labels": {"severity": alert.severity, "category": alert.category, "source": "crowdmon", **dict(alert.labels)},
-                "annotations": {"summary": alert.summary, "description": alert.description, "runbook": alert.runbook},
+                "annotations": {
+                    "summary": alert.render(alert.summary, resolved_thresholds, resolved_durations[alert.key]),
+                    "description": alert.render(alert.description, resolved_thresholds, resolved_durations[alert.key]),
+                    "runbook": alert.runbook,
+                },
             }
             for alert in ALERTS
             if alert.category == category
