@@ -280,14 +280,19 @@ def resolve(
     return resolved_thresholds, resolved_durations
 
 
+def check_job(job: str) -> None:
+    """A ``ValueError`` unless ``job`` can stand in a PromQL ``job="..."`` matcher as it is."""
+    if not job or '"' in job or "\\" in job or "\n" in job:
+        raise ValueError(f"job must be a non-empty Prometheus job name without quotes, backslashes or newlines, got {job!r}")
+
+
 def rule_groups(
     job: str,
     thresholds: Mapping[str, float] | None = None,
     durations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The Prometheus rule file (as data): one group per category, every rule scoped to ``job``."""
-    if not job or '"' in job or "\\" in job:
-        raise ValueError(f"job must be a non-empty Prometheus job name without quotes or backslashes, got {job!r}")
+    check_job(job)
     resolved_thresholds, resolved_durations = resolve(thresholds, durations)
     scope = rule_scope(job)
     groups = []

@@ -14,7 +14,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("crowdmon export needs PyYAML: pip install 'crowdmon[ops]'") from error
 
-from crowdmon.ops.alerts import resolve, rule_groups
+from crowdmon.ops.alerts import check_job, resolve, rule_groups
 from crowdmon.ops.dashboards import DASHBOARDS, dashboard_json
 
 RULES_FILE = "crowdmon-alerts.yml"
@@ -44,6 +44,7 @@ class ExportOptions:
     durations: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_job(self.job)
         resolve(self.thresholds, self.durations)
         for name in ("scrape_interval", "evaluation_interval"):
             if not _DURATION.fullmatch(getattr(self, name)):

@@ -231,3 +231,16 @@ def _value_problems(metric: str, matcher: Matcher) -> list[str]:
         for value in values
         if value not in allowed
     ]
+
+
+def with_grafana_variables(expr: str, values: dict[str, str]) -> str:
+    """``expr`` with Grafana's ``$name`` / ``${name}`` variables replaced by ``values``, to run a
+    dashboard query straight against Prometheus; a ``KeyError`` names a variable left unset."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in values:
+            raise KeyError(f"no value for Grafana variable ${name} in {expr!r}")
+        return values[name]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, expr)
