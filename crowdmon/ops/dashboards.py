@@ -33,6 +33,7 @@ from crowdmon.ops.queries import (
     gauge_sum,
     health_code,
     quantile,
+    rate_or_zero,
     ratio,
 )
 
@@ -195,7 +196,7 @@ ERROR_ANALYSIS = DashboardSpec(
                 PanelSpec("External service errors", "external_service_errors_total per service and exception.", (Target(counter_rate("external_service_errors_total", S, ("service", "exception")), "{{service}} {{exception}}"),), unit="ops", width=8),
                 PanelSpec("AI system errors", "ai_system_errors_total per component and exception.", (Target(counter_rate("ai_system_errors_total", S, ("component", "exception")), "{{component}} {{exception}}"),), unit="ops", width=8),
                 PanelSpec("Session errors", "session_errors_total per component and exception.", (Target(counter_rate("session_errors_total", S, ("component", "exception")), "{{component}} {{exception}}"),), unit="ops", width=8),
-                PanelSpec("HTTP 5xx rate by handler", "Requests answered with a 5xx status, per second.", (Target(counter_rate("crowdfunding_api_requests_total", S, ("handler",), ['status=~"5.."']), "{{handler}}"),), unit="reqps", width=8),
+                PanelSpec("HTTP 5xx rate by handler", "Requests answered with a 5xx status, per second.", (Target(rate_or_zero("crowdfunding_api_requests_total", S, ("handler",), ['status=~"5.."']), "{{handler}}"),), unit="reqps", width=8),
             ),
         ),
     ),

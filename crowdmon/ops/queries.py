@@ -79,6 +79,12 @@ def quantile(q: float, name: str, scope: Scope, by: Sequence[str] = (), extra: S
     return f"histogram_quantile({q}, sum by ({', '.join(('le', *by))}) (rate({selector}[{scope.window}])))"
 
 
+def rate_or_zero(name: str, scope: Scope, by: Sequence[str], extra: Sequence[str]) -> str:
+    """``counter_rate`` of the series matching ``extra``, and 0 for ``by`` groups that have
+    traffic but no such series (a panel of errors then reads 0, not "no data")."""
+    return f"{counter_rate(name, scope, by, extra)} or {counter_rate(name, scope, by)} * 0"
+
+
 def ratio(name: str, scope: Scope, numerator: Sequence[str], by: Sequence[str] = (), denominator: Sequence[str] = ()) -> str:
     """The share of ``name``'s rate matching ``numerator`` matchers, per ``by`` group.  Groups with
     traffic but no matching series read 0, not "no data"."""
