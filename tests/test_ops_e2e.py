@@ -18,15 +18,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from crowdmon import CATALOGUE, PrometheusInstrumentation
-from crowdmon.catalogue import CATEGORY_COUNTERS, ERROR_TYPES
-from crowdmon.demo import build_demo_app
+from crowdmon.demo import DEMO_CARDINALITY_CAPS, OPENING, build_demo_app
 from crowdmon.ops import DASHBOARDS, ExportOptions, export
 from crowdmon.ops.dashboards import variable_queries
 from crowdmon.ops.promql import with_grafana_variables
 from tests.support import free_port, uvicorn_in_thread
 
 JOB = "crowdmon-e2e"
-DOCUMENT_TYPE_CAP = 2
 
 
 @contextlib.contextmanager
@@ -92,83 +90,15 @@ def families_in(scrape: str) -> set[str]:
     return names
 
 
-def tracking_drivers(monitoring: PrometheusInstrumentation) -> dict[str, Callable[[int], None]]:
-    """How the public tracking API records each non-HTTP family, for families the demo leaves empty."""
-
-    def errors(_: int) -> None:
-        for error_type in ERROR_TYPES:
-            component = "openai" if CATEGORY_COUNTERS.get(error_type) == "external_service_errors_total" else "chat_endpoint"
-            monitoring.track_application_error(error_type, component, RuntimeError("boom"), "authenticated", "/chat", "chat")
-
-    def external(_: int) -> None:
-        with monitoring.track_external_api_call("openai", "chat/completions"):
-            time.sleep(0.002)
-        with contextlib.suppress(TimeoutError), monitoring.track_external_api_call("openai", "chat/completions"):
-            raise TimeoutError("slow provider")
-
-    def chat_processing(_: int) -> None:
-        with monitoring.track_request_performance("/chat", "authenticated"):
-            time.sleep(0.002)
-
-    def vector_search(_: int) -> None:
-        with monitoring.track_vector_search("similarity"):
-            time.sleep(0.001)
-
-    def database(_: int) -> None:
-        with monitoring.track_database_query("select"):
-            time.sleep(0.001)
-
-    def chat_messages(round_number: int) -> None:
-        monitoring.track_chat_message("authenticated", "assistant", cache_hit=round_number % 3 == 0, rag_used=True)
-        monitoring.track_chat_message("anonymous", "user")
-
-    def sessions(_: int) -> None:
-        monitoring.start_session("authenticated")
-
-    def memory(_: int) -> None:
-        monitoring.track_memory_operation("store", "conversation", "authenticated")
-
-    def documents(round_number: int) -> None:
-        monitoring.track_document_operation("add", f"type_{round_number % (DOCUMENT_TYPE_CAP + 2)}", "success")
-        monitoring.track_document_operation("delete", "eu_crowdfunding", "error")
-
-    def internal_errors(_: int) -> None:
-        monitoring.report_internal_error("e2e_site", RuntimeError("contained failure"))
-
-    drivers: dict[str, Callable[[int], None]] = {
-        "chat_processing_duration_seconds": chat_processing,
-        "vector_search_duration_seconds": vector_search,
-        "database_query_duration_seconds": database,
-        "external_api_duration_seconds": external,
-        "external_service_errors_total": external,
-        "chat_messages_total": chat_messages,
-        "active_sessions_current": sessions,
-        "memory_operations_total": memory,
-        "document_operations_total": documents,
-        "crowdmon_label_overflow_total": documents,
-        "crowdmon_internal_errors_total": internal_errors,
-    }
-    for name in ("application_errors_total", "application_error_details_total", *CATEGORY_COUNTERS.values()):
-        drivers.setdefault(name, errors)
-    return drivers
-
-
-def send_demo_traffic(client: httpx.Client, round_number: int) -> None:
-    """One request to each demo route.  The demo's search fails now and then on purpose, and
-    uvicorn may drop that connection: such a request is simply one less."""
-    requests = [
-        ("POST", "/chat"), ("GET", "/chat/stream"), ("GET", f"/documents/{round_number + 1}"),
-        ("GET", "/documents/999"), ("GET", "/search"), ("GET", "/admin/ping"), ("GET", f"/no-such-page/{round_number}"),
-    ]
-    for method, path in requests:
+def send_demo_traffic(client: httpx.Client) -> None:
+    """One round of the demo's opening traffic: every path of the demo, its failures included."""
+    for method, path, body, failure, user in OPENING:
         with contextlib.suppress(httpx.HTTPError):
-            client.request(method, path, json={"message": "What is an ECSP licence?"} if method == "POST" else None)
+            client.request(method, path, json=body, headers={"x-demo-user": user, "x-demo-fail": failure})
 
 
 def test_dashboards_show_data_and_alerts_fire_against_a_real_prometheus(tmp_path: Path) -> None:
-    monitoring = PrometheusInstrumentation(
-        CollectorRegistry(), cardinality_caps={"document_operations_total:document_type": DOCUMENT_TYPE_CAP}
-    )
+    monitoring = PrometheusInstrumentation(CollectorRegistry(), cardinality_caps=DEMO_CARDINALITY_CAPS)
     app = build_demo_app(monitoring)
     with uvicorn_in_thread(app) as app_url, httpx.Client(base_url=app_url, timeout=10) as client:
         target = app_url.removeprefix("http://")
@@ -180,22 +110,16 @@ def test_dashboards_show_data_and_alerts_fire_against_a_real_prometheus(tmp_path
             durations={"component_unhealthy": "2s"},
         )
         export(tmp_path / "pack", options)
-        send_demo_traffic(client, 0)
-        # The demo records what it records; the public tracking API fills in any family it leaves empty.
-        empty = {spec.name for spec in CATALOGUE} - families_in(client.get("/metrics").text)
-        drivers = tracking_drivers(monitoring)
-        assert empty <= set(drivers), f"no way to record {empty - set(drivers)}"
-        driven = {drivers[name] for name in empty}
+        send_demo_traffic(client)
+        assert {spec.name for spec in CATALOGUE} - families_in(client.get("/metrics").text) == set()
 
         with prometheus(tmp_path / "pack/prometheus/prometheus.yml", tmp_path) as prom:
             # Bounded traffic: at most 60 rounds, until Prometheus has scraped it three times.
             scrapes = f'count_over_time(up{{job="{JOB}"}}[1m]) >= 3'
             for round_number in range(1, 61):
-                send_demo_traffic(client, round_number)
-                for drive in driven:
-                    drive(round_number)
+                send_demo_traffic(client)
                 time.sleep(0.3)
-                if round_number >= 10 and query(prom, scrapes):
+                if round_number >= 5 and query(prom, scrapes):
                     break
             assert query(prom, scrapes), "Prometheus did not scrape the demo app three times"
             time.sleep(1.5)  # one more scrape after the last round
@@ -227,11 +151,12 @@ def test_dashboards_show_data_and_alerts_fire_against_a_real_prometheus(tmp_path
                 return [alert for alert in found if alert["labels"]["alertname"] == "ComponentUnhealthy"]
 
             assert alerts() == [], "ComponentUnhealthy fired while every component was healthy"
-            monitoring.set_component_unhealthy("database")
+            # rag_system has no health check that /health could reset; traffic has stopped anyway.
+            monitoring.set_component_unhealthy("rag_system")
             firing = wait_until(
                 lambda: [alert for alert in alerts() if alert["state"] == "firing"], 30, "ComponentUnhealthy did not fire"
             )
-            assert [alert["labels"]["component"] for alert in firing] == ["database"]
+            assert [alert["labels"]["component"] for alert in firing] == ["rag_system"]
             assert firing[0]["labels"]["severity"] == "critical"
-            assert firing[0]["annotations"]["summary"] == "Component database reports unhealthy"
+            assert firing[0]["annotations"]["summary"] == "Component rag_system reports unhealthy"
             assert firing[0]["annotations"]["runbook"].startswith("1. Open the crowdmon / System Health dashboard")

@@ -314,3 +314,39 @@ def rule_groups(
         ]
         groups.append({"name": f"crowdmon-{category}", "rules": rules})
     return {"groups": groups}
+
+
+#: One line per rule for the README: what makes it fire.
+WHEN: dict[str, str] = {
+    "component_unhealthy": "`component_health_status{status=\"unhealthy\"}` is 1 for a component on any instance",
+    "component_degraded": "a component reports `degraded`",
+    "component_health_unknown": "a component still reports `unknown` (no check ever set it)",
+    "http_error_ratio": "a handler's 5xx share over 5 minutes is above the threshold",
+    **{f"error_rate_{kind}": f"`{kind}` errors per second of a component are above the threshold" for kind in ERROR_TYPES},
+    "external_error_ratio": "an external service's share of calls with `outcome=\"error\"` is above the threshold",
+    "crowdmon_internal_errors": "crowdmon contained failures of its own code in the last 15 minutes",
+    "crowdmon_label_overflow": "a label reached its cardinality cap and values were folded into `<other>`",
+    "http_latency": "p95 request latency of a handler is above the threshold",
+    "chat_latency": "p95 chat processing time of an endpoint is above the threshold",
+    "external_latency": "p95 latency of an external service is above the threshold",
+    "vector_search_latency": "p95 vector search time of an operation is above the threshold",
+    "database_latency": "p95 database query time of an operation is above the threshold",
+    "chat_stopped": "no chat message in 15 minutes while the API serves requests",
+    "cache_hit_ratio_min": "the chat cache hit ratio is below the threshold",
+    "document_failure_ratio": "an operation's share of document operations not ending in `success` is above the threshold",
+    "sessions_drop": "active sessions fell by more than the threshold share against one hour earlier (with at least `sessions_drop_min_sessions` then)",
+}
+
+
+def alert_reference_table() -> str:
+    """The README's table of alert rules (a test keeps the two equal)."""
+    rows = [
+        "| alert | category, severity | fires when | threshold key (default) | `for` key (default) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for alert in ALERTS:
+        threshold = f"`{alert.threshold_key}` ({DEFAULT_THRESHOLDS[alert.threshold_key]:g})" if alert.threshold_key else ""
+        rows.append(
+            f"| `{alert.alert}` | {alert.category}, {alert.severity} | {WHEN[alert.key]} | {threshold} | `{alert.key}` ({alert.duration}) |"
+        )
+    return "\n".join(rows)

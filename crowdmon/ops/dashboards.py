@@ -341,3 +341,12 @@ def _panel(spec: PanelSpec, source: model.DataSourceRef, panel_id: int) -> Any:
 def dashboard_json(spec: DashboardSpec, datasource: str) -> str:
     """The dashboard as the JSON Grafana imports."""
     return json.dumps(build_dashboard(spec, datasource), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
+
+
+def dashboard_reference_table() -> str:
+    """The README's table of dashboards and their panels (a test keeps the two equal)."""
+    rows = ["| dashboard (uid) | rows: panels |", "| --- | --- |"]
+    for spec in DASHBOARDS:
+        rows_text = "; ".join(f"**{title}**: {', '.join(panel.title for panel in panels)}" for title, panels in spec.rows)
+        rows.append(f"| {spec.title} (`{spec.uid}`) | {rows_text} |")
+    return "\n".join(rows)
