@@ -24,7 +24,7 @@ def crowdmon(*args: str) -> subprocess.CompletedProcess[str]:
 def test_export_writes_dashboards_provisioning_rules_and_scrape_config(tmp_path: Path) -> None:
     out = tmp_path / "pack"
     result = crowdmon(
-        "export", "--out", str(out), "--job", "shop-api", "--target", "10.1.2.3:8000", "--target", "10.1.2.4:8000",
+        "export", "--out", str(out), "--job", "shop-api", "--target", "127.0.0.1:8001", "--target", "127.0.0.1:8002",
         "--datasource", "Shop Prometheus", "--prometheus-url", "http://prometheus:9090",
         "--threshold", "http_latency_p95_seconds=2.5", "--for", "component_unhealthy=2m",
     )
@@ -44,7 +44,7 @@ def test_export_writes_dashboards_provisioning_rules_and_scrape_config(tmp_path:
     config = yaml.safe_load((out / "prometheus/prometheus.yml").read_text())
     assert config["rule_files"] == ["crowdmon-alerts.yml"]
     assert config["scrape_configs"][0]["job_name"] == "shop-api"
-    assert config["scrape_configs"][0]["static_configs"] == [{"targets": ["10.1.2.3:8000", "10.1.2.4:8000"]}]
+    assert config["scrape_configs"][0]["static_configs"] == [{"targets": ["127.0.0.1:8001", "127.0.0.1:8002"]}]
     checked = subprocess.run(["promtool", "check", "config", str(out / "prometheus/prometheus.yml")], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert f"SUCCESS: {len(ALERTS)} rules found" in checked.stdout
