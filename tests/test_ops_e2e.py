@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from crowdmon import CATALOGUE, PrometheusInstrumentation
 from crowdmon.demo import DEMO_CARDINALITY_CAPS, OPENING, build_demo_app
-from crowdmon.ops import DASHBOARDS, ExportOptions, export
+from crowdmon.ops import ALERTS, DASHBOARDS, ExportOptions, export
 from crowdmon.ops.dashboards import variable_queries
 from crowdmon.ops.promql import with_grafana_variables
 from tests.support import free_port, uvicorn_in_thread
@@ -145,6 +145,12 @@ def test_dashboards_show_data_and_alerts_fire_against_a_real_prometheus(tmp_path
                     assert answer["data"], (spec.uid, name)
                     if name == "handler":
                         assert {"/chat", "/documents/{doc_id}", "/admin/ping"} <= set(answer["data"])
+
+            # Every exported rule is loaded and evaluates without error against the real data.
+            groups = httpx.get(f"{prom}/api/v1/rules", timeout=5).json()["data"]["groups"]
+            rules = [rule for group in groups for rule in group["rules"]]
+            assert len(rules) == len(ALERTS)
+            assert [rule["name"] for rule in rules if rule["health"] != "ok"] == []
 
             def alerts() -> list[dict[str, Any]]:
                 found: list[dict[str, Any]] = httpx.get(f"{prom}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
