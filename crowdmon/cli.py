@@ -25,7 +25,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rate", type=float, default=20.0, help="generated requests per second (0: no traffic)"
     )
 
+    export = commands.add_parser(
+        "export", help="write Grafana dashboards and provisioning, alert rules and prometheus.yml"
+    )
+    from crowdmon.ops.cli import add_export_arguments
+
+    add_export_arguments(export)
+
     args = parser.parse_args(argv)
+    if args.command == "export":
+        from crowdmon.ops.cli import run_export
+
+        return run_export(args, parser)
     if args.command == "demo":
         from crowdmon.demo import run_demo
 

@@ -1,0 +1,352 @@
+"""Prometheus alert rules for the four categories the seed names: component health, error rates
+by category, latency thresholds and business anomalies.
+
+Each rule is an :class:`AlertSpec`; its expression is built from the catalogue by
+:mod:`crowdmon.ops.queries`, its threshold comes from :data:`DEFAULT_THRESHOLDS` and its ``for:``
+from :data:`DEFAULT_DURATIONS`, both overridable per key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from crowdmon.catalogue import ERROR_TYPES, spec
+from crowdmon.ops.queries import (
+    Scope,
+    counter_rate,
+    gauge_sum,
+    matcher,
+    quantile,
+    ratio,
+    rule_scope,
+)
+
+Thresholds = Mapping[str, float]
+
+#: Every threshold a rule reads, with its default and what it means.
+THRESHOLD_DOCS: dict[str, tuple[float, str]] = {
+    "http_error_ratio": (0.05, "share of a handler's requests answered 5xx"),
+    **{f"error_rate_{kind}": (1.0 if kind == "validation" else 0.1, f"{kind} errors per second, per component") for kind in ERROR_TYPES},
+    "external_error_ratio": (0.1, "share of an external service's calls ending in an error"),
+    "crowdmon_internal_errors": (0.0, "contained crowdmon failures in 15 minutes, per site"),
+    "crowdmon_label_overflow": (0.0, "label values folded into <other> in 15 minutes"),
+    "http_latency_p95_seconds": (1.0, "p95 request latency of a handler"),
+    "chat_latency_p95_seconds": (20.0, "p95 chat processing time of an endpoint"),
+    "external_latency_p95_seconds": (10.0, "p95 latency of an external service"),
+    "vector_search_latency_p95_seconds": (0.5, "p95 vector search time of an operation"),
+    "database_latency_p95_seconds": (0.5, "p95 database query time of an operation"),
+    "cache_hit_ratio_min": (0.05, "lowest acceptable share of chat messages served from the cache"),
+    "document_failure_ratio": (0.2, "share of an operation's document operations not ending in success"),
+    "sessions_drop_ratio": (0.5, "share of active sessions lost compared with one hour earlier"),
+    "sessions_drop_min_sessions": (10.0, "sessions an hour earlier below which a drop is not alerted"),
+}
+DEFAULT_THRESHOLDS: dict[str, float] = {key: value for key, (value, _) in THRESHOLD_DOCS.items()}
+
+
+@dataclass(frozen=True)
+class AlertSpec:
+    """One alert rule.  ``summary`` and ``description`` are Prometheus templates in which
+    ``{threshold}``, ``{threshold_percent}`` and ``{for}`` are filled in at export."""
+
+    key: str
+    alert: str
+    category: str
+    severity: str
+    duration: str
+    expr: Callable[[Scope, Thresholds], str]
+    summary: str
+    description: str
+    runbook: str
+    threshold_key: str | None = None
+    #: Extra static labels; they also keep rules of one alert name apart.
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def render(self, text: str, thresholds: Thresholds, duration: str) -> str:
+        if self.threshold_key is not None:
+            value = thresholds[self.threshold_key]
+            text = text.replace("{threshold}", _fmt(value)).replace("{threshold_percent}", f"{value * 100:g}%")
+        return text.replace("{for}", duration)
+
+
+def _fmt(value: float) -> str:
+    return repr(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _dashboard(title: str) -> str:
+    return f"crowdmon / {title} dashboard"
+
+
+def _health(key: str, alert: str, state: str, severity: str, duration: str, meaning: str) -> AlertSpec:
+    def expr(s: Scope, t: Thresholds) -> str:
+        selected = gauge_sum("component_health_status", s, ("component",), [matcher("status", "=", state)], aggregation="max")
+        return f"{selected} == 1"
+
+    return AlertSpec(
+        key, alert, "health", severity, duration, expr,
+        f"Component {{{{ $labels.component }}}} reports {state}",
+        f"Component {{{{ $labels.component }}}} has reported {state} for {{for}}; {meaning}",
+        f"1. Open the {_dashboard('System Health')} and find when {{{{ $labels.component }}}} changed state.\n"
+        "2. Ask each instance's /health endpoint: it answers 503 while a component is unhealthy.\n"
+        "3. Check the component's logs and its errors on the Error Analysis dashboard.\n"
+        "4. The alert resolves once the application reports the component healthy again.",
+    )
+
+
+def _error_rate(kind: str) -> AlertSpec:
+    key = f"error_rate_{kind}"
+
+    def expr(s: Scope, t: Thresholds) -> str:
+        rate = counter_rate("application_errors_total", s, ("error_type", "component"), [matcher("error_type", "=", kind)])
+        return f"{rate} > {_fmt(t[key])}"
+
+    return AlertSpec(
+        key, "HighErrorRate", "errors", "warning", "5m", expr,
+        f"{kind} errors in {{{{ $labels.component }}}}",
+        f'{{{{ $labels.component }}}} records {{{{ $value | printf "%.3g" }}}} {kind} errors per second, above {{threshold}}.',
+        f"1. Open the {_dashboard('Error Analysis')}; the Top exceptions table names the exception class, endpoint and function.\n"
+        "2. Correlate with deployments, and with the component's dependencies on the System Health dashboard.",
+        key,
+        (("error_type", kind),),
+    )
+
+
+def _latency(key: str, alert: str, metric: str, by: str, what: str, dashboard: str) -> AlertSpec:
+    threshold = f"{key}_p95_seconds"
+
+    def expr(s: Scope, t: Thresholds) -> str:
+        return f"{quantile(0.95, metric, s, (by,))} > {_fmt(t[threshold])}"
+
+    return AlertSpec(
+        key, alert, "latency", "warning", "10m", expr,
+        f"p95 {what} of {{{{ $labels.{by} }}}} is {{{{ $value | humanizeDuration }}}}",
+        f"The 95th percentile of {what} for {{{{ $labels.{by} }}}} is {{{{ $value | humanizeDuration }}}} over 5 minutes, above {{threshold}}s ({metric}).",
+        f"1. Open the {_dashboard(dashboard)} and compare p50, p95 and p99 of {{{{ $labels.{by} }}}}.\n"
+        "2. All quantiles rising points at load or a slow dependency; p99 alone at a few slow calls.\n"
+        "3. Check the dependency latencies (external API, vector search, database) on the API Performance dashboard.",
+        threshold,
+    )
+
+
+def _ratio_alert(key: str, alert: str, category: str, severity: str, duration: str, metric: str, numerator: str, by: tuple[str, ...], compare: str, texts: tuple[str, str, str]) -> AlertSpec:
+    label, op, value = numerator.split(" ")
+
+    def expr(s: Scope, t: Thresholds) -> str:
+        return f"{ratio(metric, s, [matcher(label, op, value)], by)} {compare} {_fmt(t[key])}"
+
+    return AlertSpec(key, alert, category, severity, duration, expr, *texts, threshold_key=key)
+
+
+def _sessions_drop(s: Scope, t: Thresholds) -> str:
+    current = gauge_sum("active_sessions_current", s)
+    metric = spec("active_sessions_current")
+    earlier = f"sum ({s.selector(metric, metric.name)} offset 1h)"
+    return (
+        f"{current} < {_fmt(1 - t['sessions_drop_ratio'])} * {earlier} "
+        f"and {earlier} >= {_fmt(t['sessions_drop_min_sessions'])}"
+    )
+
+
+def _increase_alert(key: str, alert: str, severity: str, metric: str, by: tuple[str, ...], texts: tuple[str, str, str]) -> AlertSpec:
+    def expr(s: Scope, t: Thresholds) -> str:
+        return f"{counter_rate(metric, s, by, window='15m', function='increase')} > {_fmt(t[key])}"
+
+    return AlertSpec(key, alert, "errors", severity, "0s", expr, *texts, threshold_key=key)
+
+
+def _chat_stopped(s: Scope, t: Thresholds) -> str:
+    chat = counter_rate("chat_messages_total", s, window="15m")
+    requests = counter_rate("crowdfunding_api_requests_total", s, window="15m")
+    return f"{chat} == 0 and {requests} > 0"
+
+
+ALERTS: tuple[AlertSpec, ...] = (
+    _health("component_unhealthy", "ComponentUnhealthy", "unhealthy", "critical", "1m", "requests that depend on it are likely failing."),
+    _health("component_degraded", "ComponentDegraded", "degraded", "warning", "5m", "it works with reduced capacity or quality."),
+    _health("component_health_unknown", "ComponentHealthUnknown", "unknown", "info", "15m", "no health check has set its state since start-up."),
+    _ratio_alert(
+        "http_error_ratio", "HighHTTPErrorRatio", "errors", "critical", "5m",
+        "crowdfunding_api_requests_total", "status =~ 5..", ("handler",), ">",
+        (
+            "{{ $labels.handler }} answers {{ $value | humanizePercentage }} of requests with 5xx",
+            "{{ $value | humanizePercentage }} of requests to {{ $labels.handler }} ended with a 5xx status over 5 minutes, above {threshold_percent}.",
+            f"1. Open the {_dashboard('API Performance')}: Error ratio and Requests by status for this handler.\n"
+            "2. Exceptions the app raises are counted as 500: see Top exceptions on the Error Analysis dashboard.\n"
+            "3. Check the System Health dashboard for an unhealthy dependency.",
+        ),
+    ),
+    *(_error_rate(kind) for kind in ERROR_TYPES),
+    _ratio_alert(
+        "external_error_ratio", "ExternalServiceErrorRatioHigh", "errors", "warning", "5m",
+        "external_api_duration_seconds", "outcome = error", ("service",), ">",
+        (
+            "{{ $value | humanizePercentage }} of calls to {{ $labels.service }} fail",
+            "{{ $value | humanizePercentage }} of calls to external service {{ $labels.service }} ended in an error over 5 minutes, above {threshold_percent}.",
+            f"1. On the {_dashboard('Error Analysis')}, External service errors names the exception classes.\n"
+            "2. Check the provider's status page, your quota and your credentials.\n"
+            "3. Check the service's latency on the API Performance dashboard: timeouts show as slow calls first.",
+        ),
+    ),
+    _increase_alert(
+        "crowdmon_internal_errors", "CrowdmonInternalErrors", "warning", "crowdmon_internal_errors_total", ("site",),
+        (
+            "crowdmon contained failures at {{ $labels.site }}",
+            "crowdmon's own code failed at {{ $labels.site }} in the last 15 minutes; requests were not affected, but some metrics may be missing.",
+            "1. The application log holds the first failure of this site with its traceback (logger 'crowdmon').\n"
+            "2. Report it with that traceback; the application keeps working meanwhile.",
+        ),
+    ),
+    _increase_alert(
+        "crowdmon_label_overflow", "CrowdmonLabelOverflow", "info", "crowdmon_label_overflow_total", ("metric", "label"),
+        (
+            "Label {{ $labels.label }} of {{ $labels.metric }} reached its value cap",
+            "New values of label {{ $labels.label }} on {{ $labels.metric }} were folded into <other> in the last 15 minutes.",
+            "1. Find what feeds the label: a raw path, a user id or a message in a label is a bug to fix where it is recorded.\n"
+            "2. If the values are legitimate and bounded, raise the cap: PrometheusInstrumentation(cardinality_caps={'metric:label': N}).",
+        ),
+    ),
+    _latency("http_latency", "HighRequestLatency", "crowdfunding_api_request_duration_seconds", "handler", "request latency", "API Performance"),
+    _latency("chat_latency", "SlowChatProcessing", "chat_processing_duration_seconds", "endpoint", "chat processing time", "Chat Metrics"),
+    _latency("external_latency", "SlowExternalAPI", "external_api_duration_seconds", "service", "external call latency", "API Performance"),
+    _latency("vector_search_latency", "SlowVectorSearch", "vector_search_duration_seconds", "operation", "vector search time", "API Performance"),
+    _latency("database_latency", "SlowDatabaseQueries", "database_query_duration_seconds", "operation", "database query time", "API Performance"),
+    AlertSpec(
+        "chat_stopped", "ChatMessagesStopped", "business", "warning", "15m", _chat_stopped,
+        "No chat messages while the API serves requests",
+        "The API keeps answering requests but no chat message was processed in the last 15 minutes.",
+        f"1. Send a chat message yourself and watch the {_dashboard('Chat Metrics')}.\n"
+        "2. Check for ComponentUnhealthy alerts and for the chat endpoint's errors on the Error Analysis dashboard.\n"
+        "3. Requests reaching other routes but not chat point at the client front end.",
+    ),
+    _ratio_alert(
+        "cache_hit_ratio_min", "ChatCacheHitRatioLow", "business", "info", "30m",
+        "chat_messages_total", "cache_hit = true", (), "<",
+        (
+            "Chat cache hit ratio is {{ $value | humanizePercentage }}",
+            "Only {{ $value | humanizePercentage }} of chat messages were served from the cache over 5 minutes, below {threshold_percent}.",
+            "1. Check that the cache is reachable and was not just emptied (a restart empties it).\n"
+            f"2. Compare with RAG usage on the {_dashboard('Chat Metrics')}: new kinds of questions miss the cache.",
+        ),
+    ),
+    _ratio_alert(
+        "document_failure_ratio", "DocumentOperationFailures", "business", "warning", "15m",
+        "document_operations_total", "status != success", ("operation",), ">",
+        (
+            "{{ $value | humanizePercentage }} of document {{ $labels.operation }} operations fail",
+            "{{ $value | humanizePercentage }} of document {{ $labels.operation }} operations did not end in success over 5 minutes, above {threshold_percent}.",
+            f"1. Open the {_dashboard('Business KPIs')}: Document operations by operation and status.\n"
+            "2. Check the database and the vector store on the System Health dashboard.",
+        ),
+    ),
+    AlertSpec(
+        "sessions_drop", "ActiveSessionsDropped", "business", "warning", "10m", _sessions_drop,
+        "Active sessions dropped to {{ $value | humanize }}",
+        "Active sessions fell to {{ $value | humanize }}, more than {threshold_percent} below the count one hour earlier.",
+        "1. Check authentication: auth errors on the Error Analysis dashboard and the auth component's health.\n"
+        "2. Check whether the front end or a load balancer stopped sending users.\n"
+        "3. A release or a time-of-day pattern can explain it: silence the alert then.",
+        "sessions_drop_ratio",
+    ),
+)
+ALERT_KEYS = tuple(alert.key for alert in ALERTS)
+DEFAULT_DURATIONS: dict[str, str] = {alert.key: alert.duration for alert in ALERTS}
+CATEGORIES = ("health", "errors", "latency", "business")
+
+_DURATION = re.compile(r"0|(?:\d+(?:ms|[smhdwy]))+")
+
+
+def resolve(
+    thresholds: Mapping[str, float] | None = None, durations: Mapping[str, str] | None = None
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Defaults overlaid with the user's values; a ``ValueError`` naming the known keys for an
+    unknown key, a threshold that is not a finite number, or a malformed duration."""
+    resolved_thresholds = dict(DEFAULT_THRESHOLDS)
+    for key, value in (thresholds or {}).items():
+        if key not in DEFAULT_THRESHOLDS:
+            raise ValueError(f"unknown alert threshold {key!r}; known thresholds: {', '.join(DEFAULT_THRESHOLDS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"threshold {key!r} must be a finite number, got {value!r}")
+        resolved_thresholds[key] = float(value)
+    resolved_durations = dict(DEFAULT_DURATIONS)
+    for key, duration in (durations or {}).items():
+        if key not in DEFAULT_DURATIONS:
+            raise ValueError(f"unknown alert {key!r} for a 'for:' duration; known alerts: {', '.join(DEFAULT_DURATIONS)}")
+        if not isinstance(duration, str) or not _DURATION.fullmatch(duration):
+            raise ValueError(f"'for:' duration of {key!r} must be a Prometheus duration such as 30s, 5m or 1h, got {duration!r}")
+        resolved_durations[key] = duration
+    return resolved_thresholds, resolved_durations
+
+
+def check_job(job: str) -> None:
+    """A ``ValueError`` unless ``job`` can stand in a PromQL ``job="..."`` matcher as it is."""
+    if not job or '"' in job or "\\" in job or "\n" in job:
+        raise ValueError(f"job must be a non-empty Prometheus job name without quotes, backslashes or newlines, got {job!r}")
+
+
+def rule_groups(
+    job: str,
+    thresholds: Mapping[str, float] | None = None,
+    durations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The Prometheus rule file (as data): one group per category, every rule scoped to ``job``."""
+    check_job(job)
+    resolved_thresholds, resolved_durations = resolve(thresholds, durations)
+    scope = rule_scope(job)
+    groups = []
+    for category in CATEGORIES:
+        rules = [
+            {
+                "alert": alert.alert,
+                "expr": alert.expr(scope, resolved_thresholds),
+                "for": resolved_durations[alert.key],
+                "labels": {"severity": alert.severity, "category": alert.category, "source": "crowdmon", **dict(alert.labels)},
+                "annotations": {
+                    "summary": alert.render(alert.summary, resolved_thresholds, resolved_durations[alert.key]),
+                    "description": alert.render(alert.description, resolved_thresholds, resolved_durations[alert.key]),
+                    "runbook": alert.runbook,
+                },
+            }
+            for alert in ALERTS
+            if alert.category == category
+        ]
+        groups.append({"name": f"crowdmon-{category}", "rules": rules})
+    return {"groups": groups}
+
+
+#: One line per rule for the README: what makes it fire.
+WHEN: dict[str, str] = {
+    "component_unhealthy": "`component_health_status{status=\"unhealthy\"}` is 1 for a component on any instance",
+    "component_degraded": "a component reports `degraded`",
+    "component_health_unknown": "a component still reports `unknown` (no check ever set it)",
+    "http_error_ratio": "a handler's 5xx share over 5 minutes is above the threshold",
+    **{f"error_rate_{kind}": f"`{kind}` errors per second of a component are above the threshold" for kind in ERROR_TYPES},
+    "external_error_ratio": "an external service's share of calls with `outcome=\"error\"` is above the threshold",
+    "crowdmon_internal_errors": "crowdmon contained failures of its own code in the last 15 minutes",
+    "crowdmon_label_overflow": "a label reached its cardinality cap and values were folded into `<other>`",
+    "http_latency": "p95 request latency of a handler is above the threshold",
+    "chat_latency": "p95 chat processing time of an endpoint is above the threshold",
+    "external_latency": "p95 latency of an external service is above the threshold",
+    "vector_search_latency": "p95 vector search time of an operation is above the threshold",
+    "database_latency": "p95 database query time of an operation is above the threshold",
+    "chat_stopped": "no chat message in 15 minutes while the API serves requests",
+    "cache_hit_ratio_min": "the chat cache hit ratio is below the threshold",
+    "document_failure_ratio": "an operation's share of document operations not ending in `success` is above the threshold",
+    "sessions_drop": "active sessions fell by more than the threshold share against one hour earlier (with at least `sessions_drop_min_sessions` then)",
+}
+
+
+def alert_reference_table() -> str:
+    """The README's table of alert rules (a test keeps the two equal)."""
+    rows = [
+        "| alert | category, severity | fires when | threshold key (default) | `for` key (default) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for alert in ALERTS:
+        threshold = f"`{alert.threshold_key}` ({DEFAULT_THRESHOLDS[alert.threshold_key]:g})" if alert.threshold_key else ""
+        rows.append(
+            f"| `{alert.alert}` | {alert.category}, {alert.severity} | {WHEN[alert.key]} | {threshold} | `{alert.key}` ({alert.duration}) |"
+        )
+    return "\n".join(rows)

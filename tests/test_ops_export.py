@@ -1,0 +1,97 @@
+"""``crowdmon export --out DIR``: the files an operator installs, and the options that shape them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crowdmon.ops import ALERTS, DASHBOARDS, ExportOptions
+from tests.support import REPO_ROOT, subprocess_env
+
+
+def crowdmon(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "crowdmon", *args],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_export_writes_dashboards_provisioning_rules_and_scrape_config(tmp_path: Path) -> None:
+    out = tmp_path / "pack"
+    result = crowdmon(
+        "export", "--out", str(out), "--job", "shop-api", "--target", "127.0.0.1:8001", "--target", "127.0.0.1:8002",
+        "--datasource", "Shop Prometheus", "--prometheus-url", "http://prometheus:9090",
+        "--threshold", "http_latency_p95_seconds=2.5", "--for", "component_unhealthy=2m",
+    )
+    assert result.returncode == 0, result.stderr
+    written = sorted(str(path.relative_to(out)) for path in out.rglob("*") if path.is_file())
+    assert written == sorted(
+        [f"grafana/dashboards/{spec.uid}.json" for spec in DASHBOARDS]
+        + [
+            "grafana/provisioning/dashboards/crowdmon.yml",
+            "grafana/provisioning/datasources/crowdmon.yml",
+            "prometheus/crowdmon-alerts.yml",
+            "prometheus/prometheus.yml",
+        ]
+    )
+    assert sorted(result.stdout.split()) == sorted(str(out / path) for path in written)
+
+    config = yaml.safe_load((out / "prometheus/prometheus.yml").read_text())
+    assert config["rule_files"] == ["crowdmon-alerts.yml"]
+    assert config["scrape_configs"][0]["job_name"] == "shop-api"
+    assert config["scrape_configs"][0]["static_configs"] == [{"targets": ["127.0.0.1:8001", "127.0.0.1:8002"]}]
+    checked = subprocess.run(["promtool", "check", "config", str(out / "prometheus/prometheus.yml")], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(ALERTS)} rules found" in checked.stdout
+
+    rules = {rule["alert"]: rule for group in yaml.safe_load((out / "prometheus/crowdmon-alerts.yml").read_text())["groups"] for rule in group["rules"]}
+    assert rules["HighRequestLatency"]["expr"].endswith(" > 2.5")
+    assert rules["ComponentUnhealthy"]["for"] == "2m"
+    assert rules["ComponentUnhealthy"]["expr"] == 'max by (component) (component_health_status{job="shop-api", status="unhealthy"}) == 1'
+
+    datasources = yaml.safe_load((out / "grafana/provisioning/datasources/crowdmon.yml").read_text())
+    assert datasources == {
+        "apiVersion": 1,
+        "datasources": [
+            {
+                "name": "Shop Prometheus", "uid": "crowdmon-shop-prometheus", "type": "prometheus", "access": "proxy",
+                "url": "http://prometheus:9090", "jsonData": {"timeInterval": "15s", "httpMethod": "POST"}, "editable": True,
+            }
+        ],
+    }
+    providers = yaml.safe_load((out / "grafana/provisioning/dashboards/crowdmon.yml").read_text())["providers"]
+    assert providers[0]["type"] == "file"
+    assert providers[0]["options"]["path"] == "/var/lib/grafana/dashboards/crowdmon"
+    health = json.loads((out / "grafana/dashboards/crowdmon-system-health.json").read_text())
+    assert health["templating"]["list"][0]["current"]["text"] == "Shop Prometheus"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--threshold", "http_error_rate=0.1"], "unknown alert threshold 'http_error_rate'"),
+        (["--threshold", "http_error_ratio=lots"], "--threshold http_error_ratio= needs a number, got 'lots'"),
+        (["--threshold", "http_error_ratio"], "--threshold takes KEY=VALUE, got 'http_error_ratio'"),
+        (["--for", "component_unhealthy=soon"], "'for:' duration of 'component_unhealthy' must be a Prometheus duration"),
+        (["--target", "localhost"], "targets must be host:port, e.g. 127.0.0.1:8000"),
+        (["--scrape-interval", "15"], "scrape_interval must be a Prometheus duration such as 15s or 1m, got '15'"),
+        (["--job", 'my"job'], "job must be a non-empty Prometheus job name"),
+    ],
+)
+def test_export_refuses_bad_options_with_a_message_saying_how_to_fix_them(tmp_path: Path, args: list[str], message: str) -> None:
+    result = crowdmon("export", "--out", str(tmp_path / "pack"), *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "pack").exists()
+
+
+def test_export_options_check_themselves_when_built() -> None:
+    with pytest.raises(ValueError, match="datasource must name the Grafana data source"):
+        ExportOptions(datasource=" ")
+    with pytest.raises(ValueError, match="metrics_path must start with '/'"):
+        ExportOptions(metrics_path="metrics")
