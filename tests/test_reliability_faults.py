@@ -124,6 +124,7 @@ def fail_route_template(monkeypatch: pytest.MonkeyPatch, instrumentation: Promet
 FAULTS: list[tuple[str, Fault, int, int]] = [
     ("middleware.record", fail_recording, 5 * ROUNDS, 0),
     ("middleware.start", fail_request_start, 5 * ROUNDS, 0),
+    ("middleware.record", fail_guard, 5 * ROUNDS, 0),
     ("middleware.handler", fail_route_template, 5 * ROUNDS, 5 * ROUNDS),
 ]
 
@@ -131,7 +132,7 @@ FAULTS: list[tuple[str, Fault, int, int]] = [
 @pytest.mark.parametrize(
     ("site", "fault", "failures", "counted"),
     FAULTS,
-    ids=["recorder", "request-start", "route-template"],
+    ids=["recorder", "request-start", "cardinality-guard", "route-template"],
 )
 async def test_a_failing_part_of_crowdmon_never_changes_a_response(
     registry: CollectorRegistry,
