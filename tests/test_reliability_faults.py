@@ -120,19 +120,24 @@ def fail_route_template(monkeypatch: pytest.MonkeyPatch, instrumentation: Promet
     monkeypatch.setattr(crowdmon.middleware, "handler_label_for", boom)
 
 
+def fail_request_context(monkeypatch: pytest.MonkeyPatch, instrumentation: PrometheusInstrumentation) -> None:
+    monkeypatch.setattr(crowdmon.middleware, "RequestContext", boom)
+
+
 # site, the fault, how many requests fail in it, how many requests are still counted
 FAULTS: list[tuple[str, Fault, int, int]] = [
     ("middleware.record", fail_recording, 5 * ROUNDS, 0),
     ("middleware.start", fail_request_start, 5 * ROUNDS, 0),
     ("middleware.record", fail_guard, 5 * ROUNDS, 0),
     ("middleware.handler", fail_route_template, 5 * ROUNDS, 5 * ROUNDS),
+    ("middleware.context", fail_request_context, 5 * ROUNDS, 5 * ROUNDS),
 ]
 
 
 @pytest.mark.parametrize(
     ("site", "fault", "failures", "counted"),
     FAULTS,
-    ids=["recorder", "request-start", "cardinality-guard", "route-template"],
+    ids=["recorder", "request-start", "cardinality-guard", "route-template", "request-context"],
 )
 async def test_a_failing_part_of_crowdmon_never_changes_a_response(
     registry: CollectorRegistry,
