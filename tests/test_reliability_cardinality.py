@@ -1,5 +1,6 @@
 """The cardinality attack: 100,000 hostile requests cannot grow crowdmon's series beyond a bound
-computed from the app's routes and the guard's caps, the folding shows in
+computed from the app's routes and the guard's caps (request metrics, and the error metrics fed by
+``@tracked_errors`` and ``track_application_error``), the folding shows in
 ``crowdmon_label_overflow_total``, nothing the client sent becomes a label, and memory stays flat.
 
 The requests are driven straight into the ASGI app (no sockets), sequentially, with a fixed seed,
@@ -22,7 +23,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from crowdmon import PrometheusInstrumentation, PrometheusMiddleware, current_endpoint
+from crowdmon import (
+    PrometheusInstrumentation,
+    PrometheusMiddleware,
+    current_endpoint,
+    tracked_errors,
+)
 from crowdmon.catalogue import (
     BY_NAME,
     CATALOGUE,
@@ -75,9 +81,13 @@ def build_app(instrumentation: PrometheusInstrumentation) -> Starlette:
     async def order(request: Request) -> Response:
         return PlainTextResponse("order")
 
+    @tracked_errors("api", instrumentation=instrumentation)
+    def explode(number: int, query: str) -> None:
+        raise raised_class(number)(f"{SECRET} {query} {number}")
+
     async def fail(request: Request) -> Response:
-        number = request.path_params["n"]
-        raise raised_class(number)(f"{SECRET} {request.url.query} {number}")
+        explode(request.path_params["n"], request.url.query)
+        return PlainTextResponse("unreachable")
 
     async def tracked(request: Request) -> Response:
         # A user handing attacker-controlled values to crowdmon: the guard must hold them.
@@ -328,6 +338,10 @@ def test_hostile_traffic_cannot_grow_series_beyond_the_bound_from_routes_and_cap
             method = attack.method if attack.method in STANDARD_METHODS else OTHER_METHOD
             key = model.admit_all(REQUESTS, (method, attack.handler, str(status)))
             expected_requests[key] = expected_requests.get(key, 0) + 1
+            if attack.raises is not None:  # counted by @tracked_errors on its way out
+                model.admit_all(ERRORS, ("system", "api", "unknown"))
+                details = model.admit_all(DETAILS, ("system", "api", attack.raises.__name__, attack.handler, "explode"))
+                expected_details[details] = expected_details.get(details, 0) + 1
             if attack.tracked is not None:
                 error_type, component, exception, endpoint = attack.tracked
                 model.admit_all(ERRORS, (error_type, component, "unknown"))
@@ -378,7 +392,7 @@ def test_hostile_traffic_cannot_grow_series_beyond_the_bound_from_routes_and_cap
         "status": None,  # the app chooses any status code
         "error_type": len(ERROR_TYPES),
         "user_type": 1,
-        "function": 1,
+        "function": 2,  # explode, tracked
         "endpoint": len(handlers),
         "exception": None,
         "component": None,
