@@ -22,11 +22,13 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from starlette.routing import Mount, Route
 
 from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
 from crowdmon._types import Message, Receive, Scope, Send
 from crowdmon.catalogue import OTHER_METHOD, UNMATCHED_HANDLER
 from crowdmon.middleware import STANDARD_METHODS
+from crowdmon.routes import handler_label_for
 from tests.support import value
 
 REQUESTS = "crowdfunding_api_requests_total"
@@ -417,3 +419,52 @@ def test_a_fastapi_app_behaves_identically_with_and_without_crowdmon(
     assert recorded_total(FASTAPI_REGISTRY, "crowdfunding_api_requests") == before + (0 if is_excluded(scope) else 1)
     assert recorded_total(FASTAPI_REGISTRY, "crowdmon_internal_errors") == 0
     assert recorded_total(FASTAPI_REGISTRY, IN_PROGRESS) == 0
+
+
+# -- route resolution on whatever a router left in the scope ------------------------------------
+
+
+class OddRoute:
+    """A third-party router's route object, with attributes of any type."""
+
+    def __init__(self, path_format: object, path: object) -> None:
+        self.path_format = path_format
+        self.path = path
+
+
+class EffectiveContext:
+    def __init__(self, original_route: object, path_format: object) -> None:
+        self.original_route = original_route
+        self.path_format = path_format
+
+
+odd_values = st.one_of(st.none(), st.text(max_size=20), st.binary(max_size=10), st.integers(), st.just(object()))
+routes = st.one_of(
+    st.none(),
+    odd_values,
+    st.builds(OddRoute, odd_values, odd_values),
+    st.sampled_from([Route("/items/{item_id:int}", PlainTextResponse), Mount("/static", app=PlainTextResponse("x"))]),
+)
+
+
+@settings(FUZZ, max_examples=100)
+@given(
+    route=routes,
+    root_path=odd_values,
+    entry_root_path=st.text(max_size=10),
+    fastapi_scope=st.one_of(odd_values, st.builds(lambda path: {"effective_route_context": EffectiveContext(None, path)}, odd_values)),
+    status=st.integers(0, 999),
+    share_route=st.booleans(),
+)
+def test_route_resolution_never_raises_and_returns_a_string(
+    route: object, root_path: object, entry_root_path: str, fastapi_scope: object, status: int, share_route: bool
+) -> None:
+    if share_route and isinstance(fastapi_scope, dict):
+        fastapi_scope["effective_route_context"].original_route = route
+    scope: dict[str, Any] = {"type": "http", "route": route, "root_path": root_path, "fastapi": fastapi_scope}
+
+    handler = handler_label_for(scope, entry_root_path, status)
+
+    assert isinstance(handler, str)
+    if route is None or not isinstance(route, (Route, Mount, OddRoute)):
+        assert handler == UNMATCHED_HANDLER
