@@ -140,7 +140,8 @@ class _MetricSet:
     def report_internal_error(self, site: str, error: BaseException) -> None:
         """Count a contained failure of crowdmon's own code and log it once per site."""
         try:
-            self.internal_errors.labels(site).inc()
+            # Never through the guard: it may be what failed, and sites are crowdmon's own names.
+            self.internal_errors.metric.labels(site).inc()  # type: ignore[union-attr]
             if site not in self._logged_sites:
                 self._logged_sites.add(site)
                 logger.error(

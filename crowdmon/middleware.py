@@ -165,7 +165,11 @@ class PrometheusMiddleware:
                 except Exception as error:
                     report("middleware.exemplar", error)
 
-        token = current_request.set(RequestContext(scope, entry_root_path, self.user_type_resolver))
+        token = None
+        try:
+            token = current_request.set(RequestContext(scope, entry_root_path, self.user_type_resolver))
+        except Exception as error:
+            report("middleware.context", error)
         try:
             await self.app(scope, receive_and_measure, send_and_measure)
         except BaseException as error:
@@ -178,7 +182,8 @@ class PrometheusMiddleware:
                 # The app returned without responding; the server answers 500 on its behalf.
                 status = CLIENT_CLOSED_REQUEST if disconnected else 500
             finish(perf_counter())
-            current_request.reset(token)
+            if token is not None:
+                current_request.reset(token)
 
     def _handler_for(self, scope: Scope, entry_root_path: str, status: int) -> str:
         if self.handler_resolver is not None:
