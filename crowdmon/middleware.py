@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from time import perf_counter
 
 import anyio
@@ -93,7 +93,6 @@ class PrometheusMiddleware:
             await self.app(scope, receive, send)
             return
 
-        start = perf_counter()
         status = 0
         request_bytes = 0
         response_bytes = 0
@@ -117,21 +116,25 @@ class PrometheusMiddleware:
                 report("middleware.receive", error)
             return message
 
-        async def send_and_measure(message: Message) -> None:
+        def send_and_measure(message: Message) -> Awaitable[None]:
+            # A plain function returning the server's awaitable: no coroutine of our own per
+            # message, except for the last body chunk, after which the request is finished.
             nonlocal status, response_bytes
-            last = False
             try:
                 kind = message["type"]
                 if kind == "http.response.body":
                     response_bytes += len(message.get("body", b""))
-                    last = not message.get("more_body", False)
+                    if not message.get("more_body", False):
+                        return send_then_finish(message)
                 elif kind == "http.response.start":
                     status = message["status"]
             except Exception as error:
                 report("middleware.send", error)
+            return send(message)
+
+        async def send_then_finish(message: Message) -> None:
             await send(message)
-            if last:
-                finish(perf_counter())
+            finish(perf_counter())
 
         def finish(ended_at: float) -> None:
             # Runs once: after the last body byte was sent, or when the app is done, if earlier.
@@ -140,7 +143,9 @@ class PrometheusMiddleware:
                 return
             finished = True
             try:
-                handler = self._handler_for(scope, entry_root_path, status)
+                resolver = self.handler_resolver
+                label = None if resolver is None else resolver(scope)
+                handler = handler_label_for(scope, entry_root_path, status) if label is None else str(label)
             except Exception as error:
                 report("middleware.handler", error)
                 handler = UNMATCHED_HANDLER
@@ -148,7 +153,7 @@ class PrometheusMiddleware:
                 self._requests.finished(
                     method,
                     handler,
-                    _status_label(status),
+                    (_STATUS_LABELS.get(status) if type(status) is int else None) or _status_label(status),
                     ended_at - start,
                     request_bytes if body_complete else _declared_size(scope, request_bytes),
                     response_bytes,
@@ -157,6 +162,7 @@ class PrometheusMiddleware:
                 report("middleware.record", error)
 
         token = current_request.set(RequestContext(scope, entry_root_path, self.user_type_resolver))
+        start = perf_counter()
         try:
             await self.app(scope, receive_and_measure, send_and_measure)
         except BaseException as error:
@@ -168,7 +174,8 @@ class PrometheusMiddleware:
             if not status:
                 # The app returned without responding; the server answers 500 on its behalf.
                 status = CLIENT_CLOSED_REQUEST if disconnected else 500
-            finish(perf_counter())
+            if not finished:
+                finish(perf_counter())
             current_request.reset(token)
 
     def _handler_for(self, scope: Scope, entry_root_path: str, status: int) -> str:
