@@ -7,6 +7,7 @@ from time import perf_counter
 
 import anyio
 from prometheus_client import CollectorRegistry
+from starlette.routing import Host, Mount
 
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.catalogue import OTHER_METHOD, UNMATCHED_HANDLER
@@ -22,6 +23,8 @@ from crowdmon.routes import HandlerResolver, handler_label_for
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 _METHOD_LABELS = {method: method for method in STANDARD_METHODS}
 _STATUS_LABELS = {code: str(code) for code in range(100, 600)}
+#: Matched routes whose handler label a middleware remembers (an app has a bounded number).
+_ROUTE_LABELS_CAP = 1024
 #: Recorded when the client went away before any response was started (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
 
@@ -72,6 +75,7 @@ class PrometheusMiddleware:
         self.user_type_resolver = user_type_resolver
         self._requests = instrumentation.requests
         self._report = instrumentation.report_internal_error
+        self._route_labels: dict[tuple[int, int], tuple[object, object, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -145,7 +149,7 @@ class PrometheusMiddleware:
             try:
                 resolver = self.handler_resolver
                 label = None if resolver is None else resolver(scope)
-                handler = handler_label_for(scope, entry_root_path, status) if label is None else str(label)
+                handler = self._route_label(scope, entry_root_path, status) if label is None else str(label)
             except Exception as error:
                 report("middleware.handler", error)
                 handler = UNMATCHED_HANDLER
@@ -178,12 +182,26 @@ class PrometheusMiddleware:
                 finish(perf_counter())
             current_request.reset(token)
 
-    def _handler_for(self, scope: Scope, entry_root_path: str, status: int) -> str:
-        if self.handler_resolver is not None:
-            label = self.handler_resolver(scope)
-            if label is not None:
-                return str(label)
-        return handler_label_for(scope, entry_root_path, status)
+    def _route_label(self, scope: Scope, entry_root_path: str, status: int) -> str:
+        """:func:`handler_label_for`, remembered per matched route (and FastAPI route context).
+
+        Only for requests that crossed no mount (``root_path`` unchanged): there the label depends
+        on nothing but those two objects.  The entries keep them alive, so an ``id`` is never
+        reused while its entry exists; past :data:`_ROUTE_LABELS_CAP` entries nothing is added.
+        """
+        route = scope.get("route")
+        fastapi_scope = scope.get("fastapi")
+        context = fastapi_scope.get("effective_route_context") if type(fastapi_scope) is dict else None
+        if (scope.get("root_path") or "") != entry_root_path:
+            return handler_label_for(scope, entry_root_path, status)
+        key = (id(route), id(context))
+        known = self._route_labels.get(key)
+        if known is not None and known[0] is route and known[1] is context:
+            return known[2]
+        label = handler_label_for(scope, entry_root_path, status)
+        if route is not None and not isinstance(route, (Mount, Host)) and len(self._route_labels) < _ROUTE_LABELS_CAP:
+            self._route_labels[key] = (route, context, label)
+        return label
 
 
 def _status_label(status: object) -> str:
