@@ -499,8 +499,8 @@ def _crowdmon_decorators(registry: CollectorRegistry, skipped: dict[str, str]) -
     instrumentation = PrometheusInstrumentation(registry)
     found: dict[str, Callable[[Any], Any]] = {}
     factories: dict[str, Callable[[], Callable[[Any], Any]]] = {
-        "crowdmon @tracked_database": lambda: decorators.tracked_database("select", instrumentation=instrumentation),
-        "crowdmon @tracked_external": lambda: decorators.tracked_external("openai", endpoint="chat", instrumentation=instrumentation),
+        "crowdmon @tracked_database_query": lambda: decorators.tracked_database_query("select", instrumentation=instrumentation),
+        "crowdmon @tracked_external": lambda: decorators.tracked_external("openai", endpoint="chat/completions", instrumentation=instrumentation),
     }
     for name, factory in factories.items():
         try:
@@ -832,14 +832,18 @@ def run_benchmark(name: str, *, quick: bool = False, **options: Any) -> Report:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("benchmarks", nargs="*", choices=[*BENCHMARKS, "all"], default=["all"], help="which benchmarks to run (default: all)")
+    parser.add_argument("benchmarks", nargs="*", metavar="BENCHMARK", help=f"any of {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="a few iterations of each, to check they run (numbers meaningless)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per benchmark")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
 
 
 def main(args: argparse.Namespace) -> int:
-    chosen = BENCHMARKS if "all" in args.benchmarks else tuple(dict.fromkeys(args.benchmarks))
+    unknown = [name for name in args.benchmarks if name not in (*BENCHMARKS, "all")]
+    if unknown:
+        print(f"crowdmon bench: unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    chosen = BENCHMARKS if not args.benchmarks or "all" in args.benchmarks else tuple(dict.fromkeys(args.benchmarks))
     print(environment(), flush=True)
     reports = []
     for name in chosen:

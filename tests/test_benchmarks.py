@@ -93,6 +93,11 @@ def test_crowdmon_bench_command_prints_the_tables_and_writes_json(tmp_path: Path
     assert [r["name"] for r in json.loads(out.read_text())["reports"]] == ["scrape cost", "memory"]
 
 
+def test_an_unknown_benchmark_is_refused_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "scrape", "latency"]) == 2
+    assert "unknown benchmark latency; choose from asgi, decorators, server, scrape, memory" in capsys.readouterr().err
+
+
 def test_benchmarks_run_script_is_the_same_command() -> None:
     result = subprocess.run(
         [PYTHON, str(REPO_ROOT / "benchmarks" / "run.py"), "scrape", "--quick"],
