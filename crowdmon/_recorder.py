@@ -84,6 +84,9 @@ class _Layout:
 
 
 _LAYOUT = _Layout()
+_DURATION, _DURATION_SUM, _DURATION_BOUNDS = _LAYOUT.duration, _LAYOUT.duration_sum, _LAYOUT.duration_bounds
+_REQUEST, _REQUEST_SUM = _LAYOUT.request, _LAYOUT.request_sum
+_RESPONSE, _RESPONSE_SUM, _SIZE_BOUNDS = _LAYOUT.response, _LAYOUT.response_sum, _LAYOUT.size_bounds
 
 
 class _Shard:
@@ -116,7 +119,10 @@ class ShardedRequestRecorder:
         return shard
 
     def started(self, method: str) -> None:
-        in_progress = self._shard().in_progress
+        try:
+            in_progress = self._local.shard.in_progress
+        except AttributeError:
+            in_progress = self._shard().in_progress
         in_progress[method] = in_progress.get(method, 0) + 1
 
     def finished(
@@ -128,19 +134,22 @@ class ShardedRequestRecorder:
         request_bytes: int,
         response_bytes: int,
     ) -> None:
-        shard = self._shard()
+        # The hottest code in crowdmon: offsets are module constants, the shard is read inline.
+        try:
+            shard: _Shard = self._local.shard
+        except AttributeError:
+            shard = self._shard()
         shard.in_progress[method] -= 1
         cells = shard.series.get((method, handler, status))
         if cells is None:
             cells = self._new_series(shard, method, handler, status)
-        layout = _LAYOUT
         cells[0] += 1
-        cells[layout.duration + bisect_left(layout.duration_bounds, duration)] += 1
-        cells[layout.duration_sum] += duration
-        cells[layout.request + bisect_left(layout.size_bounds, request_bytes)] += 1
-        cells[layout.request_sum] += request_bytes
-        cells[layout.response + bisect_left(layout.size_bounds, response_bytes)] += 1
-        cells[layout.response_sum] += response_bytes
+        cells[_DURATION + bisect_left(_DURATION_BOUNDS, duration)] += 1
+        cells[_DURATION_SUM] += duration
+        cells[_REQUEST + bisect_left(_SIZE_BOUNDS, request_bytes)] += 1
+        cells[_REQUEST_SUM] += request_bytes
+        cells[_RESPONSE + bisect_left(_SIZE_BOUNDS, response_bytes)] += 1
+        cells[_RESPONSE_SUM] += response_bytes
 
     def _new_series(self, shard: _Shard, method: str, handler: str, status: str) -> list[float]:
         key = _fold(self._guard, method, handler, status)

@@ -32,6 +32,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_export_arguments(export)
 
+    bench = commands.add_parser(
+        "bench", help="measure what crowdmon costs against the bare app and its peers"
+    )
+    from crowdmon.bench import add_arguments
+
+    add_arguments(bench)
+
     args = parser.parse_args(argv)
     if args.command == "export":
         from crowdmon.ops.cli import run_export
@@ -41,5 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from crowdmon.demo import run_demo
 
         return run_demo(host=args.host, port=args.port, duration=args.duration, rate=args.rate)
+    if args.command == "bench":
+        from crowdmon.bench import main as run_bench
+
+        return run_bench(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it
     return 2

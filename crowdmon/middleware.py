@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from time import perf_counter
 
 import anyio
 from prometheus_client import CollectorRegistry
+from starlette.routing import Host, Mount
 
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.catalogue import OTHER_METHOD, UNMATCHED_HANDLER
@@ -23,6 +24,8 @@ from crowdmon.routes import HandlerResolver, handler_label_for
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 _METHOD_LABELS = {method: method for method in STANDARD_METHODS}
 _STATUS_LABELS = {code: str(code) for code in range(100, 600)}
+#: Matched routes whose handler label a middleware remembers (an app has a bounded number).
+_ROUTE_LABELS_CAP = 1024
 #: Recorded when the client went away before any response was started (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
 
@@ -76,6 +79,7 @@ class PrometheusMiddleware:
         self._requests = instrumentation.requests
         self._report = instrumentation.report_internal_error
         self._exemplars = request_exemplars(exemplars, instrumentation)
+        self._route_labels: dict[tuple[int, int], tuple[object, object, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,7 +101,6 @@ class PrometheusMiddleware:
             await self.app(scope, receive, send)
             return
 
-        start = perf_counter()
         status = 0
         request_bytes = 0
         response_bytes = 0
@@ -121,21 +124,25 @@ class PrometheusMiddleware:
                 report("middleware.receive", error)
             return message
 
-        async def send_and_measure(message: Message) -> None:
+        def send_and_measure(message: Message) -> Awaitable[None]:
+            # A plain function returning the server's awaitable: no coroutine of our own per
+            # message, except for the last body chunk, after which the request is finished.
             nonlocal status, response_bytes
-            last = False
             try:
                 kind = message["type"]
                 if kind == "http.response.body":
                     response_bytes += len(message.get("body", b""))
-                    last = not message.get("more_body", False)
+                    if not message.get("more_body", False):
+                        return send_then_finish(message)
                 elif kind == "http.response.start":
                     status = message["status"]
             except Exception as error:
                 report("middleware.send", error)
+            return send(message)
+
+        async def send_then_finish(message: Message) -> None:
             await send(message)
-            if last:
-                finish(perf_counter())
+            finish(perf_counter())
 
         def finish(ended_at: float) -> None:
             # Runs once: after the last body byte was sent, or when the app is done, if earlier.
@@ -144,7 +151,9 @@ class PrometheusMiddleware:
                 return
             finished = True
             try:
-                handler = self._handler_for(scope, entry_root_path, status)
+                resolver = self.handler_resolver
+                label = None if resolver is None else resolver(scope)
+                handler = self._route_label(scope, entry_root_path, status) if label is None else str(label)
             except Exception as error:
                 report("middleware.handler", error)
                 handler = UNMATCHED_HANDLER
@@ -152,7 +161,7 @@ class PrometheusMiddleware:
                 self._requests.finished(
                     method,
                     handler,
-                    _status_label(status),
+                    (_STATUS_LABELS.get(status) if type(status) is int else None) or _status_label(status),
                     ended_at - start,
                     request_bytes if body_complete else _declared_size(scope, request_bytes),
                     response_bytes,
@@ -170,6 +179,7 @@ class PrometheusMiddleware:
             token = current_request.set(RequestContext(scope, entry_root_path, self.user_type_resolver))
         except Exception as error:
             report("middleware.context", error)
+        start = perf_counter()
         try:
             await self.app(scope, receive_and_measure, send_and_measure)
         except BaseException as error:
@@ -181,16 +191,31 @@ class PrometheusMiddleware:
             if not status:
                 # The app returned without responding; the server answers 500 on its behalf.
                 status = CLIENT_CLOSED_REQUEST if disconnected else 500
-            finish(perf_counter())
+            if not finished:
+                finish(perf_counter())
             if token is not None:
                 current_request.reset(token)
 
-    def _handler_for(self, scope: Scope, entry_root_path: str, status: int) -> str:
-        if self.handler_resolver is not None:
-            label = self.handler_resolver(scope)
-            if label is not None:
-                return str(label)
-        return handler_label_for(scope, entry_root_path, status)
+    def _route_label(self, scope: Scope, entry_root_path: str, status: int) -> str:
+        """:func:`handler_label_for`, remembered per matched route (and FastAPI route context).
+
+        Only for requests that crossed no mount (``root_path`` unchanged): there the label depends
+        on nothing but those two objects.  The entries keep them alive, so an ``id`` is never
+        reused while its entry exists; past :data:`_ROUTE_LABELS_CAP` entries nothing is added.
+        """
+        route = scope.get("route")
+        fastapi_scope = scope.get("fastapi")
+        context = fastapi_scope.get("effective_route_context") if type(fastapi_scope) is dict else None
+        if (scope.get("root_path") or "") != entry_root_path:
+            return handler_label_for(scope, entry_root_path, status)
+        key = (id(route), id(context))
+        known = self._route_labels.get(key)
+        if known is not None and known[0] is route and known[1] is context:
+            return known[2]
+        label = handler_label_for(scope, entry_root_path, status)
+        if route is not None and not isinstance(route, (Mount, Host)) and len(self._route_labels) < _ROUTE_LABELS_CAP:
+            self._route_labels[key] = (route, context, label)
+        return label
 
 
 def _status_label(status: object) -> str:

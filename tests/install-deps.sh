@@ -8,4 +8,4 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null || ! c
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends prometheus hey >/dev/null
 fi
-python3 -m pip install -q --disable-pip-version-check -e '.[dev]'
+python3 -m pip install -q --disable-pip-version-check -e '.[dev,bench]'

@@ -1,0 +1,106 @@
+"""Smoke tests: every benchmark runs a few iterations end to end.  Nothing here asserts on speed;
+the assertions are on what the benchmarks check and report (counts served, tables, skips)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from crowdmon import bench
+from crowdmon.cli import main
+from tests.support import PYTHON, REPO_ROOT, subprocess_env
+
+
+def test_asgi_benchmark_runs_every_variant_and_checks_their_counters() -> None:
+    report = bench.run_benchmark("asgi", quick=True)
+
+    assert report.data["skipped"] == {}  # the bench extra is installed by tests/install-deps.sh
+    measured = {(r["framework"], r["route"], r["variant"]) for r in report.data["results"]}
+    assert measured == {(f, r, v) for f in bench.FRAMEWORKS for r in bench.ROUTES for v in bench.VARIANTS}
+    # Warm-up (one per route) plus (rounds + 1) x requests per route, recorded by every peer.
+    served = len(bench.ROUTES) * (1 + (1 + 1) * 10)
+    assert report.data["counts"]["starlette/crowdmon"] == {"served": served, "recorded": served}
+    assert all(count["recorded"] == served for count in report.data["counts"].values())
+    assert len(report.data["counts"]) == len(bench.FRAMEWORKS) * 5  # all but the two baselines
+    assert [t.what.split(" / ")[1] for t in report.targets] == [
+        "naive two-call overhead",
+        "prometheus-fastapi-instrumentator overhead",
+        "pass-through overhead (goal)",
+    ]
+
+
+def test_a_variant_that_does_not_record_every_request_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = bench.build_variant
+
+    def losing(name: str, framework: str) -> bench.Variant:
+        variant = real(name, framework)
+        if variant.recorded is not None:
+            recorded = variant.recorded
+            variant.recorded = lambda: recorded() - 1
+        return variant
+
+    monkeypatch.setattr(bench, "build_variant", losing)
+    with pytest.raises(RuntimeError, match="naive on starlette recorded 60 requests but served 61"):
+        bench.bench_asgi(frameworks=("starlette",), routes=("json",), variants=("bare", "naive"), rounds=2, requests=20)
+
+
+def test_decorator_benchmark_times_prometheus_client_and_prometheus_async() -> None:
+    report = bench.run_benchmark("decorators", quick=True)
+
+    assert {"sync/Histogram.time()", "async/prometheus_async aio.time"} <= set(report.data["overhead_us"])
+    assert "µs/call" in report.text
+
+
+def test_server_benchmark_serves_every_request_under_uvicorn() -> None:
+    report = bench.run_benchmark("server", quick=True)
+
+    assert [len(runs) for runs in report.data["runs"].values()] == [1, 1]
+    assert all(run["ok"] == 200 for runs in report.data["runs"].values() for run in runs)
+    assert report.targets[0].what == "crowdmon throughput / bare throughput"
+
+
+def test_scrape_benchmark_renders_the_same_series_both_ways() -> None:
+    instrumentation, native, samples = bench.populated_registries(handlers=3)
+    ours = bench.MetricsApp(instrumentation).render("")[0].decode()
+    theirs = bench.generate_latest(native).decode()
+
+    # 3 handlers x 4 methods x 6 statuses counters, 3 histograms over 3 x 4 routes.
+    assert ours.count("crowdfunding_api_requests_total{") == 72
+    assert ours.count("crowdfunding_api_request_duration_seconds_count{") == theirs.count(
+        "crowdfunding_api_request_duration_seconds_count{"
+    ) == 12
+    assert samples > 72
+    assert bench.run_benchmark("scrape", quick=True).data["samples"] > 1000
+
+
+def test_memory_benchmark_records_every_random_request() -> None:
+    report = bench.run_benchmark("memory", quick=True)
+
+    assert [count for count, _ in report.data["rss_mib"]] == [1000, 2000]
+    assert report.targets[0].what.startswith("RSS growth")
+
+
+def test_crowdmon_bench_command_prints_the_tables_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results.json"
+    assert main(["bench", "scrape", "memory", "--quick", "--json", str(out)]) == 0
+
+    printed = capsys.readouterr().out
+    assert "== scrape cost ==" in printed and "== memory ==" in printed
+    assert "prometheus-client" in printed  # the versions the numbers were taken with
+    assert [r["name"] for r in json.loads(out.read_text())["reports"]] == ["scrape cost", "memory"]
+
+
+def test_an_unknown_benchmark_is_refused_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "scrape", "latency"]) == 2
+    assert "unknown benchmark latency; choose from asgi, decorators, server, scrape, memory" in capsys.readouterr().err
+
+
+def test_benchmarks_run_script_is_the_same_command() -> None:
+    result = subprocess.run(
+        [PYTHON, str(REPO_ROOT / "benchmarks" / "run.py"), "scrape", "--quick"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert "== scrape cost ==" in result.stdout
