@@ -29,7 +29,7 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int) -> str:
     if route is None:
         return UNMATCHED_HANDLER
     template = _template_of(scope, route)
-    if not isinstance(template, str):
+    if not isinstance(template, str) or not template:
         return UNMATCHED_HANDLER
     root_path = scope.get("root_path") or ""
     mount_prefix = ""
