@@ -18,7 +18,7 @@ import hmac
 import ipaddress
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import anyio.to_thread
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from crowdmon._types import Receive, Scope, Send
@@ -122,9 +123,9 @@ class MetricsApp:
     def render(self, accept: str = "", names: list[str] | None = None) -> tuple[bytes, str]:
         """The exposition for an ``Accept`` header, and its content type."""
         registry = self._registry_for_scrape()
-        if names:
-            registry = registry.restricted_registry(names)  # type: ignore[assignment]
         encoder, content_type = choose_encoder(accept)
+        if names:
+            return encoder(_Restricted(registry, frozenset(names))), content_type
         return encoder(registry), content_type
 
     def _registry_for_scrape(self) -> CollectorRegistry:
@@ -139,6 +140,26 @@ class MetricsApp:
             MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
             return registry
         return self.instrumentation.registry
+
+
+class _Restricted:
+    """The samples of ``registry`` whose names are in ``names``.
+
+    prometheus_client's own ``restricted_registry`` finds collectors by the names they declared
+    at registration; the ``MultiProcessCollector`` declares none, so it would filter out all.
+    """
+
+    def __init__(self, registry: CollectorRegistry, names: frozenset[str]) -> None:
+        self._registry = registry
+        self._names = names
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            samples = [sample for sample in family.samples if sample.name in self._names]
+            if samples:
+                restricted = Metric(family.name, family.documentation, family.type, family.unit)
+                restricted.samples = samples
+                yield restricted
 
 
 def _credentials(bearer_token: str | None, basic_auth: tuple[str, str] | None) -> list[bytes]:

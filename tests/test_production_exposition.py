@@ -4,11 +4,13 @@ a separate listener, and the README's protection snippets."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -223,3 +225,16 @@ def test_readme_separate_port_snippet() -> None:
     assert "crowdfunding_api_requests_in_progress" in scrape.text
     assert scrape.headers["content-encoding"] == "gzip"
     assert "/metrics" not in {getattr(route, "path", None) for route in namespace["app"].router.routes}
+
+
+def test_name_filter_keeps_collectors_that_declare_no_names(registry: CollectorRegistry) -> None:
+    # Like prometheus_client's MultiProcessCollector: collect() only, no describe().
+    class Undeclared:
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            yield GaugeMetricFamily("app_queue_depth", "Jobs waiting.", value=7)
+
+    registry.register(Undeclared())
+    body, _ = MetricsApp(PrometheusInstrumentation(registry)).render(names=["app_queue_depth", "chat_messages_total"])
+
+    assert scraped(body.decode(), "app_queue_depth") == 7
+    assert [line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE")] == ["app_queue_depth"]

@@ -135,6 +135,15 @@ def run_multiworker_matrix(server: Server, tmp_path: Path, prometheus: Prometheu
         key("crowdfunding_api_requests_in_progress", method="GET"): 0,
     })
 
+    # OpenMetrics, gzip and name[] filtering work the same from the workers' files.
+    with server.client() as client:
+        filtered = client.get("/metrics", params={"name[]": "chat_messages_total"}, headers={
+            **AUTH, "accept": "application/openmetrics-text; version=1.0.0", "accept-encoding": "gzip"})
+    assert filtered.headers["content-encoding"] == "gzip"
+    assert filtered.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert [line for line in filtered.text.splitlines() if not line.startswith("#")] == [
+        f'chat_messages_total{{cache_hit="true",message_type="assistant",rag_used="true",user_type="authenticated"}} {CHATS}.0']
+
     # 2. Every worker says the database is healthy; then one of them, the victim, says unhealthy.
     healthy: set[int] = set()
     for _ in range(60):
