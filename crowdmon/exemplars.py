@@ -31,12 +31,16 @@ if TYPE_CHECKING:
     from crowdmon.instrumentation import PrometheusInstrumentation
 
 ExemplarProvider = Callable[[Scope], "Mapping[str, str] | None"]
+_Latest = tuple[Mapping[str, str], float, float]
 
 #: OpenMetrics: an exemplar's label names and values together hold at most 128 characters.
 MAX_EXEMPLAR_RUNES = 128
 #: Series with an exemplar kept at most, per metric; requests folded by the guard never show one.
 MAX_SERIES = 4096
+#: Label names already checked (a provider returns the same few names every time).
+_VALID_NAMES: set[str] = set()
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_INVALID_TRACE_ID = "0" * 32
 _TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
@@ -59,9 +63,12 @@ def traceparent_exemplar(scope: Scope) -> dict[str, str] | None:
     for name, value in scope.get("headers") or ():
         if name == b"traceparent":
             match = _TRACEPARENT.match(value.strip().lower())
-            if match is None or not int(match.group(3), 16) & 1 or match.group(1) == b"0" * 32:
+            if match is None or not int(match.group(3), 16) & 1:
                 return None
-            return {"trace_id": match.group(1).decode(), "span_id": match.group(2).decode()}
+            trace_id = match.group(1).decode()
+            if trace_id == _INVALID_TRACE_ID:
+                return None
+            return {"trace_id": trace_id, "span_id": match.group(2).decode()}
     return None
 
 
@@ -95,11 +102,13 @@ class RequestExemplars:
     def __init__(self, provider: ExemplarProvider, store: ExemplarStore) -> None:
         self.provider = provider
         self.store = store
+        # The built-in providers always return valid labels; a user's are checked every time.
+        self._check = provider not in (opentelemetry_exemplar, traceparent_exemplar)
 
     def observe(self, scope: Scope, method: str, handler: str, status: str, duration: float) -> None:
         labels = self.provider(scope)
         if labels:
-            self.store.record(method, handler, status, duration, _checked(labels))
+            self.store.record(method, handler, status, duration, _checked(labels) if self._check else labels)
 
 
 def request_exemplars(option: object, instrumentation: PrometheusInstrumentation) -> RequestExemplars | None:
@@ -130,17 +139,19 @@ class ExemplarStore:
     def __init__(self) -> None:
         self._bounds = DURATION.buckets
         self._le = [floatToGoString(bound) for bound in (*self._bounds, float("inf"))]  # type: ignore[no-untyped-call]
-        self._counter: dict[tuple[str, str, str], Exemplar] = {}
-        self._buckets: dict[tuple[str, str, str], Exemplar] = {}
+        # (labels, value, timestamp): made into prometheus_client Exemplars only when scraped.
+        self._counter: dict[tuple[str, str, str], _Latest] = {}
+        self._buckets: dict[tuple[str, str, str], _Latest] = {}
 
-    def record(self, method: str, handler: str, status: str, duration: float, labels: dict[str, str]) -> None:
+    def record(self, method: str, handler: str, status: str, duration: float, labels: Mapping[str, str]) -> None:
         now = time.time()
+        counter, buckets = self._counter, self._buckets
         counter_key = (method, handler, status)
-        if counter_key in self._counter or len(self._counter) < MAX_SERIES:
-            self._counter[counter_key] = Exemplar(labels, 1.0, now)
+        if counter_key in counter or len(counter) < MAX_SERIES:
+            counter[counter_key] = (labels, 1.0, now)
         bucket_key = (method, handler, self._le[bisect_left(self._bounds, duration)])
-        if bucket_key in self._buckets or len(self._buckets) < MAX_SERIES:
-            self._buckets[bucket_key] = Exemplar(labels, duration, now)
+        if bucket_key in buckets or len(buckets) < MAX_SERIES:
+            buckets[bucket_key] = (labels, duration, now)
 
     def attach(self, families: Iterable[Metric]) -> Iterator[Metric]:
         """``families`` with the exemplars on their samples; exemplars of series that no longer
@@ -155,30 +166,44 @@ class ExemplarStore:
             yield family
 
 
-def _with_exemplars(samples: list, name: str, keys: tuple[str, str, str], exemplars: dict[tuple[str, str, str], Exemplar]) -> list:  # type: ignore[type-arg]
+def _with_exemplars(samples: list, name: str, keys: tuple[str, str, str], exemplars: dict[tuple[str, str, str], _Latest]) -> list:  # type: ignore[type-arg]
     matched = set()
     result = []
     for sample in samples:
         if sample.name == name:
             key = tuple(sample.labels.get(label, "") for label in keys)
-            exemplar = exemplars.get(key)
-            if exemplar is not None:
+            latest = exemplars.get(key)
+            if latest is not None:
                 matched.add(key)
-                sample = sample._replace(exemplar=exemplar)
+                sample = sample._replace(exemplar=Exemplar(dict(latest[0]), latest[1], latest[2]))
         result.append(sample)
     for stale in exemplars.keys() - matched:
         exemplars.pop(stale, None)
     return result
 
 
-def _checked(labels: Mapping[str, str]) -> dict[str, str]:
+def _checked(labels: Mapping[str, str]) -> Mapping[str, str]:
     """``labels`` as an OpenMetrics exemplar label set; ``ValueError`` when it cannot be one."""
-    checked = {str(name): str(value) for name, value in labels.items()}
     runes = 0
-    for name, value in checked.items():
-        if not _LABEL_NAME.match(name):
-            raise ValueError(f"exemplar label name {name!r} is not a valid label name")
+    for name, value in labels.items():
+        if type(value) is not str or name not in _VALID_NAMES:
+            return _checked_slowly(labels)
         runes += len(name) + len(value)
+    if runes > MAX_EXEMPLAR_RUNES:
+        raise ValueError(f"exemplar labels hold {runes} characters; OpenMetrics allows {MAX_EXEMPLAR_RUNES}")
+    return labels
+
+
+def _checked_slowly(labels: Mapping[str, str]) -> Mapping[str, str]:
+    checked = {}
+    runes = 0
+    for name, value in labels.items():
+        if not isinstance(name, str) or not _LABEL_NAME.match(name):
+            raise ValueError(f"exemplar label name {name!r} is not a valid label name")
+        if len(_VALID_NAMES) < 64:
+            _VALID_NAMES.add(name)
+        checked[name] = str(value)
+        runes += len(name) + len(checked[name])
     if runes > MAX_EXEMPLAR_RUNES:
         raise ValueError(f"exemplar labels hold {runes} characters; OpenMetrics allows {MAX_EXEMPLAR_RUNES}")
     return checked
