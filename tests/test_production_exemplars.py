@@ -186,3 +186,14 @@ async def test_readme_exemplars_snippet() -> None:
 
     key = ("crowdfunding_api_requests_total", (("handler", "/answer/{question_id}"), ("method", "GET"), ("status", "200")))
     assert found[key].labels == {"trace_id": TRACE_ID, "span_id": SPAN_ID}
+
+
+async def test_a_providers_non_string_values_become_strings(registry: CollectorRegistry) -> None:
+    app, _ = build(registry, lambda scope: {"request_number": 42})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        await client.get("/items/1")
+        await client.get("/items/2")
+    found = exemplars_in(await scrape(app))
+
+    key = ("crowdfunding_api_requests_total", (("handler", "/items/{item_id}"), ("method", "GET"), ("status", "200")))
+    assert found[key].labels == {"request_number": "42"}
