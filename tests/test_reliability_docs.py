@@ -15,6 +15,7 @@ def test_every_test_security_md_names_exists() -> None:
     defined = {name for source in sources.values() for name in re.findall(r"def (test_\w+)\(", source)}
 
     assert {"test_reliability_cardinality.py", "test_reliability_protocol.py", "test_reliability_faults.py",
-            "test_reliability_decorators.py", "test_reliability_load.py"} <= files
+            "test_reliability_decorators.py", "test_reliability_load.py",
+            "test_reliability_metrics_protection.py"} <= files
     assert functions and functions <= defined, functions - defined
     assert "[SECURITY.md](SECURITY.md)" in (REPO_ROOT / "README.md").read_text()
