@@ -433,7 +433,10 @@ def test_hostile_traffic_cannot_grow_series_beyond_the_bound_from_routes_and_cap
 
     # 80,000 requests after the warm-up leave memory flat.
     growth = rss_checkpoints[1] - rss_checkpoints[0]
-    print(f"RSS {rss_checkpoints[0] / 2**20:.1f} MiB after 20,000 requests, growth {growth / 2**20:.2f} MiB after 100,000")
+    print(
+        f"{len(families['crowdfunding_api_requests'])} request series (bound 1890), folds {model.folds}, "
+        f"RSS {rss_checkpoints[0] / 2**20:.1f} MiB after 20,000 requests, +{growth / 2**20:.2f} MiB after 100,000"
+    )
     assert growth < 8 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB over 80,000 hostile requests"
 
 
