@@ -226,12 +226,17 @@ def _status_label(status: object) -> str:
 
 
 def _declared_size(scope: Scope, received: int) -> int:
-    """``Content-Length`` for a body the app did not read to the end; never less than was read."""
-    for name, value in scope.get("headers") or ():
-        if name == b"content-length":
-            if value.isdigit() and len(value) <= 15:
-                return max(received, int(value))
-            break
+    """``Content-Length`` for a body the app did not read to the end; never less than was read.
+    Headers no server should send (not pairs of bytes) count as no ``Content-Length``: a failure
+    here would lose the request and leave it in progress forever."""
+    try:
+        for name, value in scope.get("headers") or ():
+            if name == b"content-length":
+                if value.isdigit() and len(value) <= 15:
+                    return max(received, int(value))
+                break
+    except Exception:
+        pass
     return received
 
 

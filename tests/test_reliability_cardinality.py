@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -432,5 +433,56 @@ def test_hostile_traffic_cannot_grow_series_beyond_the_bound_from_routes_and_cap
 
     # 80,000 requests after the warm-up leave memory flat.
     growth = rss_checkpoints[1] - rss_checkpoints[0]
-    print(f"RSS {rss_checkpoints[0] / 2**20:.1f} MiB after 20,000 requests, growth {growth / 2**20:.2f} MiB after 100,000")
+    print(
+        f"{len(families['crowdfunding_api_requests'])} request series (bound 1890), folds {model.folds}, "
+        f"RSS {rss_checkpoints[0] / 2**20:.1f} MiB after 20,000 requests, +{growth / 2**20:.2f} MiB after 100,000"
+    )
     assert growth < 8 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB over 80,000 hostile requests"
+
+
+def test_hostile_traffic_against_fastapi_included_routers_stays_within_the_templates() -> None:
+    """FastAPI's own routing (nested ``include_router`` prefixes, 422 for a bad path parameter,
+    its 404 and 405): 20,000 hostile requests, every handler a template, the status set capped."""
+    registry = CollectorRegistry()
+    instrumentation = PrometheusInstrumentation(registry, cardinality_caps={f"{REQUESTS}:status": 5})
+    app = FastAPI()
+    items = APIRouter(prefix="/items")
+
+    @items.get("/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    @items.post("/{item_id}/notes")
+    def note(item_id: int, payload: dict[str, str]) -> dict[str, int]:
+        return {"fields": len(payload)}
+
+    v1 = APIRouter(prefix="/v1")
+    v1.include_router(items)
+    app.include_router(v1, prefix="/api")
+    app.add_middleware(PrometheusMiddleware, instrumentation=instrumentation)
+    templates = {"/api/v1/items/{item_id}", "/api/v1/items/{item_id}/notes", UNMATCHED_HANDLER}
+    rng = random.Random(11)
+    statuses: dict[int, int] = {}
+
+    async def attack_all() -> None:
+        for _ in range(20_000):
+            method = rng.choice(("GET", "POST", "PUT", "BREW", "get"))
+            item_id = str(rng.randrange(10**6)) if rng.random() < 0.6 else token(rng, 8)
+            path = rng.choice((f"/api/v1/items/{item_id}", f"/api/v1/items/{item_id}/notes", f"/api/v{token(rng, 3)}/{item_id}", f"/api/v1/items/{item_id}/"))
+            body = rng.choice((b'{"a": "b"}', b"{", f'{{"{SECRET}": 1}}'.encode()))
+            attack = Attack(method, path, "", 0, [(b"content-type", b"application/json"), (b"x-token", SECRET.encode())], f"q={SECRET}".encode(), body)
+            status = await send_attack(app, attack)
+            statuses[status] = statuses.get(status, 0) + 1
+
+    asyncio.run(attack_all())
+    samples = scrape_samples(generate_latest(registry).decode())
+    series = {labels: count for (name, labels), count in samples.items() if name == REQUESTS}
+
+    assert {200, 404, 405, 422} <= set(statuses)
+    assert sum(series.values()) == 20_000
+    handlers = {dict(labels)["handler"] for labels in series}
+    assert handlers <= templates and len(handlers) == 3
+    recorded_statuses = {dict(labels)["status"] for labels in series}
+    assert len(recorded_statuses - {OVERFLOW_VALUE}) <= 5
+    assert len(series) <= (len(STANDARD_METHODS) + 1) * len(templates) * (5 + 1)
+    assert not any(SECRET in label_value for _, labels in samples for _, label_value in labels)

@@ -21,6 +21,8 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import crowdmon.context
@@ -299,3 +301,80 @@ async def test_user_type_from_client_data_is_held_by_the_guard() -> None:
     # The last 7 sessions open and close under the folded value, one fold each.
     assert value(registry, "crowdmon_label_overflow_total", metric="active_sessions_current", label="user_type") == 7
     assert value(registry, "active_sessions_current", user_type=OVERFLOW_VALUE) == 0
+
+
+# -- hostile exception objects -----------------------------------------------------------------
+
+TRAITS = ("refuses_attributes", "attribute_lookup_fails", "str_fails", "eq_fails", "cause_cycle", "long_context_chain")
+
+
+def hostile_exception(base: type[BaseException], traits: frozenset[str]) -> BaseException:
+    """An exception of a class built to make error accounting fail."""
+    namespace: dict[str, Any] = {}
+    if "refuses_attributes" in traits:
+        def __setattr__(self: BaseException, name: str, value: object) -> None:
+            raise TypeError("read-only exception")
+        namespace["__setattr__"] = __setattr__
+    if "attribute_lookup_fails" in traits:
+        def __getattribute__(self: BaseException, name: str) -> Any:
+            if name.startswith("_crowdmon"):
+                raise RuntimeError(f"no {name} here")
+            return base.__getattribute__(self, name)
+        namespace["__getattribute__"] = __getattribute__
+    if "str_fails" in traits:
+        namespace["__str__"] = lambda self: 1 / 0
+        namespace["__repr__"] = lambda self: 1 / 0
+    if "eq_fails" in traits:
+        namespace["__eq__"] = lambda self, other: 1 / 0
+        namespace["__hash__"] = lambda self: 1 / 0
+    cls = type(f"Hostile{base.__name__}", (base,), namespace)
+    error: BaseException = cls(f"{SECRET} hostile")
+    if "cause_cycle" in traits:
+        other = ValueError("cycle")
+        BaseException.__setattr__(error, "__cause__", other)
+        other.__cause__ = error
+    if "long_context_chain" in traits:
+        current: BaseException = error
+        for depth in range(200):
+            link = OSError(f"link {depth}")
+            BaseException.__setattr__(current, "__context__", link)
+            current = link
+    return error
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=st.sampled_from([Exception, ValueError, KeyError, OSError, TimeoutError, ConnectionError, PermissionError, KeyboardInterrupt, GeneratorExit]),
+    traits=st.frozensets(st.sampled_from(TRAITS)),
+)
+def test_any_exception_object_passes_through_and_is_counted_at_most_once(base: type[BaseException], traits: frozenset[str]) -> None:
+    registry = CollectorRegistry()
+    instrumentation = PrometheusInstrumentation(registry)
+
+    @tracked_errors("rag_system", instrumentation=instrumentation)
+    @tracked_external("openai", "chat/completions", instrumentation=instrumentation)
+    def call_out(error: BaseException) -> None:
+        raise error
+
+    error = hostile_exception(base, traits)
+    for _ in range(2):
+        with pytest.raises(base) as raised:
+            call_out(error)
+        assert raised.value is error
+        if isinstance(error, Exception):
+            instrumentation.track_application_error(None, "api", error)
+
+    counted = sum(s.value for f in registry.collect() if f.name == "application_errors" for s in f.samples if s.name.endswith("_total"))
+    failures = sum(s.value for f in registry.collect() if f.name == "crowdmon_internal_errors" for s in f.samples if s.name.endswith("_total"))
+    exceptions = {v for f in registry.collect() for s in f.samples for n, v in s.labels.items() if n == "exception"}
+    if not isinstance(error, Exception):
+        assert counted == 0 and failures == 0 and exceptions == set()
+    elif "attribute_lookup_fails" in traits:
+        # Whether it was counted before cannot be read: a contained, counted failure instead.
+        assert counted == 0 and failures >= 2
+    elif "refuses_attributes" in traits:
+        # It cannot be marked as counted, so it is counted each time it is seen: twice per call.
+        assert counted == 4 and failures == 0 and exceptions == {type(error).__name__}
+    else:
+        # Once, however often it passes a decorator or a tracking call again.
+        assert counted == 1 and failures == 0 and exceptions == {type(error).__name__}

@@ -289,3 +289,32 @@ async def test_when_reporting_the_failure_fails_too_the_request_still_succeeds(
     monkeypatch.setattr(logging.getLogger("crowdmon"), "error", boom)
 
     assert await exchange(app) == unmonitored_answers
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"content-length", b"10", b"extra")],  # not a pair
+        [(b"content-length",)],
+        [b"content-length: 10"],
+        [(b"content-length", 10)],  # not bytes
+        17,  # not iterable
+    ],
+    ids=["triple", "single", "raw-line", "int-value", "int-headers"],
+)
+async def test_malformed_headers_from_a_buggy_upstream_leave_nothing_in_progress(
+    registry: CollectorRegistry, headers: Any
+) -> None:
+    async def partial_reader(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # the first chunk only: the size falls back to the headers
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    app = PrometheusMiddleware(partial_reader, registry=registry)
+    scope = http_scope("/upload", "POST")
+    scope["headers"] = headers
+    sent = await run_asgi(app, scope, [{"type": "http.request", "body": b"abc", "more_body": True}])
+
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b"ok"
+    assert value(registry, REQUESTS, method="POST", handler="<unmatched>", status="200") == 1
+    assert value(registry, "crowdfunding_api_request_size_bytes_sum", method="POST", handler="<unmatched>") == 3
+    assert value(registry, "crowdfunding_api_requests_in_progress", method="POST") == 0

@@ -1,4 +1,5 @@
-"""Exact counts under load: a real uvicorn server on 127.0.0.1, async endpoints and sync ones in
+"""Exact counts under load: a real uvicorn server on 127.0.0.1, and gunicorn with two uvicorn workers
+in prometheus_client's multiprocess mode, with async endpoints and sync ones in
 the threadpool, hit at once by several bounded ``hey`` clients (hey counts exactly).  Every request
 counter and histogram ``_count`` equals what the clients sent and received: nothing lost, nothing
 doubled, nothing left in progress.
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,8 +24,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry
 
-from crowdmon import PrometheusInstrumentation, setup_monitoring
-from tests.support import scrape_samples, uvicorn_in_thread
+from crowdmon import (
+    MetricsApp,
+    PrometheusInstrumentation,
+    default_instrumentation,
+    setup_monitoring,
+)
+from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
+from tests.production_support import gunicorn_command, serve, server_env
+from tests.support import free_port, scrape_samples, uvicorn_in_thread
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 UPLOAD = b"u" * 3000
 ECHO = b'{"name": "load", "kind": "sync"}'
@@ -31,7 +44,7 @@ class LoadError(Exception):
     pass
 
 
-def build_app(registry: CollectorRegistry) -> FastAPI:
+def build_app(instrumentation: PrometheusInstrumentation, **options: Any) -> FastAPI:
     app = FastAPI()
 
     @app.get("/async/{item_id}")
@@ -64,8 +77,31 @@ def build_app(registry: CollectorRegistry) -> FastAPI:
     def fail() -> None:  # an exception in the threadpool: 500
         raise LoadError("expected under load")
 
-    setup_monitoring(app, instrumentation=PrometheusInstrumentation(registry))
+    @app.get("/pid")
+    async def pid() -> dict[str, int]:
+        return {"pid": os.getpid()}
+
+    setup_monitoring(app, instrumentation=instrumentation, **options)
     return app
+
+
+def multiworker_app() -> ASGIApp:
+    """The same app for each worker of a multi-worker server (a factory: importing this module
+    records nothing); ``/metrics`` sums the workers' files and wants ``METRICS_TOKEN``, and every
+    response names its worker in ``x-worker-pid``."""
+    instrumentation = default_instrumentation()
+    app = build_app(instrumentation, metrics_app=MetricsApp(instrumentation, bearer_token=os.environ["METRICS_TOKEN"]))
+    worker = (b"x-worker-pid", str(os.getpid()).encode())
+
+    async def naming_the_worker(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_pid(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), worker]
+            await send(message)
+
+        await app(scope, receive, send_with_pid)
+
+    return naming_the_worker
 
 
 @dataclass
@@ -95,7 +131,7 @@ LOADS = [
     Load("POST", "/sync-echo", "/sync-echo", 480, 8, 200, ECHO, response_bytes=len(b'{"name":"load","kind":"sync"}')),
     Load("POST", "/upload", "/upload", 400, 8, 200, UPLOAD, response_bytes=4),
     Load("GET", "/stream", "/stream", 300, 6, 200, response_bytes=4000),
-    Load("GET", "/fail", "/fail", 200, 4, 500),
+    Load("GET", "/fail", "/fail", 100, 4, 500),
     Load("GET", "/missing/route", "<unmatched>", 200, 4, 404),
 ]
 
@@ -116,21 +152,18 @@ def hey() -> str:
     return found
 
 
-def test_every_request_under_concurrent_load_is_counted_exactly_once(
-    registry: CollectorRegistry, hey: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The 200 expected tracebacks of /fail would flood the log.
-    monkeypatch.setattr(logging.getLogger("uvicorn.error"), "disabled", True)
+def drive(base_url: str) -> list[str]:
+    """All the hey clients at once; their summaries."""
     assert all(load.requests % load.concurrency == 0 for load in LOADS)
-    with uvicorn_in_thread(build_app(registry), log_config=None) as base_url:
-        clients = [
-            subprocess.Popen(load.command(base_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for load in LOADS
-        ]
-        outputs = [client.communicate(timeout=90)[0] for client in clients]
-        scrape = httpx.get(base_url + "/metrics", timeout=10).text
+    clients = [
+        subprocess.Popen(load.command(base_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for load in LOADS
+    ]
+    return [client.communicate(timeout=90)[0] for client in clients]
 
-    samples = scrape_samples(scrape)
+
+def assert_exact(samples: Samples, outputs: list[str]) -> None:
+    """Every count equals what hey sent and received; nothing else, nothing in progress."""
 
     def sample(name: str, **labels: str) -> float:
         return samples.get((name, frozenset(labels.items())), 0.0)
@@ -146,9 +179,46 @@ def test_every_request_under_concurrent_load_is_counted_exactly_once(
         if load.response_bytes is not None:
             assert sample("crowdfunding_api_response_size_bytes_sum", **route) == load.requests * load.response_bytes
 
-    # Nothing else was recorded, nothing counted twice, nothing left in progress.
-    total = sum(v for (name, _), v in samples.items() if name == "crowdfunding_api_requests_total")
+    # Nothing else was recorded (but the servers' own readiness polls of /pid), nothing counted
+    # twice, nothing left in progress.
+    total = sum(
+        v for (name, labels), v in samples.items()
+        if name == "crowdfunding_api_requests_total" and ("handler", "/pid") not in labels
+    )
     assert total == sum(load.requests for load in LOADS)
     assert sample("crowdfunding_api_requests_in_progress", method="GET") == 0
     assert sample("crowdfunding_api_requests_in_progress", method="POST") == 0
     assert not any(name == "crowdmon_internal_errors_total" for name, _ in samples)
+
+
+def test_every_request_under_concurrent_load_is_counted_exactly_once(
+    registry: CollectorRegistry, hey: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The expected tracebacks of /fail would flood the log.
+    monkeypatch.setattr(logging.getLogger("uvicorn.error"), "disabled", True)
+    with uvicorn_in_thread(build_app(PrometheusInstrumentation(registry)), log_config=None) as base_url:
+        outputs = drive(base_url)
+        scrape = httpx.get(base_url + "/metrics", timeout=10).text
+
+    assert_exact(scrape_samples(scrape), outputs)
+
+
+def test_every_request_across_two_gunicorn_workers_is_counted_exactly_once(tmp_path: Path, hey: str) -> None:
+    port = free_port()
+    env = server_env(tmp_path, multiprocess=True)
+    # The README's gunicorn command (crowdmon's hooks, uvicorn workers), serving this module's app.
+    argv = [*gunicorn_command(port, workers=2)[:-1], f"{__name__}:multiworker_app()"]
+    with serve(argv, port, tmp_path, env) as server:
+        server.wait_for_workers(2)
+        outputs = drive(server.base_url)
+        answered: set[int] = set()
+        # Whichever worker answers the scrape, the sums of both are exact.
+        for _ in range(40):
+            samples, pid = server.scrape()
+            assert_exact(samples, outputs)
+            answered.add(pid)
+            if len(answered) == 2:
+                break
+        assert len(answered) == 2
+        # Each worker kept its values in prometheus_client's multiprocess files.
+        assert len(list(Path(env["PROMETHEUS_MULTIPROC_DIR"]).glob("counter_*.db"))) >= 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -27,6 +28,7 @@ from starlette.routing import Mount, Route
 from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
 from crowdmon._types import Message, Receive, Scope, Send
 from crowdmon.catalogue import OTHER_METHOD, UNMATCHED_HANDLER
+from crowdmon.exemplars import traceparent_exemplar
 from crowdmon.middleware import STANDARD_METHODS
 from crowdmon.routes import handler_label_for
 from tests.support import value
@@ -76,12 +78,17 @@ content_lengths = st.one_of(
     st.sampled_from([b"", b"-1", b"12abc", b" 12", b"1e3", b"9" * 40, "١٢".encode(), b"0x10", b"12, 12"]),
 )
 header_values = st.one_of(st.binary(max_size=60), st.integers(8_000, 70_000).map(lambda n: b"\xff" * n))
-headers = st.lists(
-    st.one_of(
-        st.tuples(header_names, header_values),
-        st.tuples(st.just(b"content-length"), content_lengths),
+headers = st.one_of(
+    st.lists(
+        st.one_of(
+            st.tuples(header_names, header_values),
+            st.tuples(st.just(b"content-length"), content_lengths),
+            st.lists(st.binary(max_size=5), min_size=2, max_size=2),  # lists, not tuples
+        ),
+        max_size=6,
     ),
-    max_size=6,
+    # Out of the ASGI spec, as a buggy upstream middleware might leave them.
+    st.sampled_from([[(b"content-length", b"5", b"x")], [b"content-length: 5"], [(b"content-length", 5)], ()]),
 )
 OPTIONAL_KEYS = ("asgi", "http_version", "scheme", "raw_path", "query_string", "root_path", "headers", "client", "server")
 
@@ -256,7 +263,10 @@ def expected_request_bytes(scope: Scope, delivered: list[Message]) -> int:
     complete = any(m["type"] == "http.request" and not m.get("more_body", False) for m in delivered)
     if complete:
         return received
-    for name, header_value in scope.get("headers", []):
+    for header in scope.get("headers", []):
+        if not (isinstance(header, (tuple, list)) and len(header) == 2 and all(isinstance(part, bytes) for part in header)):
+            return received  # malformed headers declare nothing
+        name, header_value = header
         if name == b"content-length":
             if header_value.isdigit() and len(header_value) <= 15:
                 return max(received, int(header_value))
@@ -469,3 +479,38 @@ def test_route_resolution_never_raises_and_returns_a_string(
     described_by_fastapi = share_route and isinstance(fastapi_scope, dict)
     if route is None or not (isinstance(route, (Route, Mount, OddRoute)) or described_by_fastapi):
         assert handler == UNMATCHED_HANDLER
+
+
+# -- the one opt-in path from a request header into /metrics -----------------------------------
+
+HEX = "0123456789abcdef"
+W3C_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+@settings(FUZZ, max_examples=200)
+@given(
+    trace=st.text(HEX, min_size=32, max_size=32) | st.just("0" * 32),
+    span=st.text(HEX, min_size=16, max_size=16),
+    flags=st.sampled_from(["00", "01", "03", "fe", "ff"]),
+    mutation=st.none() | st.tuples(st.integers(0, 54), st.sampled_from(["-", "x", "G", "\n", "\x00", " ", "\u00e9", "0", ""])),
+    suffix=st.sampled_from(["", " ", "-00", "x", "\n\n"]),
+    upper=st.booleans(),
+    raw=st.none() | st.binary(max_size=80),
+)
+def test_only_a_well_formed_sampled_traceparent_becomes_an_exemplar(
+    trace: str, span: str, flags: str, mutation: tuple[int, str] | None, suffix: str, upper: bool, raw: bytes | None
+) -> None:
+    text = f"00-{trace}-{span}-{flags}"
+    if mutation is not None:
+        text = text[: mutation[0]] + mutation[1] + text[mutation[0] + 1 :]
+    text += suffix
+    header = raw if raw is not None else (text.upper() if upper else text).encode()
+
+    exemplar = traceparent_exemplar({"headers": [(b"traceparent", header)]})
+
+    # The W3C format exactly (surrounding whitespace and case aside), sampled, a non-zero trace id.
+    match = W3C_TRACEPARENT.fullmatch(header.strip().lower().decode("latin-1"))
+    if match is None or not int(match.group(3), 16) & 1 or match.group(1) == "0" * 32:
+        assert exemplar is None
+    else:
+        assert exemplar == {"trace_id": match.group(1), "span_id": match.group(2)}
