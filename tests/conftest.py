@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 from prometheus_client import CollectorRegistry
 
 from crowdmon import PrometheusInstrumentation
@@ -12,6 +14,12 @@ from crowdmon import PrometheusInstrumentation
 # crowdmon's own pytest plugin (the crowdmon_instrumentation fixture).  An installed crowdmon
 # registers it under this name through its pytest11 entry point, and then this line does nothing.
 pytest_plugins = ["crowdmon.testing"]
+
+# The suite is deterministic: property tests draw the same examples on every run, so a run that
+# passes passes again. Set HYPOTHESIS_PROFILE=explore for fresh random examples.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
