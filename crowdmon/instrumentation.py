@@ -21,6 +21,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from crowdmon._recorder import ClientRequestRecorder, RequestRecorder, ShardedRequestRecorder
+from crowdmon._sharded import ShardedHistogram
 from crowdmon.cardinality import DEFAULT_CAP, CardinalityGuard
 from crowdmon.catalogue import (
     CATALOGUE,
@@ -39,7 +40,7 @@ from crowdmon.timing import Timing
 
 logger = logging.getLogger("crowdmon")
 
-PrometheusMetric = Counter | Gauge | Histogram
+PrometheusMetric = Counter | Gauge | Histogram | ShardedHistogram
 
 
 class CrowdmonSetupError(ValueError):
@@ -102,7 +103,7 @@ class _MetricSet:
             for item in CATALOGUE:
                 if item in HTTP_METRICS:
                     continue
-                metric = _build(item, target)
+                metric = _build(item, target, self.multiprocess)
                 registered.append(metric)
                 self.metrics[item.name] = LabelledMetric(item, metric, guard)
             self.requests: RequestRecorder
@@ -155,11 +156,17 @@ class _MetricSet:
             pass
 
 
-def _build(item: MetricSpec, registry: CollectorRegistry | None) -> PrometheusMetric:
+def _build(item: MetricSpec, registry: CollectorRegistry | None, multiprocess: bool) -> PrometheusMetric:
     if item.kind == MetricKind.COUNTER:
         return Counter(item.name.removesuffix("_total"), item.help, item.labels, registry=registry)
     if item.kind == MetricKind.HISTOGRAM:
-        return Histogram(item.name, item.help, item.labels, registry=registry, buckets=item.buckets)
+        if multiprocess:
+            return Histogram(item.name, item.help, item.labels, registry=registry, buckets=item.buckets)
+        # One process: observe() without prometheus_client's per-value locks (see _sharded).
+        histogram = ShardedHistogram(item.name, item.help, item.labels, item.buckets)
+        if registry is not None:
+            registry.register(histogram)
+        return histogram
     return Gauge(
         item.name,
         item.help,

@@ -1,0 +1,97 @@
+"""A histogram whose ``observe()`` takes no lock: per-thread cells, summed when scraped.
+
+Used for the catalogue's histograms in one process (prometheus_client's multiprocess mode keeps
+its own ``Histogram``, whose values live in the shared files).  ``labels(*values)`` returns a
+child with ``observe(value)``, as prometheus_client's does; each thread only ever writes its own
+cells, so counts stay exact under threads and asyncio alike, and the collector reads every
+thread's cells at scrape time.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+
+class ShardedHistogram:
+    """A labelled histogram collector; register it on a registry like any collector."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], buckets: Iterable[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        bounds = tuple(float(b) for b in buckets)
+        if bounds and bounds[-1] == float("inf"):
+            bounds = bounds[:-1]
+        if list(bounds) != sorted(set(bounds)):
+            raise ValueError(f"buckets of {name} must be strictly increasing, got {bounds}")
+        self.bounds = bounds
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        self._lock = threading.Lock()
+
+    def labels(self, *values: str) -> HistogramChild:
+        """The child for ``values`` (one per label name), created on first use."""
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values!r}")
+            with self._lock:
+                child = self._children.setdefault(values, HistogramChild(self.bounds))
+        return child
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        edges = [floatToGoString(b) for b in (*self.bounds, float("inf"))]  # type: ignore[no-untyped-call]
+        for values, child in list(self._children.items()):
+            cells = child.totals()
+            running = 0.0
+            buckets = []
+            for edge, count in zip(edges, cells, strict=False):
+                running += count
+                buckets.append((edge, running))
+            family.add_metric(list(values), buckets, sum_value=cells[-1])
+        yield family
+
+
+class HistogramChild:
+    """One label set's histogram: ``observe()`` adds to the calling thread's cells."""
+
+    __slots__ = ("_all", "_all_lock", "_bounds", "_local")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._local = threading.local()
+        self._all: list[list[float]] = []
+        self._all_lock = threading.Lock()
+
+    def observe(self, amount: float) -> None:
+        try:
+            cells: list[float] = self._local.cells
+        except AttributeError:
+            cells = self._new_cells()
+        # [bucket 0 .. bucket n (+Inf), sum]; "le" buckets: the first bound >= the value.
+        cells[bisect_left(self._bounds, amount)] += 1
+        cells[-1] += amount
+
+    def _new_cells(self) -> list[float]:
+        cells = self._local.cells = [0.0] * (len(self._bounds) + 2)
+        with self._all_lock:
+            self._all.append(cells)
+        return cells
+
+    def totals(self) -> list[float]:
+        """Every thread's cells added up (bucket counts, not cumulative, then the sum)."""
+        with self._all_lock:
+            shards = list(self._all)
+        total = [0.0] * (len(self._bounds) + 2)
+        for cells in shards:
+            for i, value in enumerate(list(cells)):  # list() is an atomic snapshot under the GIL
+                total[i] += value
+        return total
