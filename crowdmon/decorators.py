@@ -16,11 +16,13 @@ returns the function itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from collections.abc import AsyncGenerator, Callable, Generator
 from enum import Enum
 from time import perf_counter
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import wrapt
@@ -191,6 +193,8 @@ def instrumented_metrics(func: object) -> tuple[str, ...]:
         holder = parent if isinstance(parent, _CrowdmonWrapper) else current
         if isinstance(holder, _CrowdmonWrapper):
             found.extend(holder._self_probe.metrics)
+        elif isinstance(getattr(current, _PROBE_ATTRIBUTE, None), _Probe):
+            found.extend(getattr(current, _PROBE_ATTRIBUTE).metrics)
         if isinstance(current, (classmethod, staticmethod)):
             current = current.__func__
         else:
@@ -227,6 +231,8 @@ def _decorator(name: str, make_probe: Callable[[str], _Probe], enabled: bool | N
         target = _callable_target(name, func)
         probe = make_probe(_function_label(target))
         shape = _shape(target)
+        if isinstance(func, FunctionType) and shape in ("sync", "coroutine"):
+            return cast(F, _plain_function_wrapper(func, probe, shape == "coroutine"))
         if shape == "async_generator":
             wrapper = _async_generator_wrapper(probe)
         elif shape == "generator":
@@ -301,6 +307,83 @@ def _optional_label(decorator: str, parameter: str, value: object) -> str | None
 
 
 # -- the wrappers: the outcome rule around each kind of callable ---------------------------------
+
+#: Where a plain-function wrapper keeps its probe, for :func:`instrumented_metrics`.
+_PROBE_ATTRIBUTE = "_crowdmon_probe"
+
+
+def _plain_function_wrapper(func: FunctionType, probe: _Probe, coroutine: bool) -> FunctionType:
+    """The fast path for a plain ``def`` or ``async def`` (methods included, bound as usual).
+
+    A ``wrapt`` proxy costs more per call than everything crowdmon records, so a plain function
+    gets a plain function: the same wrappers' outcome rule, ``functools.update_wrapper`` for the
+    name, doc and ``__wrapped__`` (hence ``inspect.signature``), and the wrapped function's
+    ``__globals__``, so tools that resolve string annotations through them (older FastAPI) still
+    find the user's names.  The wrapper's code reads only its closure and builtins, which makes
+    that safe.  Generators, callable objects, classmethod and staticmethod objects keep ``wrapt``.
+    """
+    if probe.errors_only:
+        inner = (_plain_async_errors if coroutine else _plain_sync_errors)(func, probe.finish)
+    else:
+        inner = (_plain_async if coroutine else _plain_sync)(func, probe.begin, probe.succeeded, probe.finish)
+    wrapper = FunctionType(inner.__code__, func.__globals__, func.__name__, None, inner.__closure__)
+    functools.update_wrapper(wrapper, func)
+    setattr(wrapper, _PROBE_ATTRIBUTE, probe)
+    return wrapper
+
+
+_Finish = Callable[[Any, "BaseException | None"], None]
+
+
+def _plain_sync(func: Callable[..., Any], begin: Callable[[], Any], succeeded: Callable[[Any], None], finish: _Finish) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        state = begin()
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as error:
+            finish(state, error)
+            raise
+        succeeded(state)
+        return result
+
+    return call
+
+
+def _plain_async(func: Callable[..., Any], begin: Callable[[], Any], succeeded: Callable[[Any], None], finish: _Finish) -> Callable[..., Any]:
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        state = begin()
+        try:
+            result = await func(*args, **kwargs)
+        except BaseException as error:
+            finish(state, error)
+            raise
+        succeeded(state)
+        return result
+
+    return call
+
+
+def _plain_sync_errors(func: Callable[..., Any], finish: _Finish) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except BaseException as error:
+            finish(None, error)
+            raise
+
+    return call
+
+
+def _plain_async_errors(func: Callable[..., Any], finish: _Finish) -> Callable[..., Any]:
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await func(*args, **kwargs)
+        except BaseException as error:
+            finish(None, error)
+            raise
+
+    return call
+
 
 
 def _sync_wrapper(probe: _Probe) -> Callable[..., Any]:
