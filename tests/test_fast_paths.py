@@ -4,6 +4,7 @@ asyncio, identical in what they expose to prometheus_client's own histograms."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 
@@ -53,10 +54,8 @@ def test_decorated_function_counts_exactly_from_many_threads_while_scraped(regis
 
     def work() -> None:
         for n in range(calls):
-            try:
+            with contextlib.suppress(LookupError):
                 query(n)
-            except LookupError:
-                pass
 
     def scrape() -> None:
         while not done.is_set():
