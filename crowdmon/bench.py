@@ -362,8 +362,8 @@ def bench_asgi(
     frameworks: Sequence[str] = FRAMEWORKS,
     routes: Sequence[str] = tuple(ROUTES),
     variants: Sequence[str] = VARIANTS,
-    rounds: int = 9,
-    requests: int = 400,
+    rounds: int = 25,
+    requests: int = 200,
     seed: int = 1,
 ) -> Report:
     """Per-request cost of each variant, as overhead over the bare app of the same round."""
