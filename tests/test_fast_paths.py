@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -14,7 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from crowdmon import PrometheusInstrumentation, instrumented_metrics
 from crowdmon._sharded import ShardedHistogram
 from crowdmon.decorators import tracked_database_query, tracked_external
-from tests.support import value
+from tests.support import PYTHON, subprocess_env, value
 
 QUERY = "database_query_duration_seconds"
 EXTERNAL = "external_api_duration_seconds"
@@ -123,12 +125,18 @@ def test_stacked_decorators_report_both_metrics_and_both_record(registry: Collec
     assert value(registry, EXTERNAL + "_count", service="search", endpoint="query", outcome="success") == 1
 
 
-def test_multiprocess_mode_keeps_prometheus_client_histograms(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: object
-) -> None:
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    instrumentation = PrometheusInstrumentation(CollectorRegistry())
+def test_multiprocess_mode_keeps_prometheus_client_histograms(tmp_path: Path) -> None:
+    script = (
+        "from prometheus_client import CollectorRegistry\n"
+        "from crowdmon import PrometheusInstrumentation\n"
+        "metric = PrometheusInstrumentation(CollectorRegistry()).metric('database_query_duration_seconds')\n"
+        "print(type(metric.metric).__name__)\n"
+    )
+    result = subprocess.run(
+        [PYTHON, "-c", script],
+        env=subprocess_env({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}),
+        capture_output=True, text=True, timeout=60, check=True,
+    )
 
-    assert isinstance(instrumentation.metric(QUERY).metric, Histogram)
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    assert result.stdout.strip() == "Histogram"
     assert isinstance(PrometheusInstrumentation(CollectorRegistry()).metric(QUERY).metric, ShardedHistogram)
