@@ -1,8 +1,9 @@
 """Decorators that instrument service functions without touching their bodies.
 
 Each decorator works on sync functions, ``async def`` functions, generators and async generators
-(timed until exhausted, closed or failed), methods, classmethods and staticmethods.  Built on
-``wrapt``, the decorated function keeps its signature, name, docstring and ``inspect`` answers, and
+(timed until exhausted, closed or failed), methods, classmethods and staticmethods.  A plain
+``def`` or ``async def`` gets a plain function wrapper, anything else a ``wrapt`` proxy; either
+way the decorated function keeps its signature, name, docstring and ``inspect`` answers, and
 ``Callable[[F], F]`` keeps its type for mypy.  Every decorator follows the outcome rule of
 :mod:`crowdmon.timing`.
 
