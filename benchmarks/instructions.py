@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crowdmon.bench import VARIANTS, Skipped, build_variant, http_scope, serve, table  # noqa: E402
+from crowdmon.bench import VARIANTS, Skipped, build_variant, http_scope, serve, table
 
 SMALL, LARGE = 200, 1200
 ROUTES = {"json": "/items/42", "text": "/text", "stream": "/stream"}
