@@ -23,8 +23,8 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import CollectorRegistry
-from prometheus_client.utils import floatToGoString
 
+from crowdmon._sharded import bucket_edges, cumulative_buckets
 from crowdmon.cardinality import CardinalityGuard
 from crowdmon.catalogue import BY_NAME, MetricSpec
 
@@ -206,10 +206,11 @@ class ShardedRequestRecorder:
             (RESPONSE_SIZE, layout.response, layout.size_bounds),
         ):
             family = HistogramMetricFamily(spec.name, spec.help, labels=spec.labels)
+            edges = bucket_edges(bounds)
             for labels, cells in by_route.items():
                 family.add_metric(
                     list(labels),
-                    _cumulative(bounds, cells[start : start + len(bounds) + 1]),
+                    cumulative_buckets(edges, cells[start : start + len(bounds) + 1]),
                     sum_value=cells[start + len(bounds) + 1],
                 )
             yield family
@@ -230,15 +231,6 @@ def _family(spec: MetricSpec) -> Metric:
     if spec.kind == "histogram":
         return HistogramMetricFamily(spec.name, spec.help, labels=spec.labels)
     return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
-
-
-def _cumulative(bounds: tuple[float, ...], counts: list[float]) -> list[tuple[str, float]]:
-    buckets = []
-    running = 0.0
-    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
-        running += count
-        buckets.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
-    return buckets
 
 
 class ClientRequestRecorder:

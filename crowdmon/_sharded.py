@@ -48,16 +48,26 @@ class ShardedHistogram:
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        edges = [floatToGoString(b) for b in (*self.bounds, float("inf"))]  # type: ignore[no-untyped-call]
+        edges = bucket_edges(self.bounds)
         for values, child in list(self._children.items()):
             cells = child.totals()
-            running = 0.0
-            buckets = []
-            for edge, count in zip(edges, cells, strict=False):
-                running += count
-                buckets.append((edge, running))
-            family.add_metric(list(values), buckets, sum_value=cells[-1])
+            family.add_metric(list(values), cumulative_buckets(edges, cells[:-1]), sum_value=cells[-1])
         yield family
+
+
+def bucket_edges(bounds: tuple[float, ...]) -> list[str]:
+    """The ``le`` label values of a histogram with these upper bounds, ``+Inf`` last."""
+    return [floatToGoString(bound) for bound in (*bounds, float("inf"))]  # type: ignore[no-untyped-call]
+
+
+def cumulative_buckets(edges: list[str], counts: list[float]) -> list[tuple[str, float]]:
+    """Per-bucket counts (``+Inf`` last) as the cumulative ``(le, count)`` pairs Prometheus wants."""
+    buckets = []
+    running = 0.0
+    for edge, count in zip(edges, counts, strict=True):
+        running += count
+        buckets.append((edge, running))
+    return buckets
 
 
 class HistogramChild:

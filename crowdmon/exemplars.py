@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Exemplar
-from prometheus_client.utils import floatToGoString
 
 from crowdmon._recorder import DURATION, REQUESTS, ShardedRequestRecorder
+from crowdmon._sharded import bucket_edges
 from crowdmon._types import Scope
 from crowdmon.instrumentation import CrowdmonSetupError
 
@@ -138,7 +138,7 @@ class ExemplarStore:
 
     def __init__(self) -> None:
         self._bounds = DURATION.buckets
-        self._le = [floatToGoString(bound) for bound in (*self._bounds, float("inf"))]  # type: ignore[no-untyped-call]
+        self._le = bucket_edges(self._bounds)
         # (labels, value, timestamp): made into prometheus_client Exemplars only when scraped.
         self._counter: dict[tuple[str, str, str], _Latest] = {}
         self._buckets: dict[tuple[str, str, str], _Latest] = {}
