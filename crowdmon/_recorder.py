@@ -1,18 +1,26 @@
 """Recording the ``crowdfunding_api_*`` request metrics: the hot path of the middleware.
 
-Two recorders share one interface.  :class:`ShardedRequestRecorder` (one process) keeps plain
-numbers in per-thread shards, so the request path takes no lock and calls no ``labels()``; a
-collector sums the shards when ``/metrics`` is scraped.  Each thread only ever writes its own
-shard, so counts stay exact under threads and asyncio alike.  :class:`ClientRequestRecorder`
-(prometheus_client multiprocess mode) writes prometheus_client metrics, whose values live in the
-shared files, through children resolved once per label set.
+Two recorders share one interface: ``start(method)`` when a request enters, ``record(entry)``
+when it is over, ``flush()`` to bring every recorded request into the metrics.
+
+:class:`BufferedRequestRecorder` (one process) makes the request path as short as Python allows:
+``start`` and ``record`` are ``list.append`` itself, so a request costs two appends and no lock,
+no ``labels()`` call, no bucket search.  The lists are absorbed into plain per-series numbers in
+batches, by C-level bulk operations (sort, group, ``Counter`` over ``bisect``), when a batch is
+full and before every scrape, so what a scrape shows is exact.  ``append`` and slicing are atomic,
+so counts stay exact under threads and asyncio alike.  :class:`ClientRequestRecorder`
+(prometheus_client multiprocess mode) writes prometheus_client metrics at once, through children
+resolved once per label set: their values live in files another worker may be scraped from.
 """
 
 from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import groupby, repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -38,31 +46,41 @@ RESPONSE_SIZE = BY_NAME["crowdfunding_api_response_size_bytes"]
 IN_PROGRESS = BY_NAME["crowdfunding_api_requests_in_progress"]
 
 RequestKey = tuple[str, str, str]  # method, handler, status
+#: One finished request: method, handler, status, duration (s), request bytes, response bytes.
+RequestEntry = tuple[str, str, str, float, int, int]
+
+#: How a recorder reports a contained failure: site, error, and how many requests it cost.
+Reporter = Callable[[str, BaseException, int], None]
+
+#: Finished requests a :class:`BufferedRequestRecorder` holds before it absorbs them.
+FLUSH_AT = 1024
 
 
 class RequestRecorder(Protocol):
-    def started(self, method: str) -> None:
-        """A request with this (normalised) method has entered the middleware."""
+    @property
+    def start(self) -> Callable[[str], None]:
+        """Called with the (normalised) method of every request that enters the middleware."""
 
-    def finished(
-        self,
-        method: str,
-        handler: str,
-        status: str,
-        duration: float,
-        request_bytes: int,
-        response_bytes: int,
-    ) -> None:
-        """The request is over: count it, observe it, and take it off the in-progress gauge."""
+    @property
+    def record(self) -> Callable[[RequestEntry], None]:
+        """Called once per request that is over, with its :data:`RequestEntry`."""
+
+    #: Entries recorded but not yet absorbed; the middleware calls :meth:`flush` at ``flush_at``.
+    pending: list[RequestEntry]
+    flush_at: int
+
+    def flush(self) -> None:
+        """Bring every recorded request into the metrics."""
 
 
-def _fold(guard: CardinalityGuard, method: str, handler: str, status: str) -> RequestKey:
-    """The key a request is recorded under, each label admitted by the guard."""
+def _fold(guard: CardinalityGuard, key: RequestKey, requests: int = 1) -> RequestKey:
+    """The key ``requests`` requests are recorded under, each label admitted by the guard."""
     name = REQUESTS.name
+    method, handler, status = key
     return (
-        guard.admit(name, "method", method),
-        guard.admit(name, "handler", handler),
-        guard.admit(name, "status", status),
+        guard.admit(name, "method", method, requests),
+        guard.admit(name, "handler", handler, requests),
+        guard.admit(name, "status", status, requests),
     )
 
 
@@ -84,80 +102,87 @@ class _Layout:
 
 
 _LAYOUT = _Layout()
-_DURATION, _DURATION_SUM, _DURATION_BOUNDS = _LAYOUT.duration, _LAYOUT.duration_sum, _LAYOUT.duration_bounds
-_REQUEST, _REQUEST_SUM = _LAYOUT.request, _LAYOUT.request_sum
-_RESPONSE, _RESPONSE_SUM, _SIZE_BOUNDS = _LAYOUT.response, _LAYOUT.response_sum, _LAYOUT.size_bounds
+_KEY = itemgetter(0, 1, 2)
+_METHOD = itemgetter(0)
 
 
-class _Shard:
-    __slots__ = ("in_progress", "series")
+def _add_observations(cells: list[float], first: int, bounds: Sequence[float], values: Sequence[float]) -> None:
+    """Histogram cells from ``first`` on (buckets, ``+Inf``, sum) take ``values``."""
+    for bucket, count in Tally(map(bisect_left, repeat(bounds), values)).items():
+        cells[first + bucket] += count
+    cells[first + len(bounds) + 1] += sum(values)
 
-    def __init__(self) -> None:
-        self.series: dict[RequestKey, list[float]] = {}
-        self.in_progress: dict[str, int] = {}
 
+class BufferedRequestRecorder:
+    """Request recording for one process, absorbed in batches; a prometheus_client collector."""
 
-class ShardedRequestRecorder:
-    """Lock-free request recording for one process; a prometheus_client collector."""
-
+    flush_at = FLUSH_AT
     #: Set by :mod:`crowdmon.exemplars` when a middleware asks for exemplars.
     exemplars: ExemplarStore | None = None
 
-    def __init__(self, guard: CardinalityGuard) -> None:
+    def __init__(self, guard: CardinalityGuard, report: Reporter) -> None:
         self._guard = guard
-        self._local = threading.local()
-        self._shards: list[_Shard] = []
-        self._shards_lock = threading.Lock()
+        self._report = report
+        self.pending: list[RequestEntry] = []
+        self._starts: list[str] = []
+        self.record = self.pending.append
+        self.start = self._starts.append
+        self._lock = threading.Lock()
+        self._series: dict[RequestKey, list[float]] = {}
+        self._in_progress: dict[str, int] = {}
 
-    def _shard(self) -> _Shard:
-        try:
-            shard: _Shard = self._local.shard
-        except AttributeError:
-            shard = self._local.shard = _Shard()
-            with self._shards_lock:
-                self._shards.append(shard)
-        return shard
+    def flush(self) -> None:
+        with self._lock:
+            # Finished requests first, then started ones: a request seen finished was seen
+            # started, so the in-progress gauge never goes below zero.  Entries appended meanwhile
+            # sit after the slice and stay for the next flush.
+            pending = self.pending
+            batch = pending[: len(pending)]
+            del pending[: len(batch)]
+            starts = self._starts
+            started = starts[: len(starts)]
+            del starts[: len(started)]
+            in_progress = self._in_progress
+            for method, count in Tally(started).items():
+                in_progress[method] = in_progress.get(method, 0) + count
+            if batch:
+                for method, count in Tally(map(_METHOD, batch)).items():
+                    in_progress[method] = in_progress.get(method, 0) - count
+                self._absorb(batch)
 
-    def started(self, method: str) -> None:
-        try:
-            in_progress = self._local.shard.in_progress
-        except AttributeError:
-            in_progress = self._shard().in_progress
-        in_progress[method] = in_progress.get(method, 0) + 1
+    def _absorb(self, batch: list[RequestEntry]) -> None:
+        # Label sets in the order their first request arrived, so the cardinality guard admits
+        # values first come, first served, as if each request were recorded on its own.
+        targets: dict[RequestKey, list[float] | None] = {}
+        series = self._series
+        for key, requests in Tally(map(_KEY, batch)).items():
+            cells = series.get(key)
+            if cells is None:
+                try:
+                    cells = self._new_series(key, requests)
+                except Exception as error:
+                    # These requests are lost; each is counted as a failure of its own.
+                    self._report("middleware.record", error, requests)
+            targets[key] = cells
+        layout = _LAYOUT
+        batch.sort(key=_KEY)
+        for key, group in groupby(batch, _KEY):
+            cells = targets[key]
+            if cells is None:
+                continue
+            _, _, _, durations, received, sent = zip(*group, strict=True)
+            cells[0] += len(durations)
+            _add_observations(cells, layout.duration, layout.duration_bounds, durations)
+            _add_observations(cells, layout.request, layout.size_bounds, received)
+            _add_observations(cells, layout.response, layout.size_bounds, sent)
 
-    def finished(
-        self,
-        method: str,
-        handler: str,
-        status: str,
-        duration: float,
-        request_bytes: int,
-        response_bytes: int,
-    ) -> None:
-        # The hottest code in crowdmon: offsets are module constants, the shard is read inline.
-        try:
-            shard: _Shard = self._local.shard
-        except AttributeError:
-            shard = self._shard()
-        shard.in_progress[method] -= 1
-        cells = shard.series.get((method, handler, status))
+    def _new_series(self, key: RequestKey, requests: int) -> list[float]:
+        folded = _fold(self._guard, key, requests)
+        cells = self._series.get(folded)
         if cells is None:
-            cells = self._new_series(shard, method, handler, status)
-        cells[0] += 1
-        cells[_DURATION + bisect_left(_DURATION_BOUNDS, duration)] += 1
-        cells[_DURATION_SUM] += duration
-        cells[_REQUEST + bisect_left(_SIZE_BOUNDS, request_bytes)] += 1
-        cells[_REQUEST_SUM] += request_bytes
-        cells[_RESPONSE + bisect_left(_SIZE_BOUNDS, response_bytes)] += 1
-        cells[_RESPONSE_SUM] += response_bytes
-
-    def _new_series(self, shard: _Shard, method: str, handler: str, status: str) -> list[float]:
-        key = _fold(self._guard, method, handler, status)
-        cells = shard.series.get(key)
-        if cells is None:
-            # Stored under the folded key only: a folded request misses the lookup and comes back
-            # here every time, rather than growing the shard by its raw values.
-            cells = shard.series[key] = [0.0] * _LAYOUT.width
+            # Stored under the folded key only: a folded key misses the lookup and comes back
+            # here at every batch, rather than growing the series by its raw values.
+            cells = self._series[folded] = [0.0] * _LAYOUT.width
         return cells
 
     # -- the collector side: runs at scrape time ------------------------------------------------
@@ -170,22 +195,13 @@ class ShardedRequestRecorder:
         return families if self.exemplars is None else self.exemplars.attach(families)
 
     def _collect_families(self) -> Iterator[Metric]:
-        with self._shards_lock:
-            shards = list(self._shards)
-        series: dict[RequestKey, list[float]] = {}
-        in_progress: dict[str, int] = {}
-        for shard in shards:
-            # dict.copy and list() are atomic under the GIL; the owning thread may write meanwhile.
-            for key, cells in shard.series.copy().items():
-                total = series.get(key)
-                snapshot = list(cells)
-                if total is None:
-                    series[key] = snapshot
-                else:
-                    for i, value in enumerate(snapshot):
-                        total[i] += value
-            for method, count in shard.in_progress.copy().items():
-                in_progress[method] = in_progress.get(method, 0) + count
+        try:
+            self.flush()
+        except Exception as error:  # pragma: no cover - flush contains its own failures
+            self._report("middleware.record", error, 1)
+        with self._lock:
+            series = {key: list(cells) for key, cells in self._series.items()}
+            in_progress = dict(self._in_progress)
 
         requests = CounterMetricFamily(_base(REQUESTS), REQUESTS.help, labels=REQUESTS.labels)
         by_route: dict[tuple[str, str], list[float]] = {}
@@ -245,26 +261,26 @@ class ClientRequestRecorder:
         self.in_progress = Gauge(IN_PROGRESS.name, IN_PROGRESS.help, IN_PROGRESS.labels, registry=registry, multiprocess_mode=IN_PROGRESS.multiprocess_mode)  # type: ignore[arg-type]
         self._children: dict[RequestKey, tuple[Counter, Histogram, Histogram, Histogram]] = {}
         self._gauges: dict[str, Gauge] = {}
+        #: Always empty: every request is written at once.
+        self.pending: list[RequestEntry] = []
 
-    def started(self, method: str) -> None:
+    flush_at = 1
+
+    def flush(self) -> None:
+        """Nothing to do: the values are already in the shared files."""
+
+    def start(self, method: str) -> None:
         gauge = self._gauges.get(method)
         if gauge is None:
             gauge = self._gauges[method] = self.in_progress.labels(method)
         gauge.inc()
 
-    def finished(
-        self,
-        method: str,
-        handler: str,
-        status: str,
-        duration: float,
-        request_bytes: int,
-        response_bytes: int,
-    ) -> None:
+    def record(self, entry: RequestEntry) -> None:
+        method, handler, status, duration, request_bytes, response_bytes = entry
         self._gauges[method].dec()
         children = self._children.get((method, handler, status))
         if children is None:
-            key = _fold(self._guard, method, handler, status)
+            key = _fold(self._guard, (method, handler, status))
             children = (
                 self.requests.labels(*key),
                 self.duration.labels(key[0], key[1]),

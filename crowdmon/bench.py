@@ -711,8 +711,8 @@ def populated_registries(handlers: int = 100, statuses: Sequence[int] = (200, 20
         handler = f"/api/v1/resource{index}/{{item_id}}"
         for method in methods:
             for status in statuses:
-                record.started(method)
-                record.finished(method, handler, str(status), 0.012, 120, 2048)
+                record.start(method)
+                record.record((method, handler, str(status), 0.012, 120, 2048))
                 requests.labels(method, handler, str(status)).inc()
                 for histogram, value in zip(histograms, (0.012, 120, 2048), strict=True):
                     histogram.labels(method, handler).observe(value)

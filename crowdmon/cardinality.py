@@ -16,7 +16,8 @@ from crowdmon.catalogue import OVERFLOW_VALUE
 #: Distinct values a label admits when no cap is configured for it.
 DEFAULT_CAP = 200
 
-OverflowHook = Callable[[str, str], None]
+#: Called with the metric, the label, and how many values were folded.
+OverflowHook = Callable[[str, str, int], None]
 
 
 class CardinalityGuard:
@@ -46,8 +47,9 @@ class CardinalityGuard:
         caps = self._caps
         return caps.get(f"{metric}:{label}", caps.get(metric, self.default_cap))
 
-    def admit(self, metric: str, label: str, value: str) -> str:
-        """``value`` if the label may hold it, else the overflow value (and the fold is counted)."""
+    def admit(self, metric: str, label: str, value: str, times: int = 1) -> str:
+        """``value`` if the label may hold it, else the overflow value, and the fold is counted
+        ``times`` times (once per value it stands for)."""
         seen = self._seen.get((metric, label))
         if seen is not None and value in seen:
             return value
@@ -59,7 +61,7 @@ class CardinalityGuard:
                 seen.add(value)
                 return value
         if self.on_overflow is not None:
-            self.on_overflow(metric, label)
+            self.on_overflow(metric, label, times)
         return OVERFLOW_VALUE
 
     def admit_all(self, metric: str, labels: tuple[str, ...], values: tuple[str, ...]) -> tuple[str, ...]:

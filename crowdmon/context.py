@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
+from typing import Any
 
 from crowdmon._types import Scope
 from crowdmon.catalogue import UNKNOWN_VALUE
@@ -27,44 +28,37 @@ def default_user_type(scope: Scope) -> str:
     return "authenticated" if getattr(user, "is_authenticated", False) else "anonymous"
 
 
-class RequestContext:
-    """What crowdmon knows of the request in progress; ``user_type`` is resolved on first use."""
-
-    __slots__ = ("_user_type", "entry_root_path", "scope", "user_type_resolver")
-
-    def __init__(
-        self,
-        scope: Scope,
-        entry_root_path: str,
-        user_type_resolver: UserTypeResolver | None = None,
-    ) -> None:
-        self.scope = scope
-        self.entry_root_path = entry_root_path
-        self.user_type_resolver = user_type_resolver or default_user_type
-        self._user_type: str | None = None
-
-    def endpoint(self) -> str:
-        """The route template of the request (known once the app's router has matched it)."""
-        return handler_label_for(self.scope, self.entry_root_path, 200)
-
-    def user_type(self) -> str:
-        """The resolver's answer for this request (the resolver runs once per request)."""
-        if self._user_type is None:
-            resolved = self.user_type_resolver(self.scope)
-            self._user_type = resolved if isinstance(resolved, str) else str(resolved)
-        return self._user_type
-
+#: What the middleware publishes for a request: ``[scope, entry_root_path, user_type_resolver,
+#: user_type]``, the last ``None`` until first asked for.  A plain list, because the middleware
+#: builds one for every request and a list is the cheapest object Python can build.
+RequestContext = list[Any]
+SCOPE, ENTRY_ROOT_PATH, RESOLVER, USER_TYPE = range(4)
 
 current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_request", default=None)
+
+
+def request_endpoint(context: RequestContext) -> str:
+    """The route template of the request (known once the app's router has matched it)."""
+    return handler_label_for(context[SCOPE], context[ENTRY_ROOT_PATH], 200)
+
+
+def request_user_type(context: RequestContext) -> str:
+    """The user type resolver's answer for the request (the resolver runs once per request)."""
+    user_type = context[USER_TYPE]
+    if user_type is None:
+        resolver = context[RESOLVER] or default_user_type
+        resolved = resolver(context[SCOPE])
+        user_type = context[USER_TYPE] = resolved if isinstance(resolved, str) else str(resolved)
+    return user_type  # type: ignore[no-any-return]
 
 
 def current_endpoint() -> str | None:
     """The route template of the request being handled, or ``None`` outside a request."""
     context = current_request.get()
-    return None if context is None else context.endpoint()
+    return None if context is None else request_endpoint(context)
 
 
 def current_user_type() -> str | None:
     """The user type of the request being handled, or ``None`` outside a request."""
     context = current_request.get()
-    return None if context is None else context.user_type()
+    return None if context is None else request_user_type(context)

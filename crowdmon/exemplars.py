@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Exemplar
 
-from crowdmon._recorder import DURATION, REQUESTS, ShardedRequestRecorder
+from crowdmon._recorder import DURATION, REQUESTS, BufferedRequestRecorder
 from crowdmon._sharded import bucket_edges
 from crowdmon._types import Scope
 from crowdmon.instrumentation import CrowdmonSetupError
@@ -120,7 +120,7 @@ def request_exemplars(option: object, instrumentation: PrometheusInstrumentation
     if provider is None:
         return None
     recorder = instrumentation.requests
-    if instrumentation.multiprocess or not isinstance(recorder, ShardedRequestRecorder):
+    if instrumentation.multiprocess or not isinstance(recorder, BufferedRequestRecorder):
         warnings.warn(
             "crowdmon records no exemplars in prometheus_client's multiprocess mode "
             "(PROMETHEUS_MULTIPROC_DIR is set): its files keep none. Requests are recorded as usual.",

@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from crowdmon._recorder import ClientRequestRecorder, RequestRecorder, ShardedRequestRecorder
+from crowdmon._recorder import BufferedRequestRecorder, ClientRequestRecorder, RequestRecorder
 from crowdmon._sharded import ShardedHistogram
 from crowdmon.cardinality import DEFAULT_CAP, CardinalityGuard
 from crowdmon.catalogue import (
@@ -34,7 +34,7 @@ from crowdmon.catalogue import (
     MetricSpec,
     spec,
 )
-from crowdmon.context import current_request
+from crowdmon.context import current_request, request_endpoint, request_user_type
 from crowdmon.errors import classify_error
 from crowdmon.timing import Timing
 
@@ -99,6 +99,19 @@ class _MetricSet:
         target = registry
         registered: list[Any] = []
         try:
+            self.requests: RequestRecorder
+            if self.multiprocess:
+                client = ClientRequestRecorder(guard, target)
+                registered.extend((client.requests, client.duration, client.request_size, client.response_size, client.in_progress))
+                self.requests = client
+            else:
+                # Registered first: a scrape absorbs the buffered requests before it reads the
+                # self-metrics (label folds, internal errors) that absorbing may add to.
+                buffered = BufferedRequestRecorder(guard, self.report_internal_error)
+                if target is not None:
+                    target.register(buffered)
+                registered.append(buffered)
+                self.requests = buffered
             self.metrics: dict[str, LabelledMetric] = {}
             for item in CATALOGUE:
                 if item in HTTP_METRICS:
@@ -106,17 +119,6 @@ class _MetricSet:
                 metric = _build(item, target, self.multiprocess)
                 registered.append(metric)
                 self.metrics[item.name] = LabelledMetric(item, metric, guard)
-            self.requests: RequestRecorder
-            if self.multiprocess:
-                client = ClientRequestRecorder(guard, target)
-                registered.extend((client.requests, client.duration, client.request_size, client.response_size, client.in_progress))
-                self.requests = client
-            else:
-                sharded = ShardedRequestRecorder(guard)
-                if target is not None:
-                    target.register(sharded)
-                registered.append(sharded)
-                self.requests = sharded
         except ValueError as error:
             if target is not None:
                 for collector in registered:
@@ -134,15 +136,16 @@ class _MetricSet:
         self.health_lock = threading.Lock()
         self.health_checks: dict[str, HealthCheck] = {}
 
-    def _count_overflow(self, metric: str, label: str) -> None:
+    def _count_overflow(self, metric: str, label: str, times: int = 1) -> None:
         # Never through the guard: the self-metric's own labels come from the catalogue.
-        self.metrics["crowdmon_label_overflow_total"].metric.labels(metric, label).inc()  # type: ignore[union-attr]
+        self.metrics["crowdmon_label_overflow_total"].metric.labels(metric, label).inc(times)  # type: ignore[union-attr]
 
-    def report_internal_error(self, site: str, error: BaseException) -> None:
-        """Count a contained failure of crowdmon's own code and log it once per site."""
+    def report_internal_error(self, site: str, error: BaseException, times: int = 1) -> None:
+        """Count a contained failure of crowdmon's own code (``times`` requests it cost) and log
+        it once per site."""
         try:
             # Never through the guard: it may be what failed, and sites are crowdmon's own names.
-            self.internal_errors.metric.labels(site).inc()  # type: ignore[union-attr]
+            self.internal_errors.metric.labels(site).inc(times)  # type: ignore[union-attr]
             if site not in self._logged_sites:
                 self._logged_sites.add(site)
                 logger.error(
@@ -379,7 +382,7 @@ class PrometheusInstrumentation:
         if endpoint is not None:
             return label(endpoint)
         context = current_request.get()
-        return UNKNOWN_VALUE if context is None else context.endpoint()
+        return UNKNOWN_VALUE if context is None else request_endpoint(context)
 
     def user_type_label(self, user_type: object = None) -> str:
         """``user_type`` as a label, or the current request's user type from its resolver."""
@@ -389,7 +392,7 @@ class PrometheusInstrumentation:
         if context is None:
             return UNKNOWN_VALUE
         try:
-            return context.user_type()
+            return request_user_type(context)
         except Exception as failure:
             self.report_internal_error("user_type_resolver", failure)
             return UNKNOWN_VALUE

@@ -11,7 +11,7 @@ from starlette.routing import Host, Mount
 
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.catalogue import OTHER_METHOD, UNMATCHED_HANDLER
-from crowdmon.context import RequestContext, UserTypeResolver, current_request
+from crowdmon.context import UserTypeResolver, current_request
 from crowdmon.exemplars import ExemplarProvider, request_exemplars
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
@@ -76,10 +76,18 @@ class PrometheusMiddleware:
         if user_type_resolver is not None and not callable(user_type_resolver):
             raise CrowdmonSetupError(f"user_type_resolver must be a callable taking the ASGI scope, got {user_type_resolver!r}")
         self.user_type_resolver = user_type_resolver
-        self._requests = instrumentation.requests
+        recorder = instrumentation.requests
+        self._start = recorder.start
+        self._record = recorder.record
+        self._pending = recorder.pending
+        self._flush_at = recorder.flush_at
+        self._flush = recorder.flush
         self._report = instrumentation.report_internal_error
         self._exemplars = request_exemplars(exemplars, instrumentation)
-        self._route_labels: dict[tuple[int, int], tuple[object, object, str]] = {}
+        # Handler labels of matched routes: id(route), or (id(route), id(FastAPI route context)).
+        self._route_labels: dict[object, str] = {}
+        # Keeps those objects alive, so their ids are never reused while the labels are held.
+        self._route_objects: list[object] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,7 +101,7 @@ class PrometheusMiddleware:
             excluded = path in self.exclude_paths
             if not excluded:
                 method = _METHOD_LABELS.get(scope["method"], OTHER_METHOD)
-                self._requests.started(method)
+                self._start(method)
         except Exception as error:
             self._report("middleware.start", error)
             excluded = True
@@ -101,6 +109,7 @@ class PrometheusMiddleware:
             await self.app(scope, receive, send)
             return
 
+        # The per-request state lives in these closures' cells: the cheapest state Python has.
         status = 0
         request_bytes = 0
         response_bytes = 0
@@ -126,46 +135,50 @@ class PrometheusMiddleware:
 
         def send_and_measure(message: Message) -> Awaitable[None]:
             # A plain function returning the server's awaitable: no coroutine of our own per
-            # message, except for the last body chunk, after which the request is finished.
+            # message.  The request is over when the app hands over its last body chunk.
             nonlocal status, response_bytes
             try:
                 kind = message["type"]
                 if kind == "http.response.body":
                     response_bytes += len(message.get("body", b""))
                     if not message.get("more_body", False):
-                        return send_then_finish(message)
+                        finish(perf_counter())
                 elif kind == "http.response.start":
                     status = message["status"]
             except Exception as error:
                 report("middleware.send", error)
             return send(message)
 
-        async def send_then_finish(message: Message) -> None:
-            await send(message)
-            finish(perf_counter())
-
         def finish(ended_at: float) -> None:
-            # Runs once: after the last body byte was sent, or when the app is done, if earlier.
+            # Runs once: at the last body chunk, or when the app is done, if earlier.
             nonlocal finished
             if finished:
                 return
             finished = True
             try:
-                resolver = self.handler_resolver
-                label = None if resolver is None else resolver(scope)
-                handler = self._route_label(scope, entry_root_path, status) if label is None else str(label)
+                if self.handler_resolver is None:
+                    route = scope.get("route")
+                    fastapi_scope = scope.get("fastapi")
+                    context = None if fastapi_scope is None else fastapi_scope.get("effective_route_context")
+                    handler = self._route_labels.get(id(route) if context is None else (id(route), id(context)))
+                    if handler is None or (scope.get("root_path") or "") != entry_root_path:
+                        handler = self._route_label(scope, entry_root_path, status)
+                else:
+                    handler = self._resolved_label(scope, entry_root_path, status)
             except Exception as error:
                 report("middleware.handler", error)
                 handler = UNMATCHED_HANDLER
             try:
-                self._requests.finished(
+                self._record((
                     method,
                     handler,
                     (_STATUS_LABELS.get(status) if type(status) is int else None) or _status_label(status),
                     ended_at - start,
                     request_bytes if body_complete else _declared_size(scope, request_bytes),
                     response_bytes,
-                )
+                ))
+                if len(self._pending) >= self._flush_at:
+                    self._flush()
             except Exception as error:
                 report("middleware.record", error)
             if self._exemplars is not None:
@@ -176,7 +189,7 @@ class PrometheusMiddleware:
 
         token = None
         try:
-            token = current_request.set(RequestContext(scope, entry_root_path, self.user_type_resolver))
+            token = current_request.set([scope, entry_root_path, self.user_type_resolver, None])
         except Exception as error:
             report("middleware.context", error)
         start = perf_counter()
@@ -188,33 +201,38 @@ class PrometheusMiddleware:
                 status = CLIENT_CLOSED_REQUEST if disconnected or cancelled else 500
             raise
         finally:
-            if not status:
-                # The app returned without responding; the server answers 500 on its behalf.
-                status = CLIENT_CLOSED_REQUEST if disconnected else 500
             if not finished:
+                if not status:
+                    # The app returned without responding; the server answers 500 on its behalf.
+                    status = CLIENT_CLOSED_REQUEST if disconnected else 500
                 finish(perf_counter())
             if token is not None:
                 current_request.reset(token)
+
+    def _resolved_label(self, scope: Scope, entry_root_path: str, status: int) -> str:
+        """The user's ``handler_resolver``'s label, or the router's when it answers ``None``."""
+        label = self.handler_resolver(scope)  # type: ignore[misc]
+        return self._route_label(scope, entry_root_path, status) if label is None else str(label)
 
     def _route_label(self, scope: Scope, entry_root_path: str, status: int) -> str:
         """:func:`handler_label_for`, remembered per matched route (and FastAPI route context).
 
         Only for requests that crossed no mount (``root_path`` unchanged): there the label depends
-        on nothing but those two objects.  The entries keep them alive, so an ``id`` is never
-        reused while its entry exists; past :data:`_ROUTE_LABELS_CAP` entries nothing is added.
+        on nothing but those two objects, which the middleware then keeps alive, so their ids are
+        never reused.  Past :data:`_ROUTE_LABELS_CAP` routes nothing more is remembered.
         """
-        route = scope.get("route")
-        fastapi_scope = scope.get("fastapi")
-        context = fastapi_scope.get("effective_route_context") if type(fastapi_scope) is dict else None
-        if (scope.get("root_path") or "") != entry_root_path:
-            return handler_label_for(scope, entry_root_path, status)
-        key = (id(route), id(context))
-        known = self._route_labels.get(key)
-        if known is not None and known[0] is route and known[1] is context:
-            return known[2]
         label = handler_label_for(scope, entry_root_path, status)
-        if route is not None and not isinstance(route, (Mount, Host)) and len(self._route_labels) < _ROUTE_LABELS_CAP:
-            self._route_labels[key] = (route, context, label)
+        route = scope.get("route")
+        if (
+            route is not None
+            and not isinstance(route, (Mount, Host))
+            and (scope.get("root_path") or "") == entry_root_path
+            and len(self._route_labels) < _ROUTE_LABELS_CAP
+        ):
+            fastapi_scope = scope.get("fastapi")
+            context = None if fastapi_scope is None else fastapi_scope.get("effective_route_context")
+            self._route_labels[id(route) if context is None else (id(route), id(context))] = label
+            self._route_objects.append((route, context))
         return label
 
 

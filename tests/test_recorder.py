@@ -1,4 +1,5 @@
-"""The lock-free request recorder: exact counts under threads and asyncio, read back at scrape."""
+"""The request recorder: exact counts under threads and asyncio, read back at scrape, whether
+absorbed in full batches or by the scrape itself."""
 
 from __future__ import annotations
 
@@ -27,18 +28,23 @@ def test_threads_recording_at_once_lose_no_request_even_while_scraped(registry: 
     barrier = threading.Barrier(threads + 1)
     stop_scraping = threading.Event()
     scrapes = 0
+    gauge_seen: set[float] = set()
 
     def record(index: int) -> None:
         barrier.wait()
         for n in range(per_thread):
-            recorder.started("GET")
-            recorder.finished("GET", "/items/{item_id}", "200" if n % 3 else "404", 0.003, 10, 100 + index)
+            # What the middleware does for each request.
+            recorder.start("GET")
+            recorder.record(("GET", "/items/{item_id}", "200" if n % 3 else "404", 0.003, 10, 100 + index))
+            if len(recorder.pending) >= recorder.flush_at:
+                recorder.flush()
 
     def scrape() -> None:
         nonlocal scrapes
         barrier.wait()
         while not stop_scraping.is_set():
-            generate_latest(registry)  # must never fail while shards are written
+            generate_latest(registry)  # must never fail while requests are recorded
+            gauge_seen.add(value(registry, IN_PROGRESS, method="GET"))
             scrapes += 1
 
     workers = [threading.Thread(target=record, args=(i,)) for i in range(threads)]
@@ -53,6 +59,9 @@ def test_threads_recording_at_once_lose_no_request_even_while_scraped(registry: 
     total = threads * per_thread
     ok = sum(1 for n in range(per_thread) if n % 3) * threads
     assert scrapes > 0
+    assert recorder.flush_at < total  # batches were absorbed by the threads too, not only scrapes
+    # Each thread has at most one request between start and record at any moment.
+    assert gauge_seen <= set(range(threads + 1)), gauge_seen
     assert value(registry, REQUESTS, method="GET", handler="/items/{item_id}", status="200") == ok
     assert value(registry, REQUESTS, method="GET", handler="/items/{item_id}", status="404") == total - ok
     assert value(registry, DURATION + "_count", method="GET", handler="/items/{item_id}") == total
@@ -102,7 +111,7 @@ def test_sync_endpoints_in_the_threadpool_are_counted_exactly(registry: Collecto
 
         asyncio.run(batch())
 
-    # Four event loops in four threads, one middleware: each loop thread writes its own shard.
+    # Four event loops in four threads, one middleware.
     threads = [threading.Thread(target=many_loops) for _ in range(4)]
     for thread in threads:
         thread.start()

@@ -105,11 +105,11 @@ Fault = Callable[[pytest.MonkeyPatch, PrometheusInstrumentation], None]
 
 
 def fail_recording(monkeypatch: pytest.MonkeyPatch, instrumentation: PrometheusInstrumentation) -> None:
-    monkeypatch.setattr(instrumentation.requests, "finished", boom)
+    monkeypatch.setattr(instrumentation.requests, "record", boom)
 
 
 def fail_request_start(monkeypatch: pytest.MonkeyPatch, instrumentation: PrometheusInstrumentation) -> None:
-    monkeypatch.setattr(instrumentation.requests, "started", boom)
+    monkeypatch.setattr(instrumentation.requests, "start", boom)
 
 
 def fail_guard(monkeypatch: pytest.MonkeyPatch, instrumentation: PrometheusInstrumentation) -> None:
@@ -120,8 +120,15 @@ def fail_route_template(monkeypatch: pytest.MonkeyPatch, instrumentation: Promet
     monkeypatch.setattr(crowdmon.middleware, "handler_label_for", boom)
 
 
+class UnsettableContextVar:
+    """A context variable whose ``set`` fails."""
+
+    set = staticmethod(boom)
+    reset = staticmethod(boom)
+
+
 def fail_request_context(monkeypatch: pytest.MonkeyPatch, instrumentation: PrometheusInstrumentation) -> None:
-    monkeypatch.setattr(crowdmon.middleware, "RequestContext", boom)
+    monkeypatch.setattr(crowdmon.middleware, "current_request", UnsettableContextVar())
 
 
 # site, the fault, how many requests fail in it, how many requests are still counted
@@ -227,7 +234,7 @@ async def test_the_apps_exception_wins_over_a_failure_of_crowdmon(
         raise failure
 
     instrumentation = PrometheusInstrumentation(registry)
-    monkeypatch.setattr(instrumentation.requests, "finished", boom)
+    monkeypatch.setattr(instrumentation.requests, "record", boom)
     monkeypatch.setattr(crowdmon.middleware, "handler_label_for", boom)
     app = PrometheusMiddleware(failing, instrumentation=instrumentation)
     for _ in range(3):
@@ -284,7 +291,7 @@ async def test_when_reporting_the_failure_fails_too_the_request_still_succeeds(
     unmonitored_answers: list[tuple[int, bytes, list[tuple[str, str]]]],
 ) -> None:
     app, instrumentation = instrumented(registry)
-    monkeypatch.setattr(instrumentation.requests, "finished", boom)
+    monkeypatch.setattr(instrumentation.requests, "record", boom)
     monkeypatch.setattr(instrumentation._shared, "internal_errors", None)  # its .labels() now fails
     monkeypatch.setattr(logging.getLogger("crowdmon"), "error", boom)
 
