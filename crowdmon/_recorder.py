@@ -34,7 +34,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from crowdmon._sharded import bucket_edges, cumulative_buckets
 from crowdmon.cardinality import CardinalityGuard
-from crowdmon.catalogue import BY_NAME, MetricSpec
+from crowdmon.catalogue import BY_NAME, OTHER_METHOD, MetricSpec
 
 if TYPE_CHECKING:
     from crowdmon.exemplars import ExemplarStore
@@ -45,9 +45,30 @@ REQUEST_SIZE = BY_NAME["crowdfunding_api_request_size_bytes"]
 RESPONSE_SIZE = BY_NAME["crowdfunding_api_response_size_bytes"]
 IN_PROGRESS = BY_NAME["crowdfunding_api_requests_in_progress"]
 
-RequestKey = tuple[str, str, str]  # method, handler, status
-#: One finished request: method, handler, status, duration (s), request bytes, response bytes.
-RequestEntry = tuple[str, str, str, float, int, int]
+RequestKey = tuple[str, str, str]  # method, handler, status, as labels
+#: One finished request: method and status as the server and the app gave them (turned into
+#: labels when absorbed), handler label, duration (s), request bytes, response bytes.
+RequestEntry = tuple[object, str, object, float, int, int]
+
+#: Methods recorded as they are; any other method is recorded as :data:`OTHER_METHOD`.
+STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+_METHOD_LABELS = {method: method for method in STANDARD_METHODS}
+_STATUS_LABELS = {code: str(code) for code in range(100, 600)}
+
+
+def method_label(method: object) -> str:
+    """The request method, or :data:`OTHER_METHOD` for anything but the nine standard ones."""
+    try:
+        return _METHOD_LABELS.get(method, OTHER_METHOD)  # type: ignore[call-overload,no-any-return]
+    except TypeError:  # unhashable: no server sends one, but the label must stay bounded
+        return OTHER_METHOD
+
+
+def status_label(status: object) -> str:
+    """The status the app sent, as a label; anything but an integer is recorded as ``"0"``."""
+    if isinstance(status, int):
+        return _STATUS_LABELS.get(status) or str(int(status))
+    return "0"
 
 #: How a recorder reports a contained failure: site, error, and how many requests it cost.
 Reporter = Callable[[str, BaseException, int], None]
@@ -58,8 +79,8 @@ FLUSH_AT = 1024
 
 class RequestRecorder(Protocol):
     @property
-    def start(self) -> Callable[[str], None]:
-        """Called with the (normalised) method of every request that enters the middleware."""
+    def start(self) -> Callable[[object], None]:
+        """Called with the method (as the server gave it) of every request that enters."""
 
     @property
     def record(self) -> Callable[[RequestEntry], None]:
@@ -124,7 +145,7 @@ class BufferedRequestRecorder:
         self._guard = guard
         self._report = report
         self.pending: list[RequestEntry] = []
-        self._starts: list[str] = []
+        self._starts: list[object] = []
         self.record = self.pending.append
         self.start = self._starts.append
         self._lock = threading.Lock()
@@ -142,20 +163,37 @@ class BufferedRequestRecorder:
             starts = self._starts
             started = starts[: len(starts)]
             del starts[: len(started)]
-            in_progress = self._in_progress
-            for method, count in Tally(started).items():
-                in_progress[method] = in_progress.get(method, 0) + count
-            if batch:
-                for method, count in Tally(map(_METHOD, batch)).items():
-                    in_progress[method] = in_progress.get(method, 0) - count
-                self._absorb(batch)
+            try:
+                self._absorb(started, batch)
+            except TypeError:
+                # A method or status no server or app should send (unhashable, not comparable
+                # with the others): the same again with every one of them made a label first.
+                self._absorb(
+                    [method_label(method) for method in started],
+                    [(method_label(m), h, status_label(s), d, q, r) for m, h, s, d, q, r in batch],
+                )
 
-    def _absorb(self, batch: list[RequestEntry]) -> None:
+    def _absorb(self, started: list[object], batch: list[RequestEntry]) -> None:
+        # Everything that can raise TypeError on odd values comes before any number changes.
+        started_by_method = Tally(started)
+        finished_by_method = Tally(map(_METHOD, batch))
+        by_key = Tally(map(_KEY, batch))
+        batch.sort(key=_KEY)
+
+        in_progress = self._in_progress
+        for method, count in started_by_method.items():
+            label = method_label(method)
+            in_progress[label] = in_progress.get(label, 0) + count
+        for method, count in finished_by_method.items():
+            label = method_label(method)
+            in_progress[label] = in_progress.get(label, 0) - count
+
         # Label sets in the order their first request arrived, so the cardinality guard admits
         # values first come, first served, as if each request were recorded on its own.
-        targets: dict[RequestKey, list[float] | None] = {}
+        targets: dict[tuple[object, str, object], list[float] | None] = {}
         series = self._series
-        for key, requests in Tally(map(_KEY, batch)).items():
+        for (method, handler, status), requests in by_key.items():
+            key = (method_label(method), handler, status_label(status))
             cells = series.get(key)
             if cells is None:
                 try:
@@ -163,11 +201,11 @@ class BufferedRequestRecorder:
                 except Exception as error:
                     # These requests are lost; each is counted as a failure of its own.
                     self._report("middleware.record", error, requests)
-            targets[key] = cells
+            targets[method, handler, status] = cells
+
         layout = _LAYOUT
-        batch.sort(key=_KEY)
-        for key, group in groupby(batch, _KEY):
-            cells = targets[key]
+        for raw_key, group in groupby(batch, _KEY):
+            cells = targets[raw_key]
             if cells is None:
                 continue
             _, _, _, durations, received, sent = zip(*group, strict=True)
@@ -269,14 +307,16 @@ class ClientRequestRecorder:
     def flush(self) -> None:
         """Nothing to do: the values are already in the shared files."""
 
-    def start(self, method: str) -> None:
-        gauge = self._gauges.get(method)
+    def start(self, method: object) -> None:
+        label = method_label(method)
+        gauge = self._gauges.get(label)
         if gauge is None:
-            gauge = self._gauges[method] = self.in_progress.labels(method)
+            gauge = self._gauges[label] = self.in_progress.labels(label)
         gauge.inc()
 
     def record(self, entry: RequestEntry) -> None:
-        method, handler, status, duration, request_bytes, response_bytes = entry
+        raw_method, handler, raw_status, duration, request_bytes, response_bytes = entry
+        method, status = method_label(raw_method), status_label(raw_status)
         self._gauges[method].dec()
         children = self._children.get((method, handler, status))
         if children is None:

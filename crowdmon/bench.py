@@ -712,7 +712,7 @@ def populated_registries(handlers: int = 100, statuses: Sequence[int] = (200, 20
         for method in methods:
             for status in statuses:
                 record.start(method)
-                record.record((method, handler, str(status), 0.012, 120, 2048))
+                record.record((method, handler, status, 0.012, 120, 2048))
                 requests.labels(method, handler, str(status)).inc()
                 for histogram, value in zip(histograms, (0.012, 120, 2048), strict=True):
                     histogram.labels(method, handler).observe(value)

@@ -9,8 +9,9 @@ import anyio
 from prometheus_client import CollectorRegistry
 from starlette.routing import Host, Mount
 
+from crowdmon._recorder import method_label, status_label
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
-from crowdmon.catalogue import OTHER_METHOD, UNMATCHED_HANDLER
+from crowdmon.catalogue import UNMATCHED_HANDLER
 from crowdmon.context import UserTypeResolver, current_request
 from crowdmon.exemplars import ExemplarProvider, request_exemplars
 from crowdmon.instrumentation import (
@@ -20,10 +21,6 @@ from crowdmon.instrumentation import (
 )
 from crowdmon.routes import HandlerResolver, handler_label_for
 
-#: Methods recorded as they are; any other method is recorded as :data:`OTHER_METHOD`.
-STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
-_METHOD_LABELS = {method: method for method in STANDARD_METHODS}
-_STATUS_LABELS = {code: str(code) for code in range(100, 600)}
 #: Matched routes whose handler label a middleware remembers (an app has a bounded number).
 _ROUTE_LABELS_CAP = 1024
 #: Recorded when the client went away before any response was started (nginx's convention).
@@ -85,7 +82,7 @@ class PrometheusMiddleware:
         self._report = instrumentation.report_internal_error
         self._exemplars = request_exemplars(exemplars, instrumentation)
         # Handler labels of matched routes: id(route), or (id(route), id(FastAPI route context)).
-        self._route_labels: dict[object, str] = {}
+        self._route_labels: dict[object, str] = {id(None): UNMATCHED_HANDLER}
         # Keeps those objects alive, so their ids are never reused while the labels are held.
         self._route_objects: list[object] = []
 
@@ -94,13 +91,14 @@ class PrometheusMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            entry_root_path = scope.get("root_path") or ""
+            entry_root_path = scope.get("root_path", "")
             path = scope["path"]
             if entry_root_path and path.startswith(entry_root_path):
                 path = path[len(entry_root_path) :]
             excluded = path in self.exclude_paths
             if not excluded:
-                method = _METHOD_LABELS.get(scope["method"], OTHER_METHOD)
+                # The method as the server gave it: it is made a label when the batch is absorbed.
+                method = scope["method"]
                 self._start(method)
         except Exception as error:
             self._report("middleware.start", error)
@@ -136,60 +134,27 @@ class PrometheusMiddleware:
         def send_and_measure(message: Message) -> Awaitable[None]:
             # A plain function returning the server's awaitable: no coroutine of our own per
             # message.  The request is over when the app hands over its last body chunk.
-            nonlocal status, response_bytes
+            nonlocal status, response_bytes, finished
             try:
                 kind = message["type"]
                 if kind == "http.response.body":
                     response_bytes += len(message.get("body", b""))
-                    if not message.get("more_body", False):
-                        finish(perf_counter())
+                    if not message.get("more_body", False) and not finished:
+                        finished = True
+                        self._finish(
+                            scope, entry_root_path, method, status, perf_counter() - start,
+                            request_bytes if body_complete else _declared_size(scope, request_bytes),
+                            response_bytes,
+                        )
                 elif kind == "http.response.start":
                     status = message["status"]
             except Exception as error:
                 report("middleware.send", error)
             return send(message)
 
-        def finish(ended_at: float) -> None:
-            # Runs once: at the last body chunk, or when the app is done, if earlier.
-            nonlocal finished
-            if finished:
-                return
-            finished = True
-            try:
-                if self.handler_resolver is None:
-                    route = scope.get("route")
-                    fastapi_scope = scope.get("fastapi")
-                    context = None if fastapi_scope is None else fastapi_scope.get("effective_route_context")
-                    handler = self._route_labels.get(id(route) if context is None else (id(route), id(context)))
-                    if handler is None or (scope.get("root_path") or "") != entry_root_path:
-                        handler = self._route_label(scope, entry_root_path, status)
-                else:
-                    handler = self._resolved_label(scope, entry_root_path, status)
-            except Exception as error:
-                report("middleware.handler", error)
-                handler = UNMATCHED_HANDLER
-            try:
-                self._record((
-                    method,
-                    handler,
-                    (_STATUS_LABELS.get(status) if type(status) is int else None) or _status_label(status),
-                    ended_at - start,
-                    request_bytes if body_complete else _declared_size(scope, request_bytes),
-                    response_bytes,
-                ))
-                if len(self._pending) >= self._flush_at:
-                    self._flush()
-            except Exception as error:
-                report("middleware.record", error)
-            if self._exemplars is not None:
-                try:
-                    self._exemplars.observe(scope, method, handler, _status_label(status), ended_at - start)
-                except Exception as error:
-                    report("middleware.exemplar", error)
-
         token = None
         try:
-            token = current_request.set([scope, entry_root_path, self.user_type_resolver, None])
+            token = current_request.set([scope, entry_root_path or "", self.user_type_resolver, None])
         except Exception as error:
             report("middleware.context", error)
         start = perf_counter()
@@ -205,9 +170,49 @@ class PrometheusMiddleware:
                 if not status:
                     # The app returned without responding; the server answers 500 on its behalf.
                     status = CLIENT_CLOSED_REQUEST if disconnected else 500
-                finish(perf_counter())
+                self._finish(
+                    scope, entry_root_path, method, status, perf_counter() - start,
+                    request_bytes if body_complete else _declared_size(scope, request_bytes),
+                    response_bytes,
+                )
             if token is not None:
                 current_request.reset(token)
+
+    def _finish(
+        self,
+        scope: Scope,
+        entry_root_path: str,
+        method: str,
+        status: int,
+        duration: float,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> None:
+        """Record one request: its handler label, then its entry for the recorder."""
+        try:
+            if self.handler_resolver is None:
+                route = scope.get("route")
+                fastapi_scope = scope.get("fastapi")
+                context = None if fastapi_scope is None else fastapi_scope.get("effective_route_context")
+                handler = self._route_labels.get(id(route) if context is None else (id(route), id(context)))
+                if handler is None or scope.get("root_path", "") is not entry_root_path:
+                    handler = self._route_label(scope, entry_root_path or "", status)
+            else:
+                handler = self._resolved_label(scope, entry_root_path or "", status)
+        except Exception as error:
+            self._report("middleware.handler", error)
+            handler = UNMATCHED_HANDLER
+        try:
+            self._record((method, handler, status, duration, request_bytes, response_bytes))
+            if len(self._pending) >= self._flush_at:
+                self._flush()
+        except Exception as error:
+            self._report("middleware.record", error)
+        if self._exemplars is not None:
+            try:
+                self._exemplars.observe(scope, method_label(method), handler, status_label(status), duration)
+            except Exception as error:
+                self._report("middleware.exemplar", error)
 
     def _resolved_label(self, scope: Scope, entry_root_path: str, status: int) -> str:
         """The user's ``handler_resolver``'s label, or the router's when it answers ``None``."""
@@ -234,13 +239,6 @@ class PrometheusMiddleware:
             self._route_labels[id(route) if context is None else (id(route), id(context))] = label
             self._route_objects.append((route, context))
         return label
-
-
-def _status_label(status: object) -> str:
-    """The status the app sent, as a label; anything but an integer is recorded as ``"0"``."""
-    if type(status) is int:
-        return _STATUS_LABELS.get(status) or str(status)
-    return "0"
 
 
 def _declared_size(scope: Scope, received: int) -> int:

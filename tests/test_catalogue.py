@@ -48,7 +48,7 @@ def test_catalogue_matches_the_snapshot() -> None:
 
 def record_one_of_everything(instrumentation: PrometheusInstrumentation) -> None:
     instrumentation.requests.start("GET")
-    instrumentation.requests.record(("GET", "/x", "200", 0.01, 10, 20))
+    instrumentation.requests.record(("GET", "/x", 200, 0.01, 10, 20))
     with instrumentation.track_request_performance("/chat", "authenticated"):
         pass
     with instrumentation.track_external_api_call("openai", "chat/completions"):

@@ -35,7 +35,7 @@ def test_threads_recording_at_once_lose_no_request_even_while_scraped(registry: 
         for n in range(per_thread):
             # What the middleware does for each request.
             recorder.start("GET")
-            recorder.record(("GET", "/items/{item_id}", "200" if n % 3 else "404", 0.003, 10, 100 + index))
+            recorder.record(("GET", "/items/{item_id}", 200 if n % 3 else 404, 0.003, 10, 100 + index))
             if len(recorder.pending) >= recorder.flush_at:
                 recorder.flush()
 
