@@ -29,10 +29,11 @@ def default_user_type(scope: Scope) -> str:
 
 
 #: What the middleware publishes for a request: ``[scope, entry_root_path, user_type_resolver,
-#: user_type]``, the last ``None`` until first asked for.  A plain list, because the middleware
-#: builds one for every request and a list is the cheapest object Python can build.
+#: user_type, method, started]``; ``user_type`` is ``None`` until first asked for, ``method`` and
+#: ``started`` (``perf_counter()`` at entry) are for the middleware itself.  A plain list, because
+#: the middleware builds one for every request and a list is the cheapest object Python can build.
 RequestContext = list[Any]
-SCOPE, ENTRY_ROOT_PATH, RESOLVER, USER_TYPE = range(4)
+SCOPE, ENTRY_ROOT_PATH, RESOLVER, USER_TYPE, METHOD, STARTED = range(6)
 
 current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_request", default=None)
 

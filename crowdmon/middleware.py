@@ -12,7 +12,15 @@ from starlette.routing import Host, Mount
 from crowdmon._recorder import method_label, status_label
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.catalogue import UNMATCHED_HANDLER
-from crowdmon.context import UserTypeResolver, current_request
+from crowdmon.context import (
+    ENTRY_ROOT_PATH,
+    METHOD,
+    SCOPE,
+    STARTED,
+    RequestContext,
+    UserTypeResolver,
+    current_request,
+)
 from crowdmon.exemplars import ExemplarProvider, request_exemplars
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
@@ -107,17 +115,17 @@ class PrometheusMiddleware:
             await self.app(scope, receive, send)
             return
 
-        # The per-request state lives in these closures' cells: the cheapest state Python has.
+        # What a request needs at its end travels in the list published as its context: one
+        # object instead of four cells.  The rest of its state lives in the closures' cells.
+        request = [scope, entry_root_path or "", self.user_type_resolver, None, method, perf_counter()]
         status = 0
         request_bytes = 0
         response_bytes = 0
         body_complete = False
-        disconnected = False
         finished = False
-        report = self._report
 
         async def receive_and_measure() -> Message:
-            nonlocal request_bytes, body_complete, disconnected
+            nonlocal request_bytes, body_complete, status
             message = await receive()
             try:
                 kind = message["type"]
@@ -125,10 +133,11 @@ class PrometheusMiddleware:
                     request_bytes += len(message.get("body", b""))
                     if not message.get("more_body", False):
                         body_complete = True
-                elif kind == "http.disconnect":
-                    disconnected = True
+                elif kind == "http.disconnect" and not status:
+                    # Gone before any response was started; a response started later wins.
+                    status = CLIENT_CLOSED_REQUEST
             except Exception as error:
-                report("middleware.receive", error)
+                self._report("middleware.receive", error)
             return message
 
         def send_and_measure(message: Message) -> Awaitable[None]:
@@ -142,66 +151,58 @@ class PrometheusMiddleware:
                     if not message.get("more_body", False) and not finished:
                         finished = True
                         self._finish(
-                            scope, entry_root_path, method, status, perf_counter() - start,
+                            request, status, perf_counter(),
                             request_bytes if body_complete else _declared_size(scope, request_bytes),
                             response_bytes,
                         )
                 elif kind == "http.response.start":
                     status = message["status"]
             except Exception as error:
-                report("middleware.send", error)
+                self._report("middleware.send", error)
             return send(message)
 
         token = None
         try:
-            token = current_request.set([scope, entry_root_path or "", self.user_type_resolver, None])
+            token = current_request.set(request)
         except Exception as error:
-            report("middleware.context", error)
-        start = perf_counter()
+            self._report("middleware.context", error)
         try:
             await self.app(scope, receive_and_measure, send_and_measure)
         except BaseException as error:
             if not status:
-                cancelled = _is_cancellation(error)
-                status = CLIENT_CLOSED_REQUEST if disconnected or cancelled else 500
+                status = CLIENT_CLOSED_REQUEST if _is_cancellation(error) else 500
             raise
         finally:
             if not finished:
-                if not status:
-                    # The app returned without responding; the server answers 500 on its behalf.
-                    status = CLIENT_CLOSED_REQUEST if disconnected else 500
+                # The app returned without responding (the server answers 500 on its behalf),
+                # or failed, or the client went away.
                 self._finish(
-                    scope, entry_root_path, method, status, perf_counter() - start,
+                    request, status or 500, perf_counter(),
                     request_bytes if body_complete else _declared_size(scope, request_bytes),
                     response_bytes,
                 )
             if token is not None:
                 current_request.reset(token)
 
-    def _finish(
-        self,
-        scope: Scope,
-        entry_root_path: str,
-        method: str,
-        status: int,
-        duration: float,
-        request_bytes: int,
-        response_bytes: int,
-    ) -> None:
+    def _finish(self, request: RequestContext, status: int, ended_at: float, request_bytes: int, response_bytes: int) -> None:
         """Record one request: its handler label, then its entry for the recorder."""
+        scope = request[SCOPE]
+        entry_root_path = request[ENTRY_ROOT_PATH]
         try:
             if self.handler_resolver is None:
                 route = scope.get("route")
                 fastapi_scope = scope.get("fastapi")
                 context = None if fastapi_scope is None else fastapi_scope.get("effective_route_context")
                 handler = self._route_labels.get(id(route) if context is None else (id(route), id(context)))
-                if handler is None or scope.get("root_path", "") is not entry_root_path:
-                    handler = self._route_label(scope, entry_root_path or "", status)
+                if handler is None or (scope.get("root_path") or "") != entry_root_path:
+                    handler = self._route_label(scope, entry_root_path, status)
             else:
-                handler = self._resolved_label(scope, entry_root_path or "", status)
+                handler = self._resolved_label(scope, entry_root_path, status)
         except Exception as error:
             self._report("middleware.handler", error)
             handler = UNMATCHED_HANDLER
+        method = request[METHOD]
+        duration = ended_at - request[STARTED]
         try:
             self._record((method, handler, status, duration, request_bytes, response_bytes))
             if len(self._pending) >= self._flush_at:

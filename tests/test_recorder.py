@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from http import HTTPStatus
 
-from prometheus_client import CollectorRegistry, generate_latest
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
+from crowdmon._recorder import DURATION as DURATION_SPEC
+from crowdmon._recorder import REQUEST_SIZE as REQUEST_SIZE_SPEC
+from crowdmon._recorder import RESPONSE_SIZE as RESPONSE_SIZE_SPEC
+from crowdmon._recorder import RequestEntry, method_label, status_label
 from tests.asgi import http_scope, run_asgi
 from tests.support import value
 
@@ -121,3 +129,57 @@ def test_sync_endpoints_in_the_threadpool_are_counted_exactly(registry: Collecto
     assert value(registry, REQUESTS, method="GET", handler="/sync", status="200") == 200
     assert value(registry, RESPONSE_SIZE + "_sum", method="GET", handler="/sync") == 800
     assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+REQUEST_SIZE = "crowdfunding_api_request_size_bytes"
+SIZE_EDGES = (0, 1, 100, 1024, 1025, 10**6, 10**9)  # on, around and beyond the bucket bounds
+DURATION_EDGES = (0.0, 0.005, 0.0050001, 0.1, 1.0, 59.9, 1e6)
+entries = st.tuples(
+    st.sampled_from(["GET", "POST", "PROPFIND", "get"]),
+    st.sampled_from(["/a", "/b/{id}", "<unmatched>"]),
+    st.sampled_from([200, 201, 404, 500, 499, 999, HTTPStatus.CREATED]),
+    st.one_of(st.sampled_from(DURATION_EDGES), st.floats(0, 100, allow_nan=False)),
+    st.one_of(st.sampled_from(SIZE_EDGES), st.integers(0, 10**7)),
+    st.one_of(st.sampled_from(SIZE_EDGES), st.integers(0, 10**7)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests=st.lists(entries, max_size=300), cuts=st.lists(st.integers(0, 300), max_size=4))
+def test_batches_hold_exactly_what_prometheus_client_would(requests: list[RequestEntry], cuts: list[int]) -> None:
+    """However requests fall into batches, every sample equals prometheus_client's own metrics
+    fed the same requests one by one."""
+    ours = CollectorRegistry()
+    recorder = PrometheusInstrumentation(ours).requests
+    theirs = CollectorRegistry()
+    counter = Counter("crowdfunding_api_requests", "x", ["method", "handler", "status"], registry=theirs)
+    histograms = {
+        spec.name: Histogram(spec.name, "x", ["method", "handler"], buckets=spec.buckets, registry=theirs)
+        for spec in (DURATION_SPEC, REQUEST_SIZE_SPEC, RESPONSE_SIZE_SPEC)
+    }
+    for index, entry in enumerate(requests):
+        if index in cuts:
+            recorder.flush()  # a batch ends here, as when it fills up or a scrape comes
+        method, handler, status, duration, received, sent = entry
+        recorder.start(method)
+        recorder.record(entry)
+        labels = (method_label(method), handler)
+        counter.labels(*labels, status_label(status)).inc()
+        for name, amount in zip(histograms, (duration, received, sent), strict=True):
+            histograms[name].labels(*labels).observe(amount)
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in registry.collect()
+            if family.name.startswith("crowdfunding_api_") and family.type in ("counter", "histogram")
+            for sample in family.samples
+            if not sample.name.endswith("_created")
+        }
+
+    expected = samples(theirs)
+    got = samples(ours)
+    assert got.keys() == expected.keys()
+    for key, amount in expected.items():
+        assert got[key] == pytest.approx(amount, rel=1e-9), key
+    assert all(value(ours, IN_PROGRESS, method=m) == 0 for m in ("GET", "POST", "OTHER"))
