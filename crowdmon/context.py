@@ -28,12 +28,11 @@ def default_user_type(scope: Scope) -> str:
     return "authenticated" if getattr(user, "is_authenticated", False) else "anonymous"
 
 
-#: What the middleware publishes for a request: ``[scope, entry_root_path, user_type_resolver,
-#: user_type, method, started]``; ``user_type`` is ``None`` until first asked for, ``method`` and
-#: ``started`` (``perf_counter()`` at entry) are for the middleware itself.  A plain list, because
-#: the middleware builds one for every request and a list is the cheapest object Python can build.
+#: What the middleware publishes for a request: a list starting ``[scope, entry_root_path,
+#: user_type_resolver, user_type]``; ``user_type`` is ``None`` until first asked for.  The
+#: middleware keeps the rest of the request's state in the same list, after these four.
 RequestContext = list[Any]
-SCOPE, ENTRY_ROOT_PATH, RESOLVER, USER_TYPE, METHOD, STARTED = range(6)
+SCOPE, ENTRY_ROOT_PATH, RESOLVER, USER_TYPE = range(4)
 
 current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_request", default=None)
 

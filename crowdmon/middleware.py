@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Iterable
+from functools import partial
 from time import perf_counter
 
 import anyio
@@ -14,9 +15,7 @@ from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.catalogue import UNMATCHED_HANDLER
 from crowdmon.context import (
     ENTRY_ROOT_PATH,
-    METHOD,
     SCOPE,
-    STARTED,
     RequestContext,
     UserTypeResolver,
     current_request,
@@ -33,6 +32,8 @@ from crowdmon.routes import HandlerResolver, handler_label_for
 _ROUTE_LABELS_CAP = 1024
 #: Recorded when the client went away before any response was started (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
+# A request's state list: the four slots of its published context (crowdmon.context), then these.
+MIDDLEWARE, METHOD, STARTED, STATUS, REQUEST_BYTES, BODY_COMPLETE, RESPONSE_BYTES, FINISHED, RECEIVE, SEND = range(4, 14)
 
 
 class PrometheusMiddleware:
@@ -115,105 +116,34 @@ class PrometheusMiddleware:
             await self.app(scope, receive, send)
             return
 
-        # What a request needs at its end travels in the list published as its context: one
-        # object instead of four cells.  The rest of its state lives in the closures' cells.
-        request = [scope, entry_root_path or "", self.user_type_resolver, None, method, perf_counter()]
-        status = 0
-        request_bytes = 0
-        response_bytes = 0
-        body_complete = False
-        finished = False
-
-        async def receive_and_measure() -> Message:
-            nonlocal request_bytes, body_complete, status
-            message = await receive()
-            try:
-                kind = message["type"]
-                if kind == "http.request":
-                    request_bytes += len(message.get("body", b""))
-                    if not message.get("more_body", False):
-                        body_complete = True
-                elif kind == "http.disconnect" and not status:
-                    # Gone before any response was started; a response started later wins.
-                    status = CLIENT_CLOSED_REQUEST
-            except Exception as error:
-                self._report("middleware.receive", error)
-            return message
-
-        def send_and_measure(message: Message) -> Awaitable[None]:
-            # A plain function returning the server's awaitable: no coroutine of our own per
-            # message.  The request is over when the app hands over its last body chunk.
-            nonlocal status, response_bytes, finished
-            try:
-                kind = message["type"]
-                if kind == "http.response.body":
-                    response_bytes += len(message.get("body", b""))
-                    if not message.get("more_body", False) and not finished:
-                        finished = True
-                        self._finish(
-                            request, status, perf_counter(),
-                            request_bytes if body_complete else _declared_size(scope, request_bytes),
-                            response_bytes,
-                        )
-                elif kind == "http.response.start":
-                    status = message["status"]
-            except Exception as error:
-                self._report("middleware.send", error)
-            return send(message)
-
+        # The request's whole state is one list, published as its context too; the app gets
+        # receive and send as partials of two module functions over it.  One list and two
+        # partials are the fewest objects a request can cost: each object Python allocates costs
+        # again in the garbage collector's passes, and that is most of what instrumentation costs.
+        state = [
+            scope, entry_root_path or "", self.user_type_resolver, None,
+            self, method, perf_counter(), 0, 0, False, 0, False, receive, send,
+        ]  # fmt: skip
         token = None
         try:
-            token = current_request.set(request)
+            token = current_request.set(state)
         except Exception as error:
             self._report("middleware.context", error)
         try:
-            await self.app(scope, receive_and_measure, send_and_measure)
+            await self.app(scope, partial(_receive_and_measure, state), partial(_send_and_measure, state))
         except BaseException as error:
-            if not status:
-                status = CLIENT_CLOSED_REQUEST if _is_cancellation(error) else 500
+            if not state[STATUS]:
+                state[STATUS] = CLIENT_CLOSED_REQUEST if _is_cancellation(error) else 500
             raise
         finally:
-            if not finished:
+            if not state[FINISHED]:
                 # The app returned without responding (the server answers 500 on its behalf),
                 # or failed, or the client went away.
-                self._finish(
-                    request, status or 500, perf_counter(),
-                    request_bytes if body_complete else _declared_size(scope, request_bytes),
-                    response_bytes,
-                )
+                if not state[STATUS]:
+                    state[STATUS] = 500
+                _finish(state, perf_counter())
             if token is not None:
                 current_request.reset(token)
-
-    def _finish(self, request: RequestContext, status: int, ended_at: float, request_bytes: int, response_bytes: int) -> None:
-        """Record one request: its handler label, then its entry for the recorder."""
-        scope = request[SCOPE]
-        entry_root_path = request[ENTRY_ROOT_PATH]
-        try:
-            if self.handler_resolver is None:
-                route = scope.get("route")
-                fastapi_scope = scope.get("fastapi")
-                context = None if fastapi_scope is None else fastapi_scope.get("effective_route_context")
-                handler = self._route_labels.get(id(route) if context is None else (id(route), id(context)))
-                if handler is None or (scope.get("root_path") or "") != entry_root_path:
-                    handler = self._route_label(scope, entry_root_path, status)
-            else:
-                handler = self._resolved_label(scope, entry_root_path, status)
-        except Exception as error:
-            self._report("middleware.handler", error)
-            handler = UNMATCHED_HANDLER
-        method = request[METHOD]
-        duration = ended_at - request[STARTED]
-        try:
-            self._record((method, handler, status, duration, request_bytes, response_bytes))
-            if len(self._pending) >= self._flush_at:
-                self._flush()
-        except Exception as error:
-            self._report("middleware.record", error)
-        if self._exemplars is not None:
-            try:
-                self._exemplars.observe(scope, method_label(method), handler, status_label(status), duration)
-            except Exception as error:
-                self._report("middleware.exemplar", error)
 
     def _resolved_label(self, scope: Scope, entry_root_path: str, status: int) -> str:
         """The user's ``handler_resolver``'s label, or the router's when it answers ``None``."""
@@ -240,6 +170,81 @@ class PrometheusMiddleware:
             self._route_labels[id(route) if context is None else (id(route), id(context))] = label
             self._route_objects.append((route, context))
         return label
+
+
+async def _receive_and_measure(state: RequestContext) -> Message:
+    message: Message = await state[RECEIVE]()
+    try:
+        kind = message["type"]
+        if kind == "http.request":
+            state[REQUEST_BYTES] += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                state[BODY_COMPLETE] = True
+        elif kind == "http.disconnect" and not state[STATUS]:
+            # Gone before any response was started; a response started later wins.
+            state[STATUS] = CLIENT_CLOSED_REQUEST
+    except Exception as error:
+        state[MIDDLEWARE]._report("middleware.receive", error)
+    return message
+
+
+def _send_and_measure(state: RequestContext, message: Message) -> Awaitable[None]:
+    # A plain function returning the server's awaitable: no coroutine of our own per message.
+    # The request is over when the app hands over its last body chunk.
+    try:
+        kind = message["type"]
+        if kind == "http.response.body":
+            state[RESPONSE_BYTES] += len(message.get("body", b""))
+            if not message.get("more_body", False) and not state[FINISHED]:
+                _finish(state, perf_counter())
+        elif kind == "http.response.start":
+            state[STATUS] = message["status"]
+    except Exception as error:
+        state[MIDDLEWARE]._report("middleware.send", error)
+    send: Send = state[SEND]
+    return send(message)
+
+
+def _finish(state: RequestContext, ended_at: float) -> None:
+    """Record the request: its handler label, then its entry for the recorder.  Runs once."""
+    state[FINISHED] = True
+    middleware: PrometheusMiddleware = state[MIDDLEWARE]
+    scope = state[SCOPE]
+    status = state[STATUS]
+    try:
+        if middleware.handler_resolver is None:
+            route = scope.get("route")
+            fastapi_scope = scope.get("fastapi")
+            context = None if fastapi_scope is None else fastapi_scope.get("effective_route_context")
+            handler = middleware._route_labels.get(id(route) if context is None else (id(route), id(context)))
+            if handler is None or (scope.get("root_path") or "") != state[ENTRY_ROOT_PATH]:
+                handler = middleware._route_label(scope, state[ENTRY_ROOT_PATH], status)
+        else:
+            handler = middleware._resolved_label(scope, state[ENTRY_ROOT_PATH], status)
+    except Exception as error:
+        middleware._report("middleware.handler", error)
+        handler = UNMATCHED_HANDLER
+    method = state[METHOD]
+    duration = ended_at - state[STARTED]
+    request_bytes = state[REQUEST_BYTES]
+    try:
+        middleware._record((
+            method,
+            handler,
+            status,
+            duration,
+            request_bytes if state[BODY_COMPLETE] else _declared_size(scope, request_bytes),
+            state[RESPONSE_BYTES],
+        ))
+        if len(middleware._pending) >= middleware._flush_at:
+            middleware._flush()
+    except Exception as error:
+        middleware._report("middleware.record", error)
+    if middleware._exemplars is not None:
+        try:
+            middleware._exemplars.observe(scope, method_label(method), handler, status_label(status), duration)
+        except Exception as error:
+            middleware._report("middleware.exemplar", error)
 
 
 def _declared_size(scope: Scope, received: int) -> int:
