@@ -16,11 +16,9 @@ resolved once per label set: their values live in files another worker may be sc
 from __future__ import annotations
 
 import threading
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import groupby
-from operator import itemgetter
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -123,16 +121,12 @@ class _Layout:
 
 
 _LAYOUT = _Layout()
-_KEY = itemgetter(0, 1, 2)
+_INFINITY = float("inf")
 
 
-def _add_observations(cells: list[float], first: int, bounds: Sequence[float], values: Sequence[float]) -> None:
-    """Histogram cells from ``first`` on (buckets, ``+Inf``, sum) take ``values``.
-
-    The values are sorted (C, and nearly free for the runs of equal sizes real traffic has), then
-    each bound is found in them once: per batch, a bisection per bucket instead of per value.
-    """
-    ordered = sorted(values)
+def _add_observations(cells: list[float], first: int, bounds: Sequence[float], ordered: Sequence[float]) -> None:
+    """Histogram cells from ``first`` on (buckets, ``+Inf``, sum) take the ``ordered`` values:
+    one bisection per bucket, not one per value."""
     below = 0
     for offset, bound in enumerate(bounds):
         upto = bisect_right(ordered, bound)  # values <= bound: Prometheus's "le"
@@ -140,6 +134,18 @@ def _add_observations(cells: list[float], first: int, bounds: Sequence[float], v
         below = upto
     cells[first + len(bounds)] += len(ordered) - below
     cells[first + len(bounds) + 1] += sum(ordered)
+
+
+def _label_sets(ordered: list[RequestEntry]) -> Iterator[tuple[tuple[object, str, object], int, int]]:
+    """Each label set of a sorted batch, with the slice of entries it spans: found by bisection,
+    so no per-entry work is done in Python."""
+    start, end = 0, len(ordered)
+    while start < end:
+        method, handler, status = ordered[start][:3]
+        # Every entry of this label set sorts before (method, handler, status, inf).
+        stop = max(bisect_left(ordered, (method, handler, status, _INFINITY), start), start + 1)
+        yield (method, handler, status), start, stop
+        start = stop
 
 
 class BufferedRequestRecorder:
@@ -178,46 +184,69 @@ class BufferedRequestRecorder:
                 # with the others): the same again with every one of them made a label first.
                 self._absorb(
                     [method_label(method) for method in started],
-                    [(method_label(m), h, status_label(s), d, q, r) for m, h, s, d, q, r in batch],
+                    [(method_label(m), h, s if isinstance(s, int) else 0, d, q, r) for m, h, s, d, q, r in batch],
                 )
 
     def _absorb(self, started: list[object], batch: list[RequestEntry]) -> None:
-        # Everything that can raise TypeError on odd values comes before any number changes.
+        # Whole entries sort by label set, then duration: C compares objects the entries share,
+        # and no key is built per entry.  Everything that can raise TypeError on odd values
+        # comes before any number changes.
         started_by_method = Tally(started)
-        by_key = Tally(map(_KEY, batch))
-        batch.sort(key=_KEY)
+        ordered = sorted(batch)
+        label_sets = list(_label_sets(ordered))
 
         in_progress = self._in_progress
         for method, count in started_by_method.items():
             label = method_label(method)
             in_progress[label] = in_progress.get(label, 0) + count
 
-        # Label sets in the order their first request arrived, so the cardinality guard admits
-        # values first come, first served, as if each request were recorded on its own.
-        targets: dict[tuple[object, str, object], list[float] | None] = {}
         series = self._series
-        for (method, handler, status), requests in by_key.items():
+        targets: dict[tuple[object, str, object], list[float] | None] = {}
+        new: dict[tuple[object, str, object], int] = {}
+        for raw_key, start, stop in label_sets:
+            method, handler, status = raw_key
             key = (method_label(method), handler, status_label(status))
-            in_progress[key[0]] = in_progress.get(key[0], 0) - requests
-            cells = series.get(key)
-            if cells is None:
-                try:
-                    cells = self._new_series(key, requests)
-                except Exception as error:
-                    # These requests are lost; each is counted as a failure of its own.
-                    self._report("middleware.record", error, requests)
-            targets[method, handler, status] = cells
+            in_progress[key[0]] = in_progress.get(key[0], 0) - (stop - start)
+            targets[raw_key] = series.get(key)
+            if targets[raw_key] is None:
+                new[raw_key] = stop - start
+        if new:
+            self._add_series(batch, new, targets)
 
         layout = _LAYOUT
-        for raw_key, group in groupby(batch, _KEY):
+        for raw_key, start, stop in label_sets:
             cells = targets[raw_key]
             if cells is None:
                 continue
-            _, _, _, durations, received, sent = zip(*group, strict=True)
-            cells[0] += len(durations)
-            _add_observations(cells, layout.duration, layout.duration_bounds, durations)
-            _add_observations(cells, layout.request, layout.size_bounds, received)
-            _add_observations(cells, layout.response, layout.size_bounds, sent)
+            _, _, _, durations, received, sent = zip(*ordered[start:stop], strict=True)
+            cells[0] += stop - start
+            _add_observations(cells, layout.duration, layout.duration_bounds, durations)  # already in order
+            _add_observations(cells, layout.request, layout.size_bounds, sorted(received))
+            _add_observations(cells, layout.response, layout.size_bounds, sorted(sent))
+
+    def _add_series(
+        self,
+        batch: list[RequestEntry],
+        new: dict[tuple[object, str, object], int],
+        targets: dict[tuple[object, str, object], list[float] | None],
+    ) -> None:
+        """Series for the label sets this batch brought, created in the order their first request
+        arrived: the cardinality guard admits values first come, first served, as if each request
+        were recorded on its own."""
+        waiting = set(new)
+        for entry in batch:
+            raw_key = entry[:3]
+            if raw_key in waiting:
+                waiting.discard(raw_key)
+                method, handler, status = raw_key
+                key = (method_label(method), handler, status_label(status))
+                try:
+                    targets[raw_key] = self._new_series(key, new[raw_key])
+                except Exception as error:
+                    # These requests are lost; each is counted as a failure of its own.
+                    self._report("middleware.record", error, new[raw_key])
+                if not waiting:
+                    return
 
     def _new_series(self, key: RequestKey, requests: int) -> list[float]:
         folded = _fold(self._guard, key, requests)

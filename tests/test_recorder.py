@@ -183,3 +183,27 @@ def test_batches_hold_exactly_what_prometheus_client_would(requests: list[Reques
     for key, amount in expected.items():
         assert got[key] == pytest.approx(amount, rel=1e-9), key
     assert all(value(ours, IN_PROGRESS, method=m) == 0 for m in ("GET", "POST", "OTHER"))
+
+
+def test_statuses_and_methods_no_server_sends_are_recorded_not_lost(registry: CollectorRegistry) -> None:
+    """Odd values that cannot be sorted or hashed with the rest still count, as "0" and OTHER."""
+    recorder = PrometheusInstrumentation(registry).requests
+    odd: list[RequestEntry] = [
+        ("GET", "/a", 200, 0.01, 1, 2),
+        ("GET", "/a", "201", 0.01, 1, 2),  # a string status: not comparable with ints
+        ("GET", "/a", None, 0.01, 1, 2),
+        ("GET", "/a", [500], 0.01, 1, 2),  # unhashable
+        (b"GET", "/a", 404, 0.01, 1, 2),  # bytes method: not comparable with str
+        (["PATCH"], "/a", 404, 0.01, 1, 2),  # unhashable method
+        ("GET", "/a", HTTPStatus.OK, 0.01, 1, 2),
+    ]
+    for entry in odd:
+        recorder.start(entry[0])
+        recorder.record(entry)
+
+    assert value(registry, REQUESTS, method="GET", handler="/a", status="200") == 2
+    assert value(registry, REQUESTS, method="GET", handler="/a", status="0") == 3
+    assert value(registry, REQUESTS, method="OTHER", handler="/a", status="404") == 2
+    assert value(registry, DURATION + "_count", method="GET", handler="/a") == 5
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+    assert value(registry, IN_PROGRESS, method="OTHER") == 0
