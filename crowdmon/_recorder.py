@@ -195,21 +195,24 @@ class BufferedRequestRecorder:
         ordered = sorted(batch)
         label_sets = list(_label_sets(ordered))
 
-        in_progress = self._in_progress
-        for method, count in started_by_method.items():
-            label = method_label(method)
-            in_progress[label] = in_progress.get(label, 0) + count
-
         series = self._series
+        finished_by_method: Tally[str] = Tally()
         targets: dict[tuple[object, str, object], list[float] | None] = {}
         new: dict[tuple[object, str, object], int] = {}
         for raw_key, start, stop in label_sets:
             method, handler, status = raw_key
             key = (method_label(method), handler, status_label(status))
-            in_progress[key[0]] = in_progress.get(key[0], 0) - (stop - start)
-            targets[raw_key] = series.get(key)
-            if targets[raw_key] is None:
+            finished_by_method[key[0]] += stop - start
+            targets[raw_key] = cells = series.get(key)
+            if cells is None:
                 new[raw_key] = stop - start
+
+        in_progress = self._in_progress
+        for method, count in started_by_method.items():
+            label = method_label(method)
+            in_progress[label] = in_progress.get(label, 0) + count
+        for label, count in finished_by_method.items():
+            in_progress[label] = in_progress.get(label, 0) - count
         if new:
             self._add_series(batch, new, targets)
 

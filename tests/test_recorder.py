@@ -207,3 +207,13 @@ def test_statuses_and_methods_no_server_sends_are_recorded_not_lost(registry: Co
     assert value(registry, DURATION + "_count", method="GET", handler="/a") == 5
     assert value(registry, IN_PROGRESS, method="GET") == 0
     assert value(registry, IN_PROGRESS, method="OTHER") == 0
+
+
+def test_a_batch_of_only_unhashable_statuses_is_recorded_once(registry: CollectorRegistry) -> None:
+    recorder = PrometheusInstrumentation(registry).requests
+    for status in ([500], [404], [500]):  # comparable with each other, but unhashable
+        recorder.start("GET")
+        recorder.record(("GET", "/a", status, 0.01, 1, 2))
+
+    assert value(registry, REQUESTS, method="GET", handler="/a", status="0") == 3
+    assert value(registry, IN_PROGRESS, method="GET") == 0
