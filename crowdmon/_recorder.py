@@ -16,9 +16,10 @@ resolved once per label set: their values live in files another worker may be sc
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -121,7 +122,7 @@ class _Layout:
 
 
 _LAYOUT = _Layout()
-_INFINITY = float("inf")
+_KEY: Callable[[RequestEntry], tuple[object, str, object]] = itemgetter(0, 1, 2)
 
 
 def _add_observations(cells: list[float], first: int, bounds: Sequence[float], ordered: Sequence[float]) -> None:
@@ -137,14 +138,13 @@ def _add_observations(cells: list[float], first: int, bounds: Sequence[float], o
 
 
 def _label_sets(ordered: list[RequestEntry]) -> Iterator[tuple[tuple[object, str, object], int, int]]:
-    """Each label set of a sorted batch, with the slice of entries it spans: found by bisection,
-    so no per-entry work is done in Python."""
+    """Each label set of a batch sorted by label set, with the slice of entries it spans: found
+    by bisection, so no per-entry work is done in Python."""
     start, end = 0, len(ordered)
     while start < end:
-        method, handler, status = ordered[start][:3]
-        # Every entry of this label set sorts before (method, handler, status, inf).
-        stop = max(bisect_left(ordered, (method, handler, status, _INFINITY), start), start + 1)
-        yield (method, handler, status), start, stop
+        key = _KEY(ordered[start])
+        stop = bisect_right(ordered, key, start, key=_KEY)
+        yield key, start, stop
         start = stop
 
 
@@ -188,11 +188,11 @@ class BufferedRequestRecorder:
                 )
 
     def _absorb(self, started: list[object], batch: list[RequestEntry]) -> None:
-        # Whole entries sort by label set, then duration: C compares objects the entries share,
-        # and no key is built per entry.  Everything that can raise TypeError on odd values
-        # comes before any number changes.
+        # Entries sort by label set (C compares the objects the entries share), then each label
+        # set's values are sorted on their own: floats and ints compare fastest among their own
+        # kind.  Everything that can raise TypeError on odd values comes before any number changes.
         started_by_method = Tally(started)
-        ordered = sorted(batch)
+        ordered = sorted(batch, key=_KEY)
         label_sets = list(_label_sets(ordered))
 
         series = self._series
@@ -223,7 +223,7 @@ class BufferedRequestRecorder:
                 continue
             _, _, _, durations, received, sent = zip(*ordered[start:stop], strict=True)
             cells[0] += stop - start
-            _add_observations(cells, layout.duration, layout.duration_bounds, durations)  # already in order
+            _add_observations(cells, layout.duration, layout.duration_bounds, sorted(durations))
             _add_observations(cells, layout.request, layout.size_bounds, sorted(received))
             _add_observations(cells, layout.response, layout.size_bounds, sorted(sent))
 
