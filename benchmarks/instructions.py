@@ -4,11 +4,12 @@ the noise of a shared machine.
 Each variant of ``crowdmon bench asgi`` (same apps, same routes) serves a small and a large batch
 of requests in its own process under ``valgrind --tool=callgrind``; the difference between the two
 totals, divided by the difference in requests, is the instructions one request costs, start-up
-excluded. Counts repeat exactly for the same interpreter, packages and inputs, whatever else the
-machine runs, so ratios between variants are stable where microsecond timings move by several µs.
+excluded. With a fixed hash seed, counts repeat for the same interpreter, packages and inputs,
+whatever else the machine runs, so ratios between variants are stable where microsecond timings
+move by several µs.
 
     python3 benchmarks/instructions.py                    # Starlette JSON route, every variant
-    python3 benchmarks/instructions.py --framework fastapi --route /text
+    python3 benchmarks/instructions.py --framework fastapi --route text
 
 Needs valgrind (Debian package ``valgrind``); peers come from the ``bench`` extra.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -50,7 +52,10 @@ def instructions(variant: str, framework: str, path: str, requests: int) -> int:
         sys.executable, __file__, "--child", variant, "--framework", framework, "--path", path,
         "--requests", str(requests),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    # A fixed hash seed: string hashing decides dict layouts, and with them thousands of
+    # instructions from one run to the next.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{variant}: {result.stderr.strip().splitlines()[-1:]}")
     found = re.search(r"Collected : (\d+)", result.stderr)
