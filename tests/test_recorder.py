@@ -22,7 +22,7 @@ from crowdmon._recorder import REQUEST_SIZE as REQUEST_SIZE_SPEC
 from crowdmon._recorder import RESPONSE_SIZE as RESPONSE_SIZE_SPEC
 from crowdmon._recorder import RequestEntry, method_label, status_label
 from tests.asgi import http_scope, run_asgi
-from tests.support import value
+from tests.support import scraped, value
 
 REQUESTS = "crowdfunding_api_requests_total"
 DURATION = "crowdfunding_api_request_duration_seconds"
@@ -217,3 +217,18 @@ def test_a_batch_of_only_unhashable_statuses_is_recorded_once(registry: Collecto
 
     assert value(registry, REQUESTS, method="GET", handler="/a", status="0") == 3
     assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+def test_one_scrape_shows_the_label_folds_its_own_absorbing_made(registry: CollectorRegistry) -> None:
+    """The recorder is collected first: a scrape that absorbs a batch also shows its folds."""
+    instrumentation = PrometheusInstrumentation(registry, cardinality_caps={f"{REQUESTS}:handler": 1})
+    recorder = instrumentation.requests
+    for handler in ("/a", "/b", "/c", "/b"):
+        recorder.start("GET")
+        recorder.record(("GET", handler, 200, 0.01, 0, 0))
+
+    text = generate_latest(registry).decode()
+    folds = scraped(text, "crowdmon_label_overflow_total", metric=REQUESTS, label="handler")
+    assert folds == 3
+    assert scraped(text, REQUESTS, method="GET", handler="<other>", status="200") == 3
+    assert scraped(text, REQUESTS, method="GET", handler="/a", status="200") == 1
