@@ -6,8 +6,10 @@ when it is over, ``flush()`` to bring every recorded request into the metrics.
 :class:`BufferedRequestRecorder` (one process) makes the request path as short as Python allows:
 ``start`` and ``record`` are ``list.append`` itself, so a request costs two appends and no lock,
 no ``labels()`` call, no bucket search.  The lists are absorbed into plain per-series numbers in
-batches, by C-level bulk operations (sort, group, ``Counter`` over ``bisect``), when a batch is
-full and before every scrape, so what a scrape shows is exact.  ``append`` and slicing are atomic,
+batches, when a batch is full and before every scrape, so what a scrape shows is exact.  The
+per-entry work of absorbing is done by C (``sorted``, ``bisect``, ``zip``, ``sum``); Python
+loops run once per label set and bucket, and once per entry only for a batch that brings a new
+label set.  ``append`` and slicing are atomic,
 so counts stay exact under threads and asyncio alike.  :class:`ClientRequestRecorder`
 (prometheus_client multiprocess mode) writes prometheus_client metrics at once, through children
 resolved once per label set: their values live in files another worker may be scraped from.
@@ -59,7 +61,7 @@ def method_label(method: object) -> str:
     """The request method, or :data:`OTHER_METHOD` for anything but the nine standard ones."""
     try:
         return _METHOD_LABELS.get(method, OTHER_METHOD)  # type: ignore[call-overload,no-any-return]
-    except TypeError:  # unhashable: no server sends one, but the label must stay bounded
+    except Exception:  # unhashable: no server sends one, but the label must stay bounded
         return OTHER_METHOD
 
 
@@ -138,14 +140,46 @@ def _add_observations(cells: list[float], first: int, bounds: Sequence[float], o
 
 
 def _label_sets(ordered: list[RequestEntry]) -> Iterator[tuple[tuple[object, str, object], int, int]]:
-    """Each label set of a batch sorted by label set, with the slice of entries it spans: found
-    by bisection, so no per-entry work is done in Python."""
+    """Each label set of a batch sorted by label set, with the slice of entries it spans, found
+    by bisection."""
     start, end = 0, len(ordered)
     while start < end:
         key = _KEY(ordered[start])
         stop = bisect_right(ordered, key, start, key=_KEY)
         yield key, start, stop
         start = stop
+
+
+def _plain(entry: RequestEntry) -> RequestEntry:
+    """The entry with its method and status made values every other entry can be sorted and
+    hashed with."""
+    method, handler, status, duration, received, sent = entry
+    return (method_label(method), handler, int(status) if isinstance(status, int) else 0, duration, received, sent)
+
+
+class _Plan:
+    """What absorbing a batch will change, worked out before anything changes: everything that
+    can fail on odd values (hashing, sorting) happens here."""
+
+    def __init__(self, started: list[object], batch: list[RequestEntry]) -> None:
+        #: Entries sorted by label set (C compares the objects the entries share); each label
+        #: set's values are sorted on their own later, where floats and ints compare fastest.
+        self.ordered = sorted(batch, key=_KEY)
+        self.spans = list(_label_sets(self.ordered))
+        self.in_progress: Tally[str] = Tally()
+        for method, count in Tally(started).items():
+            self.in_progress[method_label(method)] += count
+        requests: dict[tuple[object, str, object], int] = {}
+        for raw_key, start, stop in self.spans:
+            requests[raw_key] = requests.get(raw_key, 0) + stop - start
+            self.in_progress[method_label(raw_key[0])] -= stop - start
+        # Label sets in the order their first request arrived, so the cardinality guard admits
+        # values first come, first served, as if each request were recorded on its own.
+        arrival = dict.fromkeys(map(_KEY, batch)) if len(requests) > 1 else requests
+        self.label_sets = [
+            (raw_key, (method_label(raw_key[0]), raw_key[1], status_label(raw_key[2])), requests[raw_key])
+            for raw_key in arrival
+        ]
 
 
 class BufferedRequestRecorder:
@@ -178,46 +212,43 @@ class BufferedRequestRecorder:
             started = starts[: len(starts)]
             del starts[: len(started)]
             try:
-                self._absorb(started, batch)
-            except TypeError:
+                plan = _Plan(started, batch)
+            except Exception:
                 # A method or status no server or app should send (unhashable, not comparable
-                # with the others): the same again with every one of them made a label first.
-                self._absorb(
-                    [method_label(method) for method in started],
-                    [(method_label(m), h, s if isinstance(s, int) else 0, d, q, r) for m, h, s, d, q, r in batch],
-                )
+                # with the others): the same again with every one of them made a plain value.
+                try:
+                    plan = _Plan([method_label(method) for method in started], [_plain(entry) for entry in batch])
+                except Exception as error:  # pragma: no cover - plain values sort and hash
+                    # The batch is lost, each request counted as a failure; the gauge stays right.
+                    self._report("middleware.record", error, len(batch))
+                    in_progress = self._in_progress
+                    for method in started:
+                        label = method_label(method)
+                        in_progress[label] = in_progress.get(label, 0) + 1
+                    for entry in batch:
+                        label = method_label(entry[0])
+                        in_progress[label] = in_progress.get(label, 0) - 1
+                    return
+            self._apply(plan)
 
-    def _absorb(self, started: list[object], batch: list[RequestEntry]) -> None:
-        # Entries sort by label set (C compares the objects the entries share), then each label
-        # set's values are sorted on their own: floats and ints compare fastest among their own
-        # kind.  Everything that can raise TypeError on odd values comes before any number changes.
-        started_by_method = Tally(started)
-        ordered = sorted(batch, key=_KEY)
-        label_sets = list(_label_sets(ordered))
-
-        series = self._series
-        finished_by_method: Tally[str] = Tally()
-        targets: dict[tuple[object, str, object], list[float] | None] = {}
-        new: dict[tuple[object, str, object], int] = {}
-        for raw_key, start, stop in label_sets:
-            method, handler, status = raw_key
-            key = (method_label(method), handler, status_label(status))
-            finished_by_method[key[0]] += stop - start
-            targets[raw_key] = cells = series.get(key)
-            if cells is None:
-                new[raw_key] = stop - start
-
+    def _apply(self, plan: _Plan) -> None:
         in_progress = self._in_progress
-        for method, count in started_by_method.items():
-            label = method_label(method)
-            in_progress[label] = in_progress.get(label, 0) + count
-        for label, count in finished_by_method.items():
-            in_progress[label] = in_progress.get(label, 0) - count
-        if new:
-            self._add_series(batch, new, targets)
-
+        for method, count in plan.in_progress.items():
+            in_progress[method] = in_progress.get(method, 0) + count
+        series = self._series
+        targets: dict[tuple[object, str, object], list[float] | None] = {}
+        for raw_key, key, requests in plan.label_sets:
+            cells = series.get(key)
+            if cells is None:
+                try:
+                    cells = self._new_series(key, requests)
+                except Exception as error:
+                    # These requests are lost; each is counted as a failure of its own.
+                    self._report("middleware.record", error, requests)
+            targets[raw_key] = cells
         layout = _LAYOUT
-        for raw_key, start, stop in label_sets:
+        ordered = plan.ordered
+        for raw_key, start, stop in plan.spans:
             cells = targets[raw_key]
             if cells is None:
                 continue
@@ -226,30 +257,6 @@ class BufferedRequestRecorder:
             _add_observations(cells, layout.duration, layout.duration_bounds, sorted(durations))
             _add_observations(cells, layout.request, layout.size_bounds, sorted(received))
             _add_observations(cells, layout.response, layout.size_bounds, sorted(sent))
-
-    def _add_series(
-        self,
-        batch: list[RequestEntry],
-        new: dict[tuple[object, str, object], int],
-        targets: dict[tuple[object, str, object], list[float] | None],
-    ) -> None:
-        """Series for the label sets this batch brought, created in the order their first request
-        arrived: the cardinality guard admits values first come, first served, as if each request
-        were recorded on its own."""
-        waiting = set(new)
-        for entry in batch:
-            raw_key = entry[:3]
-            if raw_key in waiting:
-                waiting.discard(raw_key)
-                method, handler, status = raw_key
-                key = (method_label(method), handler, status_label(status))
-                try:
-                    targets[raw_key] = self._new_series(key, new[raw_key])
-                except Exception as error:
-                    # These requests are lost; each is counted as a failure of its own.
-                    self._report("middleware.record", error, new[raw_key])
-                if not waiting:
-                    return
 
     def _new_series(self, key: RequestKey, requests: int) -> list[float]:
         folded = _fold(self._guard, key, requests)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Awaitable, Iterable
 from functools import partial
 from time import perf_counter
@@ -10,7 +11,7 @@ import anyio
 from prometheus_client import CollectorRegistry
 from starlette.routing import Host, Mount
 
-from crowdmon._recorder import method_label, status_label
+from crowdmon._recorder import STANDARD_METHODS, method_label, status_label
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.catalogue import UNMATCHED_HANDLER
 from crowdmon.context import (
@@ -27,6 +28,8 @@ from crowdmon.instrumentation import (
     default_instrumentation,
 )
 from crowdmon.routes import HandlerResolver, handler_label_for
+
+__all__ = ["CLIENT_CLOSED_REQUEST", "STANDARD_METHODS", "PrometheusMiddleware"]
 
 #: Matched routes whose handler label a middleware remembers (an app has a bounded number).
 _ROUTE_LABELS_CAP = 1024
@@ -100,7 +103,7 @@ class PrometheusMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            entry_root_path = scope.get("root_path", "")
+            entry_root_path = scope.get("root_path") or ""
             path = scope["path"]
             if entry_root_path and path.startswith(entry_root_path):
                 path = path[len(entry_root_path) :]
@@ -121,7 +124,7 @@ class PrometheusMiddleware:
         # partials are the fewest objects a request can cost: each object Python allocates costs
         # again in the garbage collector's passes, and that is most of what instrumentation costs.
         state = [
-            scope, entry_root_path or "", self.user_type_resolver, None,
+            scope, entry_root_path, self.user_type_resolver, None,
             self, method, perf_counter(), 0, 0, False, 0, False, receive, send,
         ]  # fmt: skip
         token = None
@@ -151,11 +154,12 @@ class PrometheusMiddleware:
         return self._route_label(scope, entry_root_path, status) if label is None else str(label)
 
     def _route_label(self, scope: Scope, entry_root_path: str, status: int) -> str:
-        """:func:`handler_label_for`, remembered per matched route (and FastAPI route context).
+        """:func:`handler_label_for`, and the label stored for :func:`_finish` to look up by matched
+        route (and FastAPI route context).
 
         Only for requests that crossed no mount (``root_path`` unchanged): there the label depends
         on nothing but those two objects, which the middleware then keeps alive, so their ids are
-        never reused.  Past :data:`_ROUTE_LABELS_CAP` routes nothing more is remembered.
+        never reused.  Past :data:`_ROUTE_LABELS_CAP` routes nothing more is stored.
         """
         label = handler_label_for(scope, entry_root_path, status)
         route = scope.get("route")
@@ -166,9 +170,11 @@ class PrometheusMiddleware:
             and len(self._route_labels) < _ROUTE_LABELS_CAP
         ):
             fastapi_scope = scope.get("fastapi")
-            context = None if fastapi_scope is None else fastapi_scope.get("effective_route_context")
-            self._route_labels[id(route) if context is None else (id(route), id(context))] = label
-            self._route_objects.append((route, context))
+            context = fastapi_scope.get("effective_route_context") if type(fastapi_scope) is dict else None
+            key = id(route) if context is None else (id(route), id(context))
+            if key not in self._route_labels:
+                self._route_labels[key] = label
+                self._route_objects.append((route, context))
         return label
 
 
@@ -198,7 +204,8 @@ def _send_and_measure(state: RequestContext, message: Message) -> Awaitable[None
             if not message.get("more_body", False) and not state[FINISHED]:
                 _finish(state, perf_counter())
         elif kind == "http.response.start":
-            state[STATUS] = message["status"]
+            status = message["status"]
+            state[STATUS] = status if status.__class__ is int else _odd_status(status)
     except Exception as error:
         state[MIDDLEWARE]._report("middleware.send", error)
     send: Send = state[SEND]
@@ -215,7 +222,7 @@ def _finish(state: RequestContext, ended_at: float) -> None:
         if middleware.handler_resolver is None:
             route = scope.get("route")
             fastapi_scope = scope.get("fastapi")
-            context = None if fastapi_scope is None else fastapi_scope.get("effective_route_context")
+            context = fastapi_scope.get("effective_route_context") if fastapi_scope.__class__ is dict else None
             handler = middleware._route_labels.get(id(route) if context is None else (id(route), id(context)))
             if handler is None or (scope.get("root_path") or "") != state[ENTRY_ROOT_PATH]:
                 handler = middleware._route_label(scope, state[ENTRY_ROOT_PATH], status)
@@ -245,6 +252,15 @@ def _finish(state: RequestContext, ended_at: float) -> None:
             middleware._exemplars.observe(scope, method_label(method), handler, status_label(status), duration)
         except Exception as error:
             middleware._report("middleware.exemplar", error)
+
+
+def _odd_status(status: object) -> object:
+    """A status that is not a plain ``int``: its number if it is an integer of another type
+    (``HTTPStatus``, NumPy), else ``"0"``, which records as ``"0"`` (and is not "no response")."""
+    try:
+        return operator.index(status)  # type: ignore[arg-type]
+    except Exception:
+        return "0"
 
 
 def _declared_size(scope: Scope, received: int) -> int:

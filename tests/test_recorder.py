@@ -21,6 +21,7 @@ from crowdmon._recorder import DURATION as DURATION_SPEC
 from crowdmon._recorder import REQUEST_SIZE as REQUEST_SIZE_SPEC
 from crowdmon._recorder import RESPONSE_SIZE as RESPONSE_SIZE_SPEC
 from crowdmon._recorder import RequestEntry, method_label, status_label
+from crowdmon._types import Receive, Scope, Send
 from tests.asgi import http_scope, run_asgi
 from tests.support import scraped, value
 
@@ -232,3 +233,72 @@ def test_one_scrape_shows_the_label_folds_its_own_absorbing_made(registry: Colle
     assert folds == 3
     assert scraped(text, REQUESTS, method="GET", handler="<other>", status="200") == 3
     assert scraped(text, REQUESTS, method="GET", handler="/a", status="200") == 1
+
+
+class UnhashableCode(int):
+    """An int whose hash fails: the worst a status can be."""
+
+    def __hash__(self) -> int:
+        raise ValueError("no hash")
+
+
+def test_a_status_whose_hash_fails_is_recorded_by_its_number_and_nothing_is_lost(
+    registry: CollectorRegistry,
+) -> None:
+    recorder = PrometheusInstrumentation(registry).requests
+    recorder.start("GET")  # still in progress at the scrape
+    for handler, status in (("/a", 200), ("/b", 200), ("/a", UnhashableCode(200))):
+        recorder.start("GET")
+        recorder.record(("GET", handler, status, 0.01, 1, 2))
+
+    assert value(registry, REQUESTS, method="GET", handler="/a", status="200") == 2
+    assert value(registry, REQUESTS, method="GET", handler="/b", status="200") == 1
+    assert value(registry, "crowdmon_internal_errors_total", site="middleware.record") == 0
+    assert value(registry, IN_PROGRESS, method="GET") == 1
+
+
+async def test_odd_status_objects_from_the_app_are_recorded_by_their_number_or_as_0(
+    registry: CollectorRegistry,
+) -> None:
+    statuses: list[object] = [HTTPStatus.CREATED, 201, 201.0, "201"]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": statuses[int(scope["path"][1:])], "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = PrometheusMiddleware(app, registry=registry)
+    for index in range(len(statuses)):
+        await run_asgi(middleware, http_scope(f"/{index}"))
+
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="201") == 2
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="0") == 2
+
+
+def test_a_resolver_that_defers_to_the_router_keeps_one_entry_per_route(registry: CollectorRegistry) -> None:
+    app = Starlette(routes=[Route("/items/{n}", lambda request: PlainTextResponse("ok"))])
+    app.add_middleware(PrometheusMiddleware, registry=registry, handler_resolver=lambda scope: None)
+
+    async def many() -> None:
+        for n in range(300):
+            await run_asgi(app, http_scope(f"/items/{n}"))
+
+    asyncio.run(many())
+    middleware = app.middleware_stack
+    while not isinstance(middleware, PrometheusMiddleware):
+        middleware = middleware.app  # type: ignore[attr-defined]
+    assert value(registry, REQUESTS, method="GET", handler="/items/{n}", status="200") == 300
+    assert len(middleware._route_objects) == 1
+
+
+async def test_a_fastapi_key_that_is_not_a_dict_does_not_cost_the_route_label(registry: CollectorRegistry) -> None:
+    async def endpoint(request: Request) -> Response:
+        request.scope["fastapi"] = "not a dict"
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/odd", endpoint)])
+    app.add_middleware(PrometheusMiddleware, registry=registry)
+    for _ in range(2):
+        await run_asgi(app, http_scope("/odd"))
+
+    assert value(registry, REQUESTS, method="GET", handler="/odd", status="200") == 2
+    assert value(registry, "crowdmon_internal_errors_total", site="middleware.handler") == 0

@@ -30,7 +30,6 @@ from crowdmon import (
     current_endpoint,
     tracked_errors,
 )
-from crowdmon._recorder import STANDARD_METHODS
 from crowdmon.catalogue import (
     BY_NAME,
     CATALOGUE,
@@ -41,6 +40,7 @@ from crowdmon.catalogue import (
     UNMATCHED_HANDLER,
     MetricKind,
 )
+from crowdmon.middleware import STANDARD_METHODS
 from tests.support import scrape_samples
 
 REQUESTS = "crowdfunding_api_requests_total"

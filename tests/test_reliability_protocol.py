@@ -26,10 +26,10 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import Mount, Route
 
 from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
-from crowdmon._recorder import STANDARD_METHODS
 from crowdmon._types import Message, Receive, Scope, Send
 from crowdmon.catalogue import OTHER_METHOD, UNMATCHED_HANDLER
 from crowdmon.exemplars import traceparent_exemplar
+from crowdmon.middleware import STANDARD_METHODS
 from crowdmon.routes import handler_label_for
 from tests.support import value
 
