@@ -24,6 +24,8 @@ class CardinalityGuard:
     """Caps distinct values per ``(metric, label)``.
 
     ``caps`` maps ``"metric"`` or ``"metric:label"`` to a cap; the more specific key wins.
+    ``on_overflow(metric, label, times)`` is called for every fold; ``times`` is how many values
+    were folded at once (a batch of requests with the same label set folds in one call).
     """
 
     def __init__(
