@@ -7,10 +7,9 @@ when it is over, ``flush()`` to bring every recorded request into the metrics.
 ``start`` and ``record`` are ``list.append`` itself, so a request costs two appends and no lock,
 no ``labels()`` call, no bucket search.  The lists are absorbed into plain per-series numbers in
 batches, when a batch is full and before every scrape, so what a scrape shows is exact.  The
-per-entry work of absorbing is done by C (``sorted``, ``bisect``, ``zip``, ``sum``); Python
-loops run once per label set and bucket, and once per entry only for a batch that brings a new
-label set.  ``append`` and slicing are atomic,
-so counts stay exact under threads and asyncio alike.  :class:`ClientRequestRecorder`
+per-entry work of absorbing is done by C (``sorted``, ``bisect``, ``zip``, ``sum``,
+``dict.fromkeys``); Python loops run once per label set and bucket.  ``append`` and slicing are
+atomic, so counts stay exact under threads and asyncio alike.  :class:`ClientRequestRecorder`
 (prometheus_client multiprocess mode) writes prometheus_client metrics at once, through children
 resolved once per label set: their values live in files another worker may be scraped from.
 """
@@ -218,8 +217,9 @@ class BufferedRequestRecorder:
                 # with the others): the same again with every one of them made a plain value.
                 try:
                     plan = _Plan([method_label(method) for method in started], [_plain(entry) for entry in batch])
-                except Exception as error:  # pragma: no cover - plain values sort and hash
-                    # The batch is lost, each request counted as a failure; the gauge stays right.
+                except Exception as error:
+                    # Still not (a handler label no middleware makes): the batch is lost, each
+                    # request counted as a failure, and the gauge stays right.
                     self._report("middleware.record", error, len(batch))
                     in_progress = self._in_progress
                     for method in started:
@@ -334,6 +334,8 @@ def _family(spec: MetricSpec) -> Metric:
 class ClientRequestRecorder:
     """Request recording through prometheus_client metrics (multiprocess mode)."""
 
+    flush_at = 1
+
     def __init__(self, guard: CardinalityGuard, registry: CollectorRegistry | None) -> None:
         self._guard = guard
         self.requests = Counter(_base(REQUESTS), REQUESTS.help, REQUESTS.labels, registry=registry)
@@ -345,8 +347,6 @@ class ClientRequestRecorder:
         self._gauges: dict[str, Gauge] = {}
         #: Always empty: every request is written at once.
         self.pending: list[RequestEntry] = []
-
-    flush_at = 1
 
     def flush(self) -> None:
         """Nothing to do: the values are already in the shared files."""

@@ -136,7 +136,7 @@ class _MetricSet:
         self.health_lock = threading.Lock()
         self.health_checks: dict[str, HealthCheck] = {}
 
-    def _count_overflow(self, metric: str, label: str, times: int = 1) -> None:
+    def _count_overflow(self, metric: str, label: str, times: int) -> None:
         # Never through the guard: the self-metric's own labels come from the catalogue.
         self.metrics["crowdmon_label_overflow_total"].metric.labels(metric, label).inc(times)  # type: ignore[union-attr]
 

@@ -148,33 +148,24 @@ class PrometheusMiddleware:
             if token is not None:
                 current_request.reset(token)
 
-    def _resolved_label(self, scope: Scope, entry_root_path: str, status: int) -> str:
-        """The user's ``handler_resolver``'s label, or the router's when it answers ``None``."""
-        label = self.handler_resolver(scope)  # type: ignore[misc]
-        return self._route_label(scope, entry_root_path, status) if label is None else str(label)
-
-    def _route_label(self, scope: Scope, entry_root_path: str, status: int) -> str:
-        """:func:`handler_label_for`, and the label stored for :func:`_finish` to look up by matched
-        route (and FastAPI route context).
+    def _route_label(self, scope: Scope, entry_root_path: str, status: int, route: object, context: object, key: object) -> str:
+        """:func:`handler_label_for`, stored under ``key`` for :func:`_finish` to look up: the
+        matched route, and FastAPI's route context if there is one.
 
         Only for requests that crossed no mount (``root_path`` unchanged): there the label depends
         on nothing but those two objects, which the middleware then keeps alive, so their ids are
         never reused.  Past :data:`_ROUTE_LABELS_CAP` routes nothing more is stored.
         """
         label = handler_label_for(scope, entry_root_path, status)
-        route = scope.get("route")
         if (
             route is not None
             and not isinstance(route, (Mount, Host))
             and (scope.get("root_path") or "") == entry_root_path
+            and key not in self._route_labels
             and len(self._route_labels) < _ROUTE_LABELS_CAP
         ):
-            fastapi_scope = scope.get("fastapi")
-            context = fastapi_scope.get("effective_route_context") if type(fastapi_scope) is dict else None
-            key = id(route) if context is None else (id(route), id(context))
-            if key not in self._route_labels:
-                self._route_labels[key] = label
-                self._route_objects.append((route, context))
+            self._route_labels[key] = label
+            self._route_objects.append((route, context))
         return label
 
 
@@ -219,15 +210,20 @@ def _finish(state: RequestContext, ended_at: float) -> None:
     scope = state[SCOPE]
     status = state[STATUS]
     try:
-        if middleware.handler_resolver is None:
-            route = scope.get("route")
-            fastapi_scope = scope.get("fastapi")
-            context = fastapi_scope.get("effective_route_context") if fastapi_scope.__class__ is dict else None
-            handler = middleware._route_labels.get(id(route) if context is None else (id(route), id(context)))
-            if handler is None or (scope.get("root_path") or "") != state[ENTRY_ROOT_PATH]:
-                handler = middleware._route_label(scope, state[ENTRY_ROOT_PATH], status)
+        route = scope.get("route")
+        fastapi_scope = scope.get("fastapi")
+        context = fastapi_scope.get("effective_route_context") if fastapi_scope.__class__ is dict else None
+        key = id(route) if context is None else (id(route), id(context))
+        resolver = middleware.handler_resolver
+        label = None if resolver is None else resolver(scope)
+        if label is not None:
+            handler = str(label)
         else:
-            handler = middleware._resolved_label(scope, state[ENTRY_ROOT_PATH], status)
+            stored = middleware._route_labels.get(key)
+            if stored is None or (scope.get("root_path") or "") != state[ENTRY_ROOT_PATH]:
+                handler = middleware._route_label(scope, state[ENTRY_ROOT_PATH], status, route, context, key)
+            else:
+                handler = stored
     except Exception as error:
         middleware._report("middleware.handler", error)
         handler = UNMATCHED_HANDLER

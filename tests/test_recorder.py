@@ -302,3 +302,19 @@ async def test_a_fastapi_key_that_is_not_a_dict_does_not_cost_the_route_label(re
 
     assert value(registry, REQUESTS, method="GET", handler="/odd", status="200") == 2
     assert value(registry, "crowdmon_internal_errors_total", site="middleware.handler") == 0
+
+
+def test_a_batch_that_cannot_be_absorbed_is_counted_as_lost_and_the_gauge_stays_right(
+    registry: CollectorRegistry,
+) -> None:
+    recorder = PrometheusInstrumentation(registry).requests
+    recorder.start("GET")  # still in progress at the scrape
+    for handler in ("/a", ["not", "a", "label"]):  # no middleware makes such a handler
+        recorder.start("GET")
+        recorder.record(("GET", handler, 200, 0.01, 1, 2))  # type: ignore[arg-type]
+
+    assert value(registry, "crowdmon_internal_errors_total", site="middleware.record") == 2
+    assert value(registry, IN_PROGRESS, method="GET") == 1
+    recorder.record(("GET", "/a", 200, 0.01, 1, 2))  # the one in progress ends
+    assert value(registry, REQUESTS, method="GET", handler="/a", status="200") == 1
+    assert value(registry, IN_PROGRESS, method="GET") == 0
