@@ -124,6 +124,9 @@ class _Layout:
 
 _LAYOUT = _Layout()
 _KEY: Callable[[RequestEntry], tuple[object, str, object]] = itemgetter(0, 1, 2)
+_DURATION: Callable[[RequestEntry], float] = itemgetter(3)
+_RECEIVED: Callable[[RequestEntry], int] = itemgetter(4)
+_SENT: Callable[[RequestEntry], int] = itemgetter(5)
 
 
 def _add_observations(cells: list[float], first: int, bounds: Sequence[float], ordered: Sequence[float]) -> None:
@@ -252,11 +255,11 @@ class BufferedRequestRecorder:
             cells = targets[raw_key]
             if cells is None:
                 continue
-            _, _, _, durations, received, sent = zip(*ordered[start:stop], strict=True)
+            entries = ordered[start:stop]
             cells[0] += stop - start
-            _add_observations(cells, layout.duration, layout.duration_bounds, sorted(durations))
-            _add_observations(cells, layout.request, layout.size_bounds, sorted(received))
-            _add_observations(cells, layout.response, layout.size_bounds, sorted(sent))
+            _add_observations(cells, layout.duration, layout.duration_bounds, sorted(map(_DURATION, entries)))
+            _add_observations(cells, layout.request, layout.size_bounds, sorted(map(_RECEIVED, entries)))
+            _add_observations(cells, layout.response, layout.size_bounds, sorted(map(_SENT, entries)))
 
     def _new_series(self, key: RequestKey, requests: int) -> list[float]:
         folded = _fold(self._guard, key, requests)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any
 
 from crowdmon._types import Scope
 from crowdmon.catalogue import UNKNOWN_VALUE
@@ -28,28 +27,35 @@ def default_user_type(scope: Scope) -> str:
     return "authenticated" if getattr(user, "is_authenticated", False) else "anonymous"
 
 
-#: What the middleware publishes for a request: a list starting ``[scope, entry_root_path,
-#: user_type_resolver, user_type]``; ``user_type`` is ``None`` until first asked for.  The
-#: middleware keeps the rest of the request's state in the same list, after these four.
-RequestContext = list[Any]
-SCOPE, ENTRY_ROOT_PATH, RESOLVER, USER_TYPE = range(4)
+class RequestContext:
+    """What the middleware publishes for a request: its scope, the ``root_path`` it entered with,
+    the user type resolver, and the user type, ``None`` until first asked for.  The middleware
+    keeps the rest of the request's state in the same object (a subclass)."""
+
+    __slots__ = ("entry_root_path", "scope", "user_type", "user_type_resolver")
+
+    scope: Scope
+    entry_root_path: str
+    user_type_resolver: UserTypeResolver | None
+    user_type: str | None
+
 
 current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_request", default=None)
 
 
 def request_endpoint(context: RequestContext) -> str:
     """The route template of the request (known once the app's router has matched it)."""
-    return handler_label_for(context[SCOPE], context[ENTRY_ROOT_PATH], 200)
+    return handler_label_for(context.scope, context.entry_root_path, 200)
 
 
 def request_user_type(context: RequestContext) -> str:
     """The user type resolver's answer for the request (the resolver runs once per request)."""
-    user_type = context[USER_TYPE]
+    user_type = context.user_type
     if user_type is None:
-        resolver = context[RESOLVER] or default_user_type
-        resolved = resolver(context[SCOPE])
-        user_type = context[USER_TYPE] = resolved if isinstance(resolved, str) else str(resolved)
-    return user_type  # type: ignore[no-any-return]
+        resolver = context.user_type_resolver or default_user_type
+        resolved = resolver(context.scope)
+        user_type = context.user_type = resolved if isinstance(resolved, str) else str(resolved)
+    return user_type
 
 
 def current_endpoint() -> str | None:

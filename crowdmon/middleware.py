@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Awaitable, Iterable
-from functools import partial
 from time import perf_counter
 
 import anyio
@@ -14,13 +13,7 @@ from starlette.routing import Host, Mount
 from crowdmon._recorder import STANDARD_METHODS, method_label, status_label
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.catalogue import UNMATCHED_HANDLER
-from crowdmon.context import (
-    ENTRY_ROOT_PATH,
-    SCOPE,
-    RequestContext,
-    UserTypeResolver,
-    current_request,
-)
+from crowdmon.context import RequestContext, UserTypeResolver, current_request
 from crowdmon.exemplars import ExemplarProvider, request_exemplars
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
@@ -35,8 +28,6 @@ __all__ = ["CLIENT_CLOSED_REQUEST", "STANDARD_METHODS", "PrometheusMiddleware"]
 _ROUTE_LABELS_CAP = 1024
 #: Recorded when the client went away before any response was started (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
-# A request's state list: the four slots of its published context (crowdmon.context), then these.
-MIDDLEWARE, METHOD, STARTED, STATUS, REQUEST_BYTES, BODY_COMPLETE, RESPONSE_BYTES, FINISHED, RECEIVE, SEND = range(4, 14)
 
 
 class PrometheusMiddleware:
@@ -119,36 +110,48 @@ class PrometheusMiddleware:
             await self.app(scope, receive, send)
             return
 
-        # The request's whole state is one list, published as its context too; the app gets
-        # receive and send as partials of two module functions over it.  One list and two
-        # partials are the fewest objects a request can cost: each object Python allocates costs
-        # again in the garbage collector's passes, and that is most of what instrumentation costs.
-        state = [
-            scope, entry_root_path, self.user_type_resolver, None,
-            self, method, perf_counter(), 0, 0, False, 0, False, receive, send,
-        ]  # fmt: skip
+        # The request's whole state is one object, published as its context too; the app gets
+        # its bound receive and send.  It is the fewest objects a request can cost: each object
+        # Python allocates costs again in the garbage collector's passes, and that is most of
+        # what instrumentation costs.  Bound methods are also what the interpreter calls fastest.
+        exchange = _Exchange()
+        exchange.scope = scope
+        exchange.entry_root_path = entry_root_path
+        exchange.user_type_resolver = self.user_type_resolver
+        exchange.user_type = None
+        exchange.middleware = self
+        exchange.method = method
+        exchange.status = exchange.request_bytes = exchange.response_bytes = 0
+        exchange.body_complete = exchange.finished = False
+        exchange.server_receive = receive
+        exchange.server_send = send
+        exchange.started = perf_counter()
         token = None
         try:
-            token = current_request.set(state)
+            token = current_request.set(exchange)
         except Exception as error:
             self._report("middleware.context", error)
         try:
-            await self.app(scope, partial(_receive_and_measure, state), partial(_send_and_measure, state))
+            await self.app(scope, exchange.receive, exchange.send)
         except BaseException as error:
-            if not state[STATUS]:
-                state[STATUS] = CLIENT_CLOSED_REQUEST if _is_cancellation(error) else 500
+            if not exchange.status:
+                if _is_cancellation(error):
+                    exchange.status = CLIENT_CLOSED_REQUEST
+                elif isinstance(error, Exception):
+                    exchange.status = await exchange.unanswered()
             raise
+        else:
+            if not exchange.status:
+                exchange.status = await exchange.unanswered()
         finally:
-            if not state[FINISHED]:
-                # The app returned without responding (the server answers 500 on its behalf),
-                # or failed, or the client went away.
-                if not state[STATUS]:
-                    state[STATUS] = 500
-                _finish(state, perf_counter())
+            if not exchange.finished:
+                if not exchange.status:
+                    exchange.status = 500
+                exchange.finish(perf_counter())
             if token is not None:
                 current_request.reset(token)
 
-    def _route_label(self, scope: Scope, entry_root_path: str, status: int, route: object, context: object, key: object) -> str:
+    def _route_label(self, scope: Scope, entry_root_path: str, status: int | str, route: object, context: object, key: object) -> str:
         """:func:`handler_label_for`, stored under ``key`` for :func:`_finish` to look up: the
         matched route, and FastAPI's route context if there is one.
 
@@ -169,88 +172,139 @@ class PrometheusMiddleware:
         return label
 
 
-async def _receive_and_measure(state: RequestContext) -> Message:
-    message: Message = await state[RECEIVE]()
-    try:
-        kind = message["type"]
-        if kind == "http.request":
-            state[REQUEST_BYTES] += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                state[BODY_COMPLETE] = True
-        elif kind == "http.disconnect" and not state[STATUS]:
-            # Gone before any response was started; a response started later wins.
-            state[STATUS] = CLIENT_CLOSED_REQUEST
-    except Exception as error:
-        state[MIDDLEWARE]._report("middleware.receive", error)
-    return message
+class _Exchange(RequestContext):
+    """One request as the middleware follows it: the published context, then its own state."""
 
+    __slots__ = (
+        "body_complete",
+        "finished",
+        "method",
+        "middleware",
+        "request_bytes",
+        "response_bytes",
+        "server_receive",
+        "server_send",
+        "started",
+        "status",
+    )  # fmt: skip
 
-def _send_and_measure(state: RequestContext, message: Message) -> Awaitable[None]:
-    # A plain function returning the server's awaitable: no coroutine of our own per message.
-    # The request is over when the app hands over its last body chunk.
-    try:
-        kind = message["type"]
-        if kind == "http.response.body":
-            state[RESPONSE_BYTES] += len(message.get("body", b""))
-            if not message.get("more_body", False) and not state[FINISHED]:
-                _finish(state, perf_counter())
-        elif kind == "http.response.start":
-            status = message["status"]
-            state[STATUS] = status if status.__class__ is int else _odd_status(status)
-    except Exception as error:
-        state[MIDDLEWARE]._report("middleware.send", error)
-    send: Send = state[SEND]
-    return send(message)
+    middleware: PrometheusMiddleware
+    method: object
+    started: float
+    status: int | str
+    request_bytes: int
+    body_complete: bool
+    response_bytes: int
+    finished: bool
+    server_receive: Receive
+    server_send: Send
 
+    def receive(self) -> Awaitable[Message]:
+        # Once the body is complete the app's receives go straight to the server: a wait for a
+        # disconnect (Starlette's streaming responses keep one) then costs nothing when it is
+        # cancelled, and a disconnect nobody answered is found by :meth:`unanswered`.
+        if self.body_complete:
+            return self.server_receive()
+        return self._receive_body()
 
-def _finish(state: RequestContext, ended_at: float) -> None:
-    """Record the request: its handler label, then its entry for the recorder.  Runs once."""
-    state[FINISHED] = True
-    middleware: PrometheusMiddleware = state[MIDDLEWARE]
-    scope = state[SCOPE]
-    status = state[STATUS]
-    try:
-        route = scope.get("route")
-        fastapi_scope = scope.get("fastapi")
-        context = fastapi_scope.get("effective_route_context") if fastapi_scope.__class__ is dict else None
-        key = id(route) if context is None else (id(route), id(context))
-        resolver = middleware.handler_resolver
-        label = None if resolver is None else resolver(scope)
-        if label is not None:
-            handler = str(label)
-        else:
-            stored = middleware._route_labels.get(key)
-            if stored is None or (scope.get("root_path") or "") != state[ENTRY_ROOT_PATH]:
-                handler = middleware._route_label(scope, state[ENTRY_ROOT_PATH], status, route, context, key)
-            else:
-                handler = stored
-    except Exception as error:
-        middleware._report("middleware.handler", error)
-        handler = UNMATCHED_HANDLER
-    method = state[METHOD]
-    duration = ended_at - state[STARTED]
-    request_bytes = state[REQUEST_BYTES]
-    try:
-        middleware._record((
-            method,
-            handler,
-            status,
-            duration,
-            request_bytes if state[BODY_COMPLETE] else _declared_size(scope, request_bytes),
-            state[RESPONSE_BYTES],
-        ))
-        if len(middleware._pending) >= middleware._flush_at:
-            middleware._flush()
-    except Exception as error:
-        middleware._report("middleware.record", error)
-    if middleware._exemplars is not None:
+    async def _receive_body(self) -> Message:
+        message: Message = await self.server_receive()
         try:
-            middleware._exemplars.observe(scope, method_label(method), handler, status_label(status), duration)
+            kind = message["type"]
+            if kind == "http.request":
+                self.request_bytes += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self.body_complete = True
+            elif kind == "http.disconnect" and not self.status:
+                # Gone before any response was started; a response started later wins.
+                self.status = CLIENT_CLOSED_REQUEST
         except Exception as error:
-            middleware._report("middleware.exemplar", error)
+            self.middleware._report("middleware.receive", error)
+        return message
+
+    async def unanswered(self) -> int:
+        """The status of a request the app ended without starting a response: 499 if the server
+        already knows the client is gone, else 500 (what the server answers).
+
+        Asked only once the body is complete, when all a server can still deliver is
+        ``http.disconnect``, so no body is taken from anyone: one receive that may not wait,
+        shielded from outer cancellation.  It never raises."""
+        if not self.body_complete:
+            return 500  # any disconnect so far was seen by :meth:`_receive_body`
+        try:
+            with anyio.CancelScope(shield=True) as scope:
+                scope.cancel()
+                message = await self.server_receive()
+                if message["type"] == "http.disconnect":
+                    return CLIENT_CLOSED_REQUEST
+        except Exception:
+            pass
+        return 500
+
+    def send(self, message: Message) -> Awaitable[None]:
+        # A plain method returning the server's awaitable: no coroutine of our own per message.
+        # The request is over when the app hands over its last body chunk.
+        try:
+            kind = message["type"]
+            if kind == "http.response.body":
+                self.response_bytes += len(message.get("body", b""))
+                if not message.get("more_body", False) and not self.finished:
+                    self.finish(perf_counter())
+            elif kind == "http.response.start":
+                status = message["status"]
+                self.status = status if status.__class__ is int else _odd_status(status)
+        except Exception as error:
+            self.middleware._report("middleware.send", error)
+        return self.server_send(message)
+
+    def finish(self, ended_at: float) -> None:
+        """Record the request: its handler label, then its entry for the recorder.  Runs once."""
+        self.finished = True
+        middleware = self.middleware
+        scope = self.scope
+        status = self.status
+        try:
+            route = scope.get("route")
+            fastapi_scope = scope.get("fastapi")
+            context = fastapi_scope.get("effective_route_context") if fastapi_scope.__class__ is dict else None
+            key = id(route) if context is None else (id(route), id(context))
+            resolver = middleware.handler_resolver
+            label = None if resolver is None else resolver(scope)
+            if label is not None:
+                handler = str(label)
+            else:
+                stored = middleware._route_labels.get(key)
+                if stored is None or (scope.get("root_path") or "") != self.entry_root_path:
+                    handler = middleware._route_label(scope, self.entry_root_path, status, route, context, key)
+                else:
+                    handler = stored
+        except Exception as error:
+            middleware._report("middleware.handler", error)
+            handler = UNMATCHED_HANDLER
+        method = self.method
+        duration = ended_at - self.started
+        request_bytes = self.request_bytes
+        try:
+            middleware._record((
+                method,
+                handler,
+                status,
+                duration,
+                request_bytes if self.body_complete else _declared_size(scope, request_bytes),
+                self.response_bytes,
+            ))
+            if len(middleware._pending) >= middleware._flush_at:
+                middleware._flush()
+        except Exception as error:
+            middleware._report("middleware.record", error)
+        if middleware._exemplars is not None:
+            try:
+                middleware._exemplars.observe(scope, method_label(method), handler, status_label(status), duration)
+            except Exception as error:
+                middleware._report("middleware.exemplar", error)
 
 
-def _odd_status(status: object) -> object:
+def _odd_status(status: object) -> int | str:
     """A status that is not a plain ``int``: its number if it is an integer of another type
     (``HTTPStatus``, NumPy), else ``"0"``, which records as ``"0"`` (and is not "no response")."""
     try:

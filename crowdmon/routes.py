@@ -19,7 +19,7 @@ from crowdmon.catalogue import UNMATCHED_HANDLER
 HandlerResolver = Callable[[Scope], "str | None"]
 
 
-def handler_label_for(scope: Scope, entry_root_path: str, status: int) -> str:
+def handler_label_for(scope: Scope, entry_root_path: str, status: int | str) -> str:
     """The route template of a routed request, or :data:`UNMATCHED_HANDLER`.
 
     ``entry_root_path`` is ``scope["root_path"]`` as the middleware first saw it; whatever the

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
@@ -227,6 +228,99 @@ async def test_app_returning_without_a_response_is_500(registry: CollectorRegist
     await run_asgi(app, http_scope("/silent"))
 
     assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="500") == 1
+
+
+def connected_client(body: bytes = b"") -> tuple[Receive, list[Message]]:
+    """A server's ``receive`` for a client that stays connected: the body, then waits forever."""
+    delivered: list[Message] = []
+
+    async def receive() -> Message:
+        if not delivered:
+            delivered.append({"type": "http.request", "body": body, "more_body": False})
+            return delivered[-1]
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return receive, delivered
+
+
+async def no_send(message: Message) -> None:
+    raise AssertionError(f"nothing should be sent, got {message}")
+
+
+@pytest.mark.parametrize("ending", ["return", "raise"])
+async def test_an_unanswered_request_whose_client_is_still_there_is_500_without_waiting(
+    registry: CollectorRegistry, ending: str
+) -> None:
+    error = RuntimeError("no response")
+
+    async def reads_then_ends(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        if ending == "raise":
+            raise error
+
+    receive, delivered = connected_client(b"abc")
+    app = PrometheusMiddleware(reads_then_ends, registry=registry)
+    with anyio.fail_after(5):  # asking the server whether the client is gone must not wait
+        if ending == "raise":
+            with pytest.raises(RuntimeError) as raised:
+                await app(http_scope("/quiet", "POST"), receive, no_send)
+            assert raised.value is error
+        else:
+            await app(http_scope("/quiet", "POST"), receive, no_send)
+
+    assert value(registry, REQUESTS, method="POST", handler="<unmatched>", status="500") == 1
+    assert value(registry, REQUESTS, method="POST", handler="<unmatched>", status="499") == 0
+    assert value(registry, REQUEST_SIZE + "_sum", method="POST", handler="<unmatched>") == 3
+    assert len(delivered) == 1
+
+
+async def test_an_unanswered_request_whose_client_left_unnoticed_is_499(registry: CollectorRegistry) -> None:
+    async def reads_then_returns(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # the body; the app never looks for the disconnect that follows
+
+    app = PrometheusMiddleware(reads_then_returns, registry=registry)
+    await run_asgi(app, http_scope("/left"))
+
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="499") == 1
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="500") == 0
+
+
+async def test_an_app_that_never_read_the_body_is_not_asked_about(registry: CollectorRegistry) -> None:
+    # The server may still hold body: the middleware takes nothing the app did not ask for.
+    app = PrometheusMiddleware(lambda scope, receive, send: asyncio.sleep(0), registry=registry)
+    delivered = await run_asgi(app, http_scope("/unread"), incoming=[{"type": "http.request", "body": b"x", "more_body": True}])
+
+    assert delivered == []
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="500") == 1
+
+
+async def test_a_streaming_response_ends_its_wait_for_a_disconnect_and_is_recorded_once(registry: CollectorRegistry) -> None:
+    # Starlette keeps a receive waiting for the disconnect while it streams (ASGI spec < 2.4) and
+    # cancels it when the stream ends; once the body is complete that wait is the server's own.
+    async def chunks() -> Any:
+        yield b"one"
+        yield b"two"
+
+    async def stream(request: Request) -> Response:
+        return StreamingResponse(chunks())
+
+    receive, delivered = connected_client()
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    app = starlette_app(registry, Route("/stream", stream))
+    scope = http_scope("/stream") | {"asgi": {"version": "3.0", "spec_version": "2.3"}}
+    with anyio.fail_after(5):
+        await app(scope, receive, send)
+
+    assert [m.get("body") for m in sent[1:]] == [b"one", b"two", b""]
+    assert len(delivered) == 1  # the body; the wait that followed was cancelled
+    assert value(registry, REQUESTS, method="GET", handler="/stream", status="200") == 1
+    assert value(registry, RESPONSE_SIZE + "_sum", method="GET", handler="/stream") == 6
+    assert value(registry, IN_PROGRESS, method="GET") == 0
 
 
 async def test_in_progress_gauge_counts_the_request_while_it_runs(registry: CollectorRegistry) -> None:
