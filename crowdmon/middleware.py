@@ -102,7 +102,8 @@ class PrometheusMiddleware:
             if not excluded:
                 # The method as the server gave it: it is made a label when the batch is absorbed.
                 method = scope["method"]
-                self._start(method)
+                start = self._start  # an attribute, called: no method lookup
+                start(method)
         except Exception as error:
             self._report("middleware.start", error)
             excluded = True
@@ -131,8 +132,9 @@ class PrometheusMiddleware:
             token = current_request.set(exchange)
         except Exception as error:
             self._report("middleware.context", error)
+        app = self.app
         try:
-            await self.app(scope, exchange.receive, exchange.send)
+            await app(scope, exchange.receive, exchange.send)
         except BaseException as error:
             if not exchange.status:
                 if _is_cancellation(error):
@@ -208,7 +210,8 @@ class _Exchange(RequestContext):
         return self._receive_body()
 
     async def _receive_body(self) -> Message:
-        message: Message = await self.server_receive()
+        server_receive = self.server_receive
+        message: Message = await server_receive()
         try:
             kind = message["type"]
             if kind == "http.request":
@@ -255,7 +258,24 @@ class _Exchange(RequestContext):
                 self.status = status if status.__class__ is int else _odd_status(status)
         except Exception as error:
             self.middleware._report("middleware.send", error)
-        return self.server_send(message)
+        server_send = self.server_send
+        return server_send(message)
+
+    def _handler_label(self, route: object) -> str:
+        """The handler label when a resolver, FastAPI or a mount is involved."""
+        middleware = self.middleware
+        scope = self.scope
+        fastapi_scope = scope.get("fastapi")
+        context = fastapi_scope.get("effective_route_context") if fastapi_scope.__class__ is dict else None
+        key = id(route) if context is None else (id(route), id(context))
+        resolver = middleware.handler_resolver
+        label = None if resolver is None else resolver(scope)
+        if label is not None:
+            return str(label)
+        stored = middleware._route_labels.get(key)
+        if stored is None or (scope.get("root_path") or "") != self.entry_root_path:
+            return middleware._route_label(scope, self.entry_root_path, self.status, route, context, key)
+        return stored
 
     def finish(self, ended_at: float) -> None:
         """Record the request: its handler label, then its entry for the recorder.  Runs once."""
@@ -265,19 +285,15 @@ class _Exchange(RequestContext):
         status = self.status
         try:
             route = scope.get("route")
-            fastapi_scope = scope.get("fastapi")
-            context = fastapi_scope.get("effective_route_context") if fastapi_scope.__class__ is dict else None
-            key = id(route) if context is None else (id(route), id(context))
-            resolver = middleware.handler_resolver
-            label = None if resolver is None else resolver(scope)
-            if label is not None:
-                handler = str(label)
+            if (
+                middleware.handler_resolver is None
+                and "fastapi" not in scope
+                and (scope.get("root_path") or "") == self.entry_root_path
+            ):
+                # A Starlette route matched outside any mount: its label is stored by route.
+                handler = middleware._route_labels.get(id(route)) or middleware._route_label(scope, self.entry_root_path, status, route, None, id(route))
             else:
-                stored = middleware._route_labels.get(key)
-                if stored is None or (scope.get("root_path") or "") != self.entry_root_path:
-                    handler = middleware._route_label(scope, self.entry_root_path, status, route, context, key)
-                else:
-                    handler = stored
+                handler = self._handler_label(route)
         except Exception as error:
             middleware._report("middleware.handler", error)
             handler = UNMATCHED_HANDLER
@@ -285,7 +301,8 @@ class _Exchange(RequestContext):
         duration = ended_at - self.started
         request_bytes = self.request_bytes
         try:
-            middleware._record((
+            record = middleware._record
+            record((
                 method,
                 handler,
                 status,
@@ -318,7 +335,10 @@ def _declared_size(scope: Scope, received: int) -> int:
     Headers no server should send (not pairs of bytes) count as no ``Content-Length``: a failure
     here would lose the request and leave it in progress forever."""
     try:
-        for name, value in scope.get("headers") or ():
+        headers = scope.get("headers") or ()
+        if b"content-length" not in map(_HEADER_NAME, headers):
+            return received  # most requests: the names are compared in C
+        for name, value in headers:
             if name == b"content-length":
                 if value.isdigit() and len(value) <= 15:
                     return max(received, int(value))
@@ -326,6 +346,9 @@ def _declared_size(scope: Scope, received: int) -> int:
     except Exception:
         pass
     return received
+
+
+_HEADER_NAME = operator.itemgetter(0)
 
 
 def _is_cancellation(error: BaseException) -> bool:
