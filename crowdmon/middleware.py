@@ -154,7 +154,7 @@ class PrometheusMiddleware:
                 current_request.reset(token)
 
     def _route_label(self, scope: Scope, entry_root_path: str, status: int | str, route: object, context: object, key: object) -> str:
-        """:func:`handler_label_for`, stored under ``key`` for :func:`_finish` to look up: the
+        """:func:`handler_label_for`, stored under ``key`` for :meth:`_Exchange.finish` to look up: the
         matched route, and FastAPI's route context if there is one.
 
         Only for requests that crossed no mount (``root_path`` unchanged): there the label depends
