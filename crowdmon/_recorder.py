@@ -7,11 +7,12 @@ when it is over, ``flush()`` to bring every recorded request into the metrics.
 ``start`` and ``record`` are ``list.append`` itself, so a request costs two appends and no lock,
 no ``labels()`` call, no bucket search.  The lists are absorbed into plain per-series numbers in
 batches, when a batch is full and before every scrape, so what a scrape shows is exact.  The
-per-entry work of absorbing is done by C (``sorted``, ``bisect``, ``zip``, ``sum``,
-``dict.fromkeys``); Python loops run once per label set and bucket.  ``append`` and slicing are
-atomic, so counts stay exact under threads and asyncio alike.  :class:`ClientRequestRecorder`
-(prometheus_client multiprocess mode) writes prometheus_client metrics at once, through children
-resolved once per label set: their values live in files another worker may be scraped from.
+per-entry work of absorbing is done by C (``sorted``, ``bisect``, ``map`` over ``itemgetter``,
+``sum``, ``Counter``, ``dict.fromkeys``); Python loops run once per label set and bucket.
+``append`` and slicing are atomic, so counts stay exact under threads and asyncio alike.
+:class:`ClientRequestRecorder` (prometheus_client multiprocess mode) writes prometheus_client
+metrics at once, through children resolved once per label set: their values live in files
+another worker may be scraped from.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def status_label(status: object) -> str:
     if isinstance(status, int):
         return _STATUS_LABELS.get(status) or str(int(status))
     return "0"
+
 
 #: How a recorder reports a contained failure: site, error, and how many requests it cost.
 Reporter = Callable[[str, BaseException, int], None]

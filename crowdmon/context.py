@@ -28,43 +28,40 @@ def default_user_type(scope: Scope) -> str:
 
 
 class RequestContext:
-    """What the middleware publishes for a request: its scope, the ``root_path`` it entered with,
-    the user type resolver, and the user type, ``None`` until first asked for.  The middleware
-    keeps the rest of the request's state in the same object (a subclass)."""
+    """What crowdmon knows of the request in progress; ``user_type`` is resolved on first use.
 
-    __slots__ = ("entry_root_path", "scope", "user_type", "user_type_resolver")
+    The middleware fills the slots of its own subclass directly (no ``__init__`` call per
+    request): ``user_type_resolver`` is never ``None`` and ``_user_type`` starts as ``None``."""
+
+    __slots__ = ("_user_type", "entry_root_path", "scope", "user_type_resolver")
 
     scope: Scope
     entry_root_path: str
-    user_type_resolver: UserTypeResolver | None
-    user_type: str | None
+    user_type_resolver: UserTypeResolver
+    _user_type: str | None
+
+    def endpoint(self) -> str:
+        """The route template of the request (known once the app's router has matched it)."""
+        return handler_label_for(self.scope, self.entry_root_path, 200)
+
+    def user_type(self) -> str:
+        """The resolver's answer for this request (the resolver runs once per request)."""
+        if self._user_type is None:
+            resolved = self.user_type_resolver(self.scope)
+            self._user_type = resolved if isinstance(resolved, str) else str(resolved)
+        return self._user_type
 
 
 current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_request", default=None)
 
 
-def request_endpoint(context: RequestContext) -> str:
-    """The route template of the request (known once the app's router has matched it)."""
-    return handler_label_for(context.scope, context.entry_root_path, 200)
-
-
-def request_user_type(context: RequestContext) -> str:
-    """The user type resolver's answer for the request (the resolver runs once per request)."""
-    user_type = context.user_type
-    if user_type is None:
-        resolver = context.user_type_resolver or default_user_type
-        resolved = resolver(context.scope)
-        user_type = context.user_type = resolved if isinstance(resolved, str) else str(resolved)
-    return user_type
-
-
 def current_endpoint() -> str | None:
     """The route template of the request being handled, or ``None`` outside a request."""
     context = current_request.get()
-    return None if context is None else request_endpoint(context)
+    return None if context is None else context.endpoint()
 
 
 def current_user_type() -> str | None:
     """The user type of the request being handled, or ``None`` outside a request."""
     context = current_request.get()
-    return None if context is None else request_user_type(context)
+    return None if context is None else context.user_type()

@@ -34,7 +34,7 @@ from crowdmon.catalogue import (
     MetricSpec,
     spec,
 )
-from crowdmon.context import current_request, request_endpoint, request_user_type
+from crowdmon.context import current_request
 from crowdmon.errors import classify_error
 from crowdmon.timing import Timing
 
@@ -382,7 +382,7 @@ class PrometheusInstrumentation:
         if endpoint is not None:
             return label(endpoint)
         context = current_request.get()
-        return UNKNOWN_VALUE if context is None else request_endpoint(context)
+        return UNKNOWN_VALUE if context is None else context.endpoint()
 
     def user_type_label(self, user_type: object = None) -> str:
         """``user_type`` as a label, or the current request's user type from its resolver."""
@@ -392,7 +392,7 @@ class PrometheusInstrumentation:
         if context is None:
             return UNKNOWN_VALUE
         try:
-            return request_user_type(context)
+            return context.user_type()
         except Exception as failure:
             self.report_internal_error("user_type_resolver", failure)
             return UNKNOWN_VALUE

@@ -13,7 +13,7 @@ from starlette.routing import Host, Mount
 from crowdmon._recorder import STANDARD_METHODS, method_label, status_label
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.catalogue import UNMATCHED_HANDLER
-from crowdmon.context import RequestContext, UserTypeResolver, current_request
+from crowdmon.context import RequestContext, UserTypeResolver, current_request, default_user_type
 from crowdmon.exemplars import ExemplarProvider, request_exemplars
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
@@ -76,6 +76,7 @@ class PrometheusMiddleware:
         if user_type_resolver is not None and not callable(user_type_resolver):
             raise CrowdmonSetupError(f"user_type_resolver must be a callable taking the ASGI scope, got {user_type_resolver!r}")
         self.user_type_resolver = user_type_resolver
+        self._user_type_resolver = user_type_resolver or default_user_type
         recorder = instrumentation.requests
         self._start = recorder.start
         self._record = recorder.record
@@ -118,8 +119,8 @@ class PrometheusMiddleware:
         exchange = _Exchange()
         exchange.scope = scope
         exchange.entry_root_path = entry_root_path
-        exchange.user_type_resolver = self.user_type_resolver
-        exchange.user_type = None
+        exchange.user_type_resolver = self._user_type_resolver
+        exchange._user_type = None
         exchange.middleware = self
         exchange.method = method
         exchange.status = exchange.request_bytes = exchange.response_bytes = 0
@@ -154,8 +155,8 @@ class PrometheusMiddleware:
                 current_request.reset(token)
 
     def _route_label(self, scope: Scope, entry_root_path: str, status: int | str, route: object, context: object, key: object) -> str:
-        """:func:`handler_label_for`, stored under ``key`` for :meth:`_Exchange.finish` to look up: the
-        matched route, and FastAPI's route context if there is one.
+        """:func:`handler_label_for`, stored under ``key`` (the matched route, and FastAPI's route
+        context if there is one) for :meth:`_Exchange.finish` to look up.
 
         Only for requests that crossed no mount (``root_path`` unchanged): there the label depends
         on nothing but those two objects, which the middleware then keeps alive, so their ids are
@@ -261,22 +262,6 @@ class _Exchange(RequestContext):
         server_send = self.server_send
         return server_send(message)
 
-    def _handler_label(self, route: object) -> str:
-        """The handler label when a resolver, FastAPI or a mount is involved."""
-        middleware = self.middleware
-        scope = self.scope
-        fastapi_scope = scope.get("fastapi")
-        context = fastapi_scope.get("effective_route_context") if fastapi_scope.__class__ is dict else None
-        key = id(route) if context is None else (id(route), id(context))
-        resolver = middleware.handler_resolver
-        label = None if resolver is None else resolver(scope)
-        if label is not None:
-            return str(label)
-        stored = middleware._route_labels.get(key)
-        if stored is None or (scope.get("root_path") or "") != self.entry_root_path:
-            return middleware._route_label(scope, self.entry_root_path, self.status, route, context, key)
-        return stored
-
     def finish(self, ended_at: float) -> None:
         """Record the request: its handler label, then its entry for the recorder.  Runs once."""
         self.finished = True
@@ -284,16 +269,21 @@ class _Exchange(RequestContext):
         scope = self.scope
         status = self.status
         try:
-            route = scope.get("route")
-            if (
-                middleware.handler_resolver is None
-                and "fastapi" not in scope
-                and (scope.get("root_path") or "") == self.entry_root_path
-            ):
-                # A Starlette route matched outside any mount: its label is stored by route.
-                handler = middleware._route_labels.get(id(route)) or middleware._route_label(scope, self.entry_root_path, status, route, None, id(route))
+            # The user's resolver if it answers, else the label stored for the matched route (and
+            # FastAPI route context), worked out on the route's first request.
+            resolver = middleware.handler_resolver
+            label = None if resolver is None else resolver(scope)
+            if label is not None:
+                handler = str(label)
             else:
-                handler = self._handler_label(route)
+                route = scope.get("route")
+                fastapi_scope = scope.get("fastapi")
+                context = fastapi_scope.get("effective_route_context") if fastapi_scope.__class__ is dict else None
+                key = id(route) if context is None else (id(route), id(context))
+                stored = middleware._route_labels.get(key)
+                if stored is None or (scope.get("root_path") or "") != self.entry_root_path:
+                    stored = middleware._route_label(scope, self.entry_root_path, status, route, context, key)
+                handler = stored
         except Exception as error:
             middleware._report("middleware.handler", error)
             handler = UNMATCHED_HANDLER
