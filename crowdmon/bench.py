@@ -588,6 +588,14 @@ def crowdmon_server_app() -> ASGIApp:
     return server_app("crowdmon")
 
 
+def passthrough_server_app() -> ASGIApp:
+    return server_app("passthrough")
+
+
+def naive_server_app() -> ASGIApp:
+    return server_app("naive")
+
+
 def _free_port() -> int:
     import socket
 

@@ -31,23 +31,37 @@ class RequestContext:
     """What crowdmon knows of the request in progress; ``user_type`` is resolved on first use.
 
     The middleware fills the slots of its own subclass directly (no ``__init__`` call per
-    request): ``user_type_resolver`` is never ``None`` and ``_user_type`` starts as ``None``."""
+    request): ``user_type_resolver`` is never ``None`` and ``_user_type`` starts as ``None``.
 
-    __slots__ = ("_user_type", "entry_root_path", "scope", "user_type_resolver")
+    When the request has ended, the middleware lets go of its scope (``scope`` becomes ``None``):
+    a copy of the request's context can outlive it by far (a cancelled timer the server or the
+    app scheduled stays in the event loop's queue, a task the app started runs on), and must
+    not keep the whole request alive.  Such a copy then answers with what the request knew: the
+    handler label it was recorded under, and its user type if it was resolved, else
+    ``unknown``."""
 
-    scope: Scope
+    __slots__ = ("_endpoint", "_user_type", "entry_root_path", "scope", "user_type_resolver")
+
+    scope: Scope | None
     entry_root_path: str
     user_type_resolver: UserTypeResolver
     _user_type: str | None
+    _endpoint: str
 
     def endpoint(self) -> str:
         """The route template of the request (known once the app's router has matched it)."""
-        return handler_label_for(self.scope, self.entry_root_path, 200)
+        scope = self.scope
+        if scope is None:
+            return self._endpoint
+        return handler_label_for(scope, self.entry_root_path, 200)
 
     def user_type(self) -> str:
         """The resolver's answer for this request (the resolver runs once per request)."""
         if self._user_type is None:
-            resolved = self.user_type_resolver(self.scope)
+            scope = self.scope
+            if scope is None:
+                return UNKNOWN_VALUE  # the request ended before anyone asked
+            resolved = self.user_type_resolver(scope)
             self._user_type = resolved if isinstance(resolved, str) else str(resolved)
         return self._user_type
 

@@ -1,0 +1,111 @@
+"""A request's objects live as long as the request, not as long as copies of its context."""
+
+from __future__ import annotations
+
+import contextvars
+import gc
+import time
+import weakref
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import crowdmon
+from crowdmon import PrometheusMiddleware
+from crowdmon._types import Message, Receive, Scope, Send
+from tests.asgi import http_scope, run_asgi
+from tests.support import uvicorn_in_thread, value
+
+
+class Marker:
+    """Put in a request's scope; alive only while something still holds the scope."""
+
+
+def test_a_server_keep_alive_timer_does_not_keep_finished_requests_alive(registry: CollectorRegistry) -> None:
+    # uvicorn arms a keep-alive timer inside the last send of every response and cancels it when
+    # the connection's next request arrives.  A cancelled timer stays in the event loop's queue,
+    # holding the context it was scheduled in, until every timer due before it is gone: here
+    # until the idle connection's timer fires, 5 s (the keep-alive timeout) after its request.
+    markers: list[weakref.ref[Marker]] = []
+
+    async def item(request: Request) -> Response:
+        return JSONResponse({"id": request.path_params["item_id"]})
+
+    starlette = Starlette(routes=[Route("/items/{item_id}", item)])
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            marker = Marker()
+            markers.append(weakref.ref(marker))
+            scope["marker"] = marker
+        await starlette(scope, receive, send)
+
+    with (
+        uvicorn_in_thread(PrometheusMiddleware(app, registry=registry)) as base_url,
+        httpx.Client(base_url=base_url) as idle,
+        httpx.Client(base_url=base_url) as busy,
+    ):
+        statuses = [idle.get("/items/0").status_code] + [busy.get(f"/items/{n}").status_code for n in range(1, 10)]
+        # uvicorn keeps each connection's last request (0 and 9) until the next one; the others
+        # are gone once the server's task has ended, a moment after the client has its response.
+        deadline = time.monotonic() + 2
+        while not set(alive := [n for n, marker in enumerate(markers) if marker() is not None]) <= {0, 9}:
+            if time.monotonic() > deadline:
+                break
+            gc.collect()
+            time.sleep(0.01)
+
+    assert statuses == [200] * 10
+    assert set(alive) <= {0, 9}
+    assert value(registry, "crowdfunding_api_requests_total", method="GET", handler="/items/{item_id}", status="200") == 10
+
+
+@pytest.mark.parametrize(("asks_during_the_request", "user_type"), [(True, "premium"), (False, "unknown")])
+async def test_a_context_copy_that_outlives_its_request_answers_with_what_the_request_knew(
+    registry: CollectorRegistry, asks_during_the_request: bool, user_type: str
+) -> None:
+    # A task the app started, or a timer it scheduled, runs in a copy of the request's context.
+    copies: list[contextvars.Context] = []
+    resolved: list[Scope] = []
+
+    def plan(scope: Scope) -> str:
+        resolved.append(scope)
+        return "premium"
+
+    async def item(request: Request) -> Response:
+        if asks_during_the_request:
+            assert crowdmon.current_user_type() == "premium"
+        assert crowdmon.current_endpoint() == "/items/{item_id}"
+        copies.append(contextvars.copy_context())
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/items/{item_id}", item)])
+    app.add_middleware(PrometheusMiddleware, registry=registry, user_type_resolver=plan)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        assert (await client.get("/items/7")).status_code == 200
+
+    (copy,) = copies
+    assert copy.run(crowdmon.current_endpoint) == "/items/{item_id}"
+    assert copy.run(crowdmon.current_user_type) == user_type
+    assert len(resolved) == (1 if asks_during_the_request else 0)
+
+
+async def test_a_send_kept_past_the_end_of_its_request_says_so(registry: CollectorRegistry) -> None:
+    kept: list[Any] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        kept.append(send)
+
+    messages: list[Message] = await run_asgi(PrometheusMiddleware(app, registry=registry), http_scope("/gone"))
+
+    assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
+    with pytest.raises(RuntimeError, match="this request has ended: its app returned, so it can no longer receive or send"):
+        await kept[0]({"type": "http.response.body", "body": b"late"})
