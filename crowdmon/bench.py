@@ -6,7 +6,8 @@ Five benchmarks, each printing a table:
   a pass-through middleware, a naive two-call prometheus_client middleware and the peers.
 - ``decorators``: per-call cost of crowdmon's decorators, ``Histogram.time()`` and
   prometheus-async's ``aio.time``.
-- ``server``: a real uvicorn server on 127.0.0.1 under ``hey``, bare against crowdmon.
+- ``server``: real uvicorn servers on 127.0.0.1 under ``hey``: bare, a pass-through middleware, the
+  naive middleware and crowdmon.
 - ``scrape``: rendering ``/metrics`` over thousands of series.
 - ``memory``: RSS while a million requests hit random paths with random methods.
 
@@ -652,54 +653,114 @@ def _hey(url: str, requests: int, concurrency: int) -> dict[str, float]:
     return {key: float(match.group(1)) for key, match in found.items() if match}
 
 
-def bench_server(*, rounds: int = 5, requests: int = 4000, concurrency: int = 16) -> Report:
-    """Throughput and latency of uvicorn serving the Starlette app, bare against crowdmon."""
+SERVER_VARIANTS = ("bare", "passthrough", "naive", "crowdmon")
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(pid, cpus)
+
+
+def bench_server(*, rounds: int = 4, windows: int = 8, requests: int = 2400, concurrency: int = 16) -> Report:
+    """Throughput, latency and CPU per request of uvicorn serving the Starlette app: bare, a
+    pass-through middleware, the naive two-call middleware and crowdmon.
+
+    Each round starts a fresh server per variant (so no variant keeps one process's luck of
+    memory layout), then loads them one at a time in short windows, alternating, so that what
+    else runs on the machine falls on all of them alike.  A ratio is taken against the bare
+    window of the same cycle; the reported ratio is the median over every window of every round.
+    With two or more CPUs the servers share the first one and ``hey`` gets the others, so the
+    load client never takes CPU from the server it measures.
+    """
     requests = max(requests // concurrency, 1) * concurrency  # hey splits -n evenly over -c
     if shutil.which("hey") is None:
         return Report("uvicorn on 127.0.0.1", "skipped: the load client hey is not installed (apt-get install hey)")
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    servers = {name: _start_server(name, env) for name in ("bare", "crowdmon")}
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    server_cpus, client_cpus = ({available[0]}, set(available[1:])) if len(available) >= 2 else (set(), set())
+    own_cpus = set(available)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in SERVER_VARIANTS}
+    ratios: dict[str, dict[str, list[float]]] = {name: {"rps": [], "p50": [], "p95": [], "cpu_us": []} for name in SERVER_VARIANTS}
+    _pin(0, client_cpus)
     try:
-        for _, url in servers.values():
-            _hey(url + ROUTES["json"], concurrency * 10, concurrency)  # warm-up
-        order = list(servers)
-        for index in range(rounds):
-            for name in order if index % 2 == 0 else reversed(order):
-                cpu_before = _cpu_seconds(servers[name][0].pid)
-                result = _hey(servers[name][1] + ROUTES["json"], requests, concurrency)
-                result["cpu_us"] = (_cpu_seconds(servers[name][0].pid) - cpu_before) / requests * 1e6
-                if result["ok"] != requests:
-                    raise RuntimeError(f"{name}: {result['ok']:.0f} of {requests} requests answered 200")
-                results[name].append(result)
-    finally:
-        for process, _ in servers.values():
-            process.terminate()
+        for _ in range(rounds):
+            servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
             try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-    bare, ours = results["bare"], results["crowdmon"]
-    throughput = median(o["rps"] / b["rps"] for o, b in zip(ours, bare, strict=True))
-    p50 = median(o["p50"] / b["p50"] for o, b in zip(ours, bare, strict=True))
-    p95 = median(o["p95"] / b["p95"] for o, b in zip(ours, bare, strict=True))
-    # Server CPU per request: what a CPU-bound worker's capacity depends on, and far less
-    # disturbed than wall-clock throughput by other processes on a shared machine.
-    cpu = median(o["cpu_us"] / b["cpu_us"] for o, b in zip(ours, bare, strict=True))
+                for name in SERVER_VARIANTS:
+                    servers[name] = _start_server(name, env)
+                    _pin(servers[name][0].pid, server_cpus)
+                for _, url in servers.values():
+                    _hey(url + ROUTES["json"], concurrency * 20, concurrency)  # warm-up
+                for window in range(windows):
+                    order = list(SERVER_VARIANTS) if window % 2 == 0 else list(reversed(SERVER_VARIANTS))
+                    cycle: dict[str, dict[str, float]] = {}
+                    for name in order:
+                        process, url = servers[name]
+                        cpu_before = _cpu_seconds(process.pid)
+                        result = _hey(url + ROUTES["json"], requests, concurrency)
+                        result["cpu_us"] = (_cpu_seconds(process.pid) - cpu_before) / requests * 1e6
+                        if result["ok"] != requests:
+                            raise RuntimeError(f"{name}: {result['ok']:.0f} of {requests} requests answered 200")
+                        cycle[name] = result
+                        results[name].append(result)
+                    bare = cycle["bare"]
+                    for name, result in cycle.items():
+                        for key in ratios[name]:
+                            ratios[name][key].append(result[key] / bare[key] if bare[key] else 1.0)
+            finally:
+                for process, _ in servers.values():
+                    process.terminate()
+                    try:
+                        process.wait(10)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+    finally:
+        _pin(0, own_cpus)
+    median_ratio = {name: {key: median(values) for key, values in by_key.items()} for name, by_key in ratios.items()}
     rows = [
-        [name, median(r["rps"] for r in runs), median(r["p50"] for r in runs) * 1e3, median(r["p95"] for r in runs) * 1e3, median(r["cpu_us"] for r in runs)]
+        [
+            name,
+            median(r["rps"] for r in runs),
+            median(r["p50"] for r in runs) * 1e3,
+            median(r["p95"] for r in runs) * 1e3,
+            median(r["cpu_us"] for r in runs),
+            median_ratio[name]["rps"],
+            median_ratio[name]["cpu_us"],
+        ]
         for name, runs in results.items()
     ]
-    text = table(["variant", "requests/s", "p50 ms", "p95 ms", "server CPU µs/request"], rows)
-    text += f"\ncrowdmon / bare: throughput {throughput:.3f}x, p50 latency {p50:.3f}x, p95 latency {p95:.3f}x, server CPU per request {cpu:.3f}x"
-    text += f"\n(median of {rounds} alternating rounds of hey -n {requests} -c {concurrency} on GET {ROUTES['json']}, one uvicorn worker each)"
-    data = {"rounds": rounds, "requests": requests, "concurrency": concurrency, "throughput_ratio": throughput, "p50_ratio": p50, "p95_ratio": p95, "cpu_ratio": cpu, "runs": results}
+    text = table(["variant", "requests/s", "p50 ms", "p95 ms", "server CPU µs/request", "throughput / bare", "CPU / bare"], rows)
+    ours = median_ratio["crowdmon"]
+    spread = sorted(ratios["crowdmon"]["rps"])
+    text += (
+        f"\ncrowdmon / bare: throughput {ours['rps']:.3f}x (middle half of windows {spread[len(spread) // 4]:.3f}-{spread[(3 * len(spread)) // 4]:.3f}),"
+        f" p50 latency {ours['p50']:.3f}x, p95 latency {ours['p95']:.3f}x, server CPU per request {ours['cpu_us']:.3f}x"
+    )
+    placement = f"servers on CPU {min(server_cpus)}, hey on the others" if server_cpus else "no CPU pinning"
+    text += (
+        f"\n(medians over {rounds} rounds x {windows} alternating windows of hey -n {requests} -c {concurrency} on GET {ROUTES['json']};"
+        f" a fresh uvicorn worker per variant each round, its HTTP parser {_http_implementation()}; {placement})"
+    )
+    data = {
+        "rounds": rounds, "windows": windows, "requests": requests, "concurrency": concurrency,
+        "throughput_ratio": ours["rps"], "p50_ratio": ours["p50"], "p95_ratio": ours["p95"], "cpu_ratio": ours["cpu_us"],
+        "ratios": median_ratio, "runs": results,
+    }
     return Report("uvicorn on 127.0.0.1", text, data, [
-        Target("crowdmon throughput / bare throughput", throughput, 0.95, at_least=True),
-        Target("capacity from server CPU: bare CPU per request / crowdmon CPU per request", 1 / cpu, 0.95, at_least=True),
+        Target("crowdmon throughput / bare throughput", ours["rps"], 0.95, at_least=True),
+        Target("capacity from server CPU: bare CPU per request / crowdmon CPU per request", 1 / ours["cpu_us"], 0.95, at_least=True),
     ])
+
+
+def _http_implementation() -> str:
+    """What ``uvicorn --http auto`` runs: httptools when it is installed, else h11."""
+    try:
+        importlib.import_module("httptools")
+    except ImportError:
+        return "h11 (httptools is not installed)"
+    return "httptools"
 
 
 # -- 4. scrape cost ------------------------------------------------------------------------------------
@@ -839,7 +900,7 @@ def environment() -> str:
 QUICK = {
     "asgi": {"rounds": 1, "requests": 10},
     "decorators": {"rounds": 2, "calls": 200},
-    "server": {"rounds": 1, "requests": 200, "concurrency": 4},
+    "server": {"rounds": 1, "windows": 1, "requests": 200, "concurrency": 4},
     "scrape": {"rounds": 2, "handlers": 10},
     "memory": {"requests": 2000, "checkpoints": 2},
 }
