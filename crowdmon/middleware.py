@@ -5,7 +5,6 @@ from __future__ import annotations
 import operator
 from collections.abc import Awaitable, Iterable
 from time import perf_counter
-from typing import Any
 
 import anyio
 from prometheus_client import CollectorRegistry
@@ -160,7 +159,8 @@ class PrometheusMiddleware:
             # request's scope and server channels alive.  Hundreds of requests, each kept
             # past the garbage collector's young generation: a collection every ~50 requests.
             exchange.scope = None
-            exchange.server_receive = exchange.server_send = _request_ended
+            exchange.server_receive = _receive_after_the_end
+            exchange.server_send = _send_after_the_end
 
     def _route_label(self, scope: Scope, entry_root_path: str, status: int | str, route: object, context: object, key: object) -> str:
         """:func:`handler_label_for`, stored under ``key`` (the matched route, and FastAPI's route
@@ -320,9 +320,15 @@ class _Exchange(RequestContext):
                 middleware._report("middleware.exemplar", error)
 
 
-async def _request_ended(*_: object) -> Any:
-    """``receive`` and ``send`` of a request the middleware has let go of."""
-    raise RuntimeError("this request has ended: its app returned, so it can no longer receive or send")
+async def _receive_after_the_end() -> Message:
+    """``receive`` of a request the middleware has let go of: what the ASGI spec has a server
+    answer once the response has been sent."""
+    return {"type": "http.disconnect"}
+
+
+async def _send_after_the_end(message: Message) -> None:
+    """``send`` of a request the middleware has let go of, as servers refuse it."""
+    raise RuntimeError(f"this request has ended (its app returned), so it cannot send {message.get('type')!r}")
 
 
 def _odd_status(status: object) -> int | str:

@@ -96,16 +96,19 @@ async def test_a_context_copy_that_outlives_its_request_answers_with_what_the_re
     assert len(resolved) == (1 if asks_during_the_request else 0)
 
 
-async def test_a_send_kept_past_the_end_of_its_request_says_so(registry: CollectorRegistry) -> None:
+async def test_receive_and_send_kept_past_the_end_of_their_request(registry: CollectorRegistry) -> None:
     kept: list[Any] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
-        kept.append(send)
+        kept.extend((receive, send))
 
     messages: list[Message] = await run_asgi(PrometheusMiddleware(app, registry=registry), http_scope("/gone"))
+    receive, send = kept
 
     assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
-    with pytest.raises(RuntimeError, match="this request has ended: its app returned, so it can no longer receive or send"):
-        await kept[0]({"type": "http.response.body", "body": b"late"})
+    assert await receive() == {"type": "http.disconnect"}  # as the ASGI spec has a server answer
+    with pytest.raises(RuntimeError, match=r"this request has ended \(its app returned\), so it cannot send 'http.response.body'"):
+        await send({"type": "http.response.body", "body": b"late"})
