@@ -151,8 +151,6 @@ class PrometheusMiddleware:
                 if not exchange.status:
                     exchange.status = 500
                 exchange.finish(perf_counter())
-            if token is not None:
-                current_request.reset(token)
             # The request is over; let go of it.  Copies of its context live on: a server's
             # keep-alive timer, re-armed inside the last send, or a timeout the app cancelled,
             # waits in the event loop's queue for seconds, and through the context held every
@@ -161,6 +159,8 @@ class PrometheusMiddleware:
             exchange.scope = None
             exchange.server_receive = _receive_after_the_end
             exchange.server_send = _send_after_the_end
+            if token is not None:
+                current_request.reset(token)
 
     def _route_label(self, scope: Scope, entry_root_path: str, status: int | str, route: object, context: object, key: object) -> str:
         """:func:`handler_label_for`, stored under ``key`` (the matched route, and FastAPI's route
@@ -209,6 +209,22 @@ class _Exchange(RequestContext):
     finished: bool
     server_receive: Receive
     server_send: Send
+
+    def endpoint(self) -> str:
+        """The ``handler`` label: the one recorded once the request is finished; until then the
+        user's resolver's answer if it gives one, else the router's match."""
+        if self.finished:
+            return self._endpoint
+        resolver = self.middleware.handler_resolver
+        if resolver is not None:
+            try:
+                label = resolver(self.scope)  # type: ignore[arg-type]  # let go of only after finishing
+            except Exception as error:
+                self.middleware._report("middleware.handler", error)
+            else:
+                if label is not None:
+                    return str(label)
+        return super().endpoint()
 
     def receive(self) -> Awaitable[Message]:
         # Once the body is complete the app's receives go straight to the server: a wait for a
@@ -273,6 +289,7 @@ class _Exchange(RequestContext):
     def finish(self, ended_at: float) -> None:
         """Record the request: its handler label, then its entry for the recorder.  Runs once."""
         self.finished = True
+        self._endpoint = UNMATCHED_HANDLER  # until the label is known, whatever is raised meanwhile
         middleware = self.middleware
         scope: Scope = self.scope  # type: ignore[assignment]  # let go of only after finishing
         status = self.status

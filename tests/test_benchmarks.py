@@ -104,3 +104,8 @@ def test_benchmarks_run_script_is_the_same_command() -> None:
         env=subprocess_env(), capture_output=True, text=True, timeout=60, check=True,
     )
     assert "== scrape cost ==" in result.stdout
+
+
+def test_rounds_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "server", "--rounds", "0"]) == 2
+    assert "--rounds must be at least 1, got 0" in capsys.readouterr().err

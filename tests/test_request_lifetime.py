@@ -19,7 +19,7 @@ from starlette.routing import Route
 import crowdmon
 from crowdmon import PrometheusMiddleware
 from crowdmon._types import Message, Receive, Scope, Send
-from tests.asgi import http_scope, run_asgi
+from tests.asgi import http_scope
 from tests.support import uvicorn_in_thread, value
 
 
@@ -98,6 +98,15 @@ async def test_a_context_copy_that_outlives_its_request_answers_with_what_the_re
 
 async def test_receive_and_send_kept_past_the_end_of_their_request(registry: CollectorRegistry) -> None:
     kept: list[Any] = []
+    sent: list[Message] = []
+    incoming = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def server_receive() -> Message:
+        assert incoming, "the server was asked after the request ended"
+        return incoming.pop()
+
+    async def server_send(message: Message) -> None:
+        sent.append(message)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
@@ -105,10 +114,34 @@ async def test_receive_and_send_kept_past_the_end_of_their_request(registry: Col
         await send({"type": "http.response.body", "body": b""})
         kept.extend((receive, send))
 
-    messages: list[Message] = await run_asgi(PrometheusMiddleware(app, registry=registry), http_scope("/gone"))
+    await PrometheusMiddleware(app, registry=registry)(http_scope("/gone"), server_receive, server_send)
     receive, send = kept
 
-    assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert await receive() == {"type": "http.disconnect"}  # as the ASGI spec has a server answer
     with pytest.raises(RuntimeError, match=r"this request has ended \(its app returned\), so it cannot send 'http.response.body'"):
         await send({"type": "http.response.body", "body": b"late"})
+    assert len(sent) == 2
+
+
+async def test_the_endpoint_is_the_handler_label_before_and_after_the_request_ends(registry: CollectorRegistry) -> None:
+    seen: list[str | None] = []
+    copies: list[contextvars.Context] = []
+
+    async def item(request: Request) -> Response:
+        seen.append(crowdmon.current_endpoint())
+        copies.append(contextvars.copy_context())
+        return JSONResponse({})
+
+    def tenant_routes(scope: Scope) -> str | None:
+        return "/tenants/*" if scope["path"].startswith("/tenants/") else None
+
+    app = Starlette(routes=[Route("/tenants/{name}", item), Route("/items/{item_id}", item)])
+    app.add_middleware(PrometheusMiddleware, registry=registry, handler_resolver=tenant_routes)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        for path in ("/tenants/acme", "/items/7"):
+            assert (await client.get(path)).status_code == 200
+
+    assert seen == ["/tenants/*", "/items/{item_id}"]
+    assert [copy.run(crowdmon.current_endpoint) for copy in copies] == ["/tenants/*", "/items/{item_id}"]
+    assert value(registry, "crowdfunding_api_requests_total", method="GET", handler="/tenants/*", status="200") == 1
