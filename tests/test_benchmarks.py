@@ -109,3 +109,15 @@ def test_benchmarks_run_script_is_the_same_command() -> None:
 def test_rounds_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "server", "--rounds", "0"]) == 2
     assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_paired_server_run_reports_every_variant_against_the_first() -> None:
+    result = subprocess.run(
+        [PYTHON, str(REPO_ROOT / "benchmarks" / "paired_server.py"), "--variants", "bare,crowdmon", "--rounds", "1", "--seconds", "1"],
+        capture_output=True, text=True, timeout=120, env=subprocess_env(), check=True,
+    )
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("bare ", "crowdmon "))}
+
+    assert rows["bare"][2:] == ["1.000", "1.000"]
+    assert 0 < float(rows["crowdmon"][2]) < 2
+    assert "every worker loaded at once for 1 s" in result.stdout

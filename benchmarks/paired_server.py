@@ -1,0 +1,94 @@
+"""Server capacity measured in pairs: every variant's uvicorn worker loaded at the same time.
+
+``crowdmon bench server`` loads one worker at a time, which is how a worker runs in production,
+but what else the machine runs moves its windows by ±10%.  Here all the workers share one CPU
+and each gets its own ``hey`` for the same seconds, so that load falls on all of them alike and
+the scheduler gives each the same CPU time: the ratio of their throughputs is the inverse ratio
+of what a request costs each.  Per-round ratios agree within about ±0.01.  Workers sharing a CPU
+also share its caches, which makes a larger memory footprint cost more than it would alone.
+
+    python3 benchmarks/paired_server.py                          # bare, passthrough, naive, crowdmon
+    python3 benchmarks/paired_server.py --variants bare,crowdmon --rounds 8 --seconds 3
+
+Needs ``hey`` (Debian package ``hey``) and Linux (CPU affinity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from crowdmon.bench import ROUTES, SERVER_VARIANTS, _hey, _start_server, table
+
+
+def measure(variants: list[str], rounds: int, seconds: float, concurrency: int = 16) -> dict[str, list[float]]:
+    """Requests per second of each variant in each round, all variants loaded at once."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("paired_server.py needs two CPUs: one for the workers, one for the load clients")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
+    own = set(cpus)
+    os.sched_setaffinity(0, set(cpus[1:]))
+    throughput: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for _ in range(rounds):
+            servers = {}
+            try:
+                for name in variants:
+                    servers[name] = _start_server(name, env)
+                    os.sched_setaffinity(servers[name][0].pid, {cpus[0]})
+                for _, url in servers.values():
+                    _hey(url + ROUTES["json"], concurrency * 50, concurrency)  # warm-up
+                clients = {
+                    name: subprocess.Popen(
+                        ["hey", "-z", f"{seconds}s", "-c", str(concurrency), url + ROUTES["json"]],
+                        stdout=subprocess.PIPE, text=True,
+                    )
+                    for name, (_, url) in servers.items()
+                }
+                for name, client in clients.items():
+                    output = client.communicate(timeout=seconds + 60)[0]
+                    found = re.search(r"Requests/sec:\s+([\d.]+)", output)
+                    if found is None or re.search(r"Error distribution", output):
+                        raise RuntimeError(f"{name}: hey reported errors or no rate:\n{output}")
+                    throughput[name].append(float(found.group(1)))
+            finally:
+                for process, _ in servers.values():
+                    process.terminate()
+                    process.wait(10)
+    finally:
+        os.sched_setaffinity(0, own)
+    return throughput
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=",".join(SERVER_VARIANTS), help="comma-separated, the first is the baseline")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    variants = args.variants.split(",")
+    unknown = [name for name in variants if name not in SERVER_VARIANTS]
+    if unknown or args.rounds < 1 or args.seconds <= 0:
+        parser.error(f"variants are any of {', '.join(SERVER_VARIANTS)}; rounds >= 1; seconds > 0")
+    throughput = measure(variants, args.rounds, args.seconds)
+    base = throughput[variants[0]]
+    rows = []
+    for name in variants:
+        ratios = [value / baseline for value, baseline in zip(throughput[name], base, strict=True)]
+        rows.append([name, median(throughput[name]), f"{median(ratios):.3f}", " ".join(f"{ratio:.3f}" for ratio in ratios)])
+    print(table(["variant", "requests/s (shared CPU)", f"throughput / {variants[0]}", "each round"], rows))
+    print(f"(median of {args.rounds} rounds; every worker loaded at once for {args.seconds:g} s by hey -c 16, GET {ROUTES['json']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
