@@ -25,7 +25,7 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crowdmon.bench import ROUTES, SERVER_VARIANTS, _hey, _start_server, table
+from crowdmon.bench import ROUTES, SERVER_VARIANTS, pin, running_servers, table
 
 
 def measure(variants: list[str], rounds: int, seconds: float, concurrency: int = 16) -> dict[str, list[float]]:
@@ -33,20 +33,11 @@ def measure(variants: list[str], rounds: int, seconds: float, concurrency: int =
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("paired_server.py needs two CPUs: one for the workers, one for the load clients")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")]))
-    own = set(cpus)
-    os.sched_setaffinity(0, set(cpus[1:]))
     throughput: dict[str, list[float]] = {name: [] for name in variants}
+    pin(0, set(cpus[1:]))
     try:
         for _ in range(rounds):
-            servers = {}
-            try:
-                for name in variants:
-                    servers[name] = _start_server(name, env)
-                    os.sched_setaffinity(servers[name][0].pid, {cpus[0]})
-                for _, url in servers.values():
-                    _hey(url + ROUTES["json"], concurrency * 50, concurrency)  # warm-up
+            with running_servers(variants, {cpus[0]}, concurrency) as servers:
                 clients = {
                     name: subprocess.Popen(
                         ["hey", "-z", f"{seconds}s", "-c", str(concurrency), url + ROUTES["json"]],
@@ -60,12 +51,8 @@ def measure(variants: list[str], rounds: int, seconds: float, concurrency: int =
                     if found is None or re.search(r"Error distribution", output):
                         raise RuntimeError(f"{name}: hey reported errors or no rate:\n{output}")
                     throughput[name].append(float(found.group(1)))
-            finally:
-                for process, _ in servers.values():
-                    process.terminate()
-                    process.wait(10)
     finally:
-        os.sched_setaffinity(0, own)
+        pin(0, set(cpus))
     return throughput
 
 

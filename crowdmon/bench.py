@@ -33,7 +33,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from time import perf_counter, process_time
@@ -662,9 +663,34 @@ def _hey(url: str, requests: int, concurrency: int) -> dict[str, float]:
 SERVER_VARIANTS = ("bare", "passthrough", "naive", "crowdmon")
 
 
-def _pin(pid: int, cpus: set[int]) -> None:
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run process ``pid`` (0: this one) on ``cpus`` only; nothing if none are given."""
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(pid, cpus)
+
+
+@contextmanager
+def running_servers(variants: Sequence[str], cpus: set[int], concurrency: int) -> Iterator[dict[str, tuple[subprocess.Popen[bytes], str]]]:
+    """A fresh uvicorn worker per variant, each on ``cpus`` and warmed up: ``{variant: (process,
+    base URL)}``.  They are stopped on leaving, whatever happened."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    try:
+        for name in variants:
+            servers[name] = _start_server(name, env)
+            pin(servers[name][0].pid, cpus)
+        for _, url in servers.values():
+            _hey(url + ROUTES["json"], concurrency * 20, concurrency)  # warm-up
+        yield servers
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def bench_server(*, rounds: int = 4, windows: int = 8, requests: int = 2400, concurrency: int = 16) -> Report:
@@ -681,24 +707,15 @@ def bench_server(*, rounds: int = 4, windows: int = 8, requests: int = 2400, con
     requests = max(requests // concurrency, 1) * concurrency  # hey splits -n evenly over -c
     if shutil.which("hey") is None:
         return Report("uvicorn on 127.0.0.1", "skipped: the load client hey is not installed (apt-get install hey)")
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     server_cpus, client_cpus = ({available[0]}, set(available[1:])) if len(available) >= 2 else (set(), set())
     own_cpus = set(available)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in SERVER_VARIANTS}
     ratios: dict[str, dict[str, list[float]]] = {name: {"rps": [], "p50": [], "p95": [], "cpu_us": []} for name in SERVER_VARIANTS}
-    _pin(0, client_cpus)
+    pin(0, client_cpus)
     try:
         for _ in range(rounds):
-            servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
-            try:
-                for name in SERVER_VARIANTS:
-                    servers[name] = _start_server(name, env)
-                    _pin(servers[name][0].pid, server_cpus)
-                for _, url in servers.values():
-                    _hey(url + ROUTES["json"], concurrency * 20, concurrency)  # warm-up
+            with running_servers(SERVER_VARIANTS, server_cpus, concurrency) as servers:
                 for window in range(windows):
                     order = list(SERVER_VARIANTS) if window % 2 == 0 else list(reversed(SERVER_VARIANTS))
                     cycle: dict[str, dict[str, float]] = {}
@@ -715,15 +732,8 @@ def bench_server(*, rounds: int = 4, windows: int = 8, requests: int = 2400, con
                     for name, result in cycle.items():
                         for key in ratios[name]:
                             ratios[name][key].append(result[key] / bare[key] if bare[key] else 1.0)
-            finally:
-                for process, _ in servers.values():
-                    process.terminate()
-                    try:
-                        process.wait(10)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
     finally:
-        _pin(0, own_cpus)
+        pin(0, own_cpus)
     median_ratio = {name: {key: median(values) for key, values in by_key.items()} for name, by_key in ratios.items()}
     rows = [
         [
