@@ -9,6 +9,7 @@ also share its caches, which makes a larger memory footprint cost more than it w
 
     python3 benchmarks/paired_server.py                          # bare, passthrough, naive, crowdmon
     python3 benchmarks/paired_server.py --variants bare,crowdmon --rounds 8 --seconds 3
+    python3 benchmarks/paired_server.py --framework fastapi     # the same route in FastAPI
 
 Needs ``hey`` (Debian package ``hey``) and Linux (CPU affinity).
 """
@@ -25,10 +26,18 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crowdmon.bench import ROUTES, SERVER_VARIANTS, pin, running_servers, table
+from crowdmon.bench import (
+    ROUTES,
+    SERVER_FRAMEWORKS,
+    SERVER_VARIANTS,
+    pin,
+    running_servers,
+    server_name,
+    table,
+)
 
 
-def measure(variants: list[str], rounds: int, seconds: float, concurrency: int = 16) -> dict[str, list[float]]:
+def measure(variants: list[str], rounds: int, seconds: float, concurrency: int = 16, framework: str = "starlette") -> dict[str, list[float]]:
     """Requests per second of each variant in each round, all variants loaded at once."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -37,13 +46,14 @@ def measure(variants: list[str], rounds: int, seconds: float, concurrency: int =
     pin(0, set(cpus[1:]))
     try:
         for _ in range(rounds):
-            with running_servers(variants, {cpus[0]}, concurrency) as servers:
+            names = {server_name(name, framework): name for name in variants}
+            with running_servers(list(names), {cpus[0]}, concurrency) as servers:
                 clients = {
-                    name: subprocess.Popen(
+                    names[server]: subprocess.Popen(
                         ["hey", "-z", f"{seconds}s", "-c", str(concurrency), url + ROUTES["json"]],
                         stdout=subprocess.PIPE, text=True,
                     )
-                    for name, (_, url) in servers.items()
+                    for server, (_, url) in servers.items()
                 }
                 for name, client in clients.items():
                     output = client.communicate(timeout=seconds + 60)[0]
@@ -61,19 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(SERVER_VARIANTS), help="comma-separated, the first is the baseline")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--framework", choices=SERVER_FRAMEWORKS, default="starlette", help="the app the workers serve")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
     unknown = [name for name in variants if name not in SERVER_VARIANTS]
     if unknown or args.rounds < 1 or args.seconds <= 0:
         parser.error(f"variants are any of {', '.join(SERVER_VARIANTS)}; rounds >= 1; seconds > 0")
-    throughput = measure(variants, args.rounds, args.seconds)
+    throughput = measure(variants, args.rounds, args.seconds, framework=args.framework)
     base = throughput[variants[0]]
     rows = []
     for name in variants:
         ratios = [value / baseline for value, baseline in zip(throughput[name], base, strict=True)]
         rows.append([name, median(throughput[name]), f"{median(ratios):.3f}", " ".join(f"{ratio:.3f}" for ratio in ratios)])
     print(table(["variant", "requests/s (shared CPU)", f"throughput / {variants[0]}", "each round"], rows))
-    print(f"(median of {args.rounds} rounds; every worker loaded at once for {args.seconds:g} s by hey -c 16, GET {ROUTES['json']})")
+    print(f"(median of {args.rounds} rounds; every {args.framework} worker loaded at once for {args.seconds:g} s by hey -c 16, GET {ROUTES['json']})")
     return 0
 
 

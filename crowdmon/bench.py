@@ -6,8 +6,8 @@ Five benchmarks, each printing a table:
   a pass-through middleware, a naive two-call prometheus_client middleware and the peers.
 - ``decorators``: per-call cost of crowdmon's decorators, ``Histogram.time()`` and
   prometheus-async's ``aio.time``.
-- ``server``: real uvicorn servers on 127.0.0.1 under ``hey``: bare, a pass-through middleware, the
-  naive middleware and crowdmon.
+- ``server``: real uvicorn servers on 127.0.0.1 under ``hey``, serving the Starlette and the FastAPI
+  app: bare, a pass-through middleware, the naive middleware and crowdmon.
 - ``scrape``: rendering ``/metrics`` over thousands of series.
 - ``memory``: RSS while a million requests hit random paths with random methods.
 
@@ -577,9 +577,15 @@ def bench_decorators(*, rounds: int = 21, calls: int = 10000, seed: int = 1) -> 
 # -- 3. a real server ----------------------------------------------------------------------------------
 
 
-def server_app(variant: str) -> ASGIApp:
-    """The app ``python -m uvicorn --factory crowdmon.bench:<variant>_server_app`` serves."""
-    return build_variant(variant, "starlette").app
+def server_app(variant: str, framework: str = "starlette") -> ASGIApp:
+    """The app ``python -m uvicorn --factory crowdmon.bench:<server name>_server_app`` serves
+    (see :func:`server_name`)."""
+    return build_variant(variant, framework).app
+
+
+def server_name(variant: str, framework: str = "starlette") -> str:
+    """The name of a server variant: ``crowdmon`` (Starlette), ``fastapi_crowdmon`` (FastAPI)."""
+    return variant if framework == "starlette" else f"{framework}_{variant}"
 
 
 def bare_server_app() -> ASGIApp:
@@ -596,6 +602,22 @@ def passthrough_server_app() -> ASGIApp:
 
 def naive_server_app() -> ASGIApp:
     return server_app("naive")
+
+
+def fastapi_bare_server_app() -> ASGIApp:
+    return server_app("bare", "fastapi")
+
+
+def fastapi_crowdmon_server_app() -> ASGIApp:
+    return server_app("crowdmon", "fastapi")
+
+
+def fastapi_passthrough_server_app() -> ASGIApp:
+    return server_app("passthrough", "fastapi")
+
+
+def fastapi_naive_server_app() -> ASGIApp:
+    return server_app("naive", "fastapi")
 
 
 def _free_port() -> int:
@@ -661,6 +683,7 @@ def _hey(url: str, requests: int, concurrency: int) -> dict[str, float]:
 
 
 SERVER_VARIANTS = ("bare", "passthrough", "naive", "crowdmon")
+SERVER_FRAMEWORKS = ("starlette", "fastapi")
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -670,15 +693,15 @@ def pin(pid: int, cpus: set[int]) -> None:
 
 
 @contextmanager
-def running_servers(variants: Sequence[str], cpus: set[int], concurrency: int) -> Iterator[dict[str, tuple[subprocess.Popen[bytes], str]]]:
-    """A fresh uvicorn worker per variant, each on ``cpus`` and warmed up: ``{variant: (process,
-    base URL)}``.  They are stopped on leaving, whatever happened."""
+def running_servers(names: Sequence[str], cpus: set[int], concurrency: int) -> Iterator[dict[str, tuple[subprocess.Popen[bytes], str]]]:
+    """A fresh uvicorn worker per server name (:func:`server_name`), each on ``cpus`` and warmed
+    up: ``{name: (process, base URL)}``.  They are stopped on leaving, whatever happened."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     try:
-        for name in variants:
+        for name in names:
             servers[name] = _start_server(name, env)
             pin(servers[name][0].pid, cpus)
         for _, url in servers.values():
@@ -693,31 +716,39 @@ def running_servers(variants: Sequence[str], cpus: set[int], concurrency: int) -
                 process.kill()
 
 
-def bench_server(*, rounds: int = 4, windows: int = 8, requests: int = 2400, concurrency: int = 16) -> Report:
-    """Throughput, latency and CPU per request of uvicorn serving the Starlette app: bare, a
-    pass-through middleware, the naive two-call middleware and crowdmon.
+def bench_server(
+    *, rounds: int = 4, windows: int = 6, requests: int = 2400, concurrency: int = 16,
+    frameworks: Sequence[str] = SERVER_FRAMEWORKS,
+) -> Report:
+    """Throughput, latency and CPU per request of uvicorn serving the Starlette and the FastAPI
+    app: bare, a pass-through middleware, the naive two-call middleware and crowdmon.
 
     Each round starts a fresh server per variant (so no variant keeps one process's luck of
     memory layout), then loads them one at a time in short windows, alternating, so that what
     else runs on the machine falls on all of them alike.  A ratio is taken against the bare
-    window of the same cycle; the reported ratio is the median over every window of every round.
-    With two or more CPUs the servers share the first one and ``hey`` gets the others, so the
-    load client never takes CPU from the server it measures.
+    window of the same framework in the same cycle; the reported ratio is the median over every
+    window of every round.  With two or more CPUs the servers share the first one and ``hey``
+    gets the others, so the load client never takes CPU from the server it measures.
     """
     requests = max(requests // concurrency, 1) * concurrency  # hey splits -n evenly over -c
     if shutil.which("hey") is None:
         return Report("uvicorn on 127.0.0.1", "skipped: the load client hey is not installed (apt-get install hey)")
+    unknown = [framework for framework in frameworks if framework not in SERVER_FRAMEWORKS]
+    if unknown or not frameworks:
+        raise ValueError(f"frameworks are any of {', '.join(SERVER_FRAMEWORKS)}, got {list(frameworks)}")
     available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     server_cpus, client_cpus = ({available[0]}, set(available[1:])) if len(available) >= 2 else (set(), set())
     own_cpus = set(available)
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in SERVER_VARIANTS}
-    ratios: dict[str, dict[str, list[float]]] = {name: {"rps": [], "p50": [], "p95": [], "cpu_us": []} for name in SERVER_VARIANTS}
+    servers_of = {(framework, variant): server_name(variant, framework) for framework in frameworks for variant in SERVER_VARIANTS}
+    names = list(servers_of.values())
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    ratios: dict[str, dict[str, list[float]]] = {name: {"rps": [], "p50": [], "p95": [], "cpu_us": []} for name in names}
     pin(0, client_cpus)
     try:
         for _ in range(rounds):
-            with running_servers(SERVER_VARIANTS, server_cpus, concurrency) as servers:
+            with running_servers(names, server_cpus, concurrency) as servers:
                 for window in range(windows):
-                    order = list(SERVER_VARIANTS) if window % 2 == 0 else list(reversed(SERVER_VARIANTS))
+                    order = names if window % 2 == 0 else names[::-1]
                     cycle: dict[str, dict[str, float]] = {}
                     for name in order:
                         process, url = servers[name]
@@ -728,47 +759,56 @@ def bench_server(*, rounds: int = 4, windows: int = 8, requests: int = 2400, con
                             raise RuntimeError(f"{name}: {result['ok']:.0f} of {requests} requests answered 200")
                         cycle[name] = result
                         results[name].append(result)
-                    bare = cycle["bare"]
-                    for name, result in cycle.items():
+                    for (framework, _), name in servers_of.items():
+                        bare = cycle[servers_of[(framework, "bare")]]
                         for key in ratios[name]:
-                            ratios[name][key].append(result[key] / bare[key] if bare[key] else 1.0)
+                            ratios[name][key].append(cycle[name][key] / bare[key] if bare[key] else 1.0)
     finally:
         pin(0, own_cpus)
     median_ratio = {name: {key: median(values) for key, values in by_key.items()} for name, by_key in ratios.items()}
     rows = [
         [
-            name,
-            median(r["rps"] for r in runs),
-            median(r["p50"] for r in runs) * 1e3,
-            median(r["p95"] for r in runs) * 1e3,
-            median(r["cpu_us"] for r in runs),
+            framework,
+            variant,
+            median(r["rps"] for r in results[name]),
+            median(r["p50"] for r in results[name]) * 1e3,
+            median(r["p95"] for r in results[name]) * 1e3,
+            median(r["cpu_us"] for r in results[name]),
             median_ratio[name]["rps"],
             median_ratio[name]["cpu_us"],
         ]
-        for name, runs in results.items()
+        for (framework, variant), name in servers_of.items()
     ]
-    text = table(["variant", "requests/s", "p50 ms", "p95 ms", "server CPU µs/request", "throughput / bare", "CPU / bare"], rows)
-    ours = median_ratio["crowdmon"]
-    spread = ratios["crowdmon"]["rps"]
-    low, _, high = statistics.quantiles(spread, n=4) if len(spread) > 1 else (spread[0], None, spread[0])
-    text += (
-        f"\ncrowdmon / bare: throughput {ours['rps']:.3f}x (middle half of windows {low:.3f}-{high:.3f}),"
-        f" p50 latency {ours['p50']:.3f}x, p95 latency {ours['p95']:.3f}x, server CPU per request {ours['cpu_us']:.3f}x"
-    )
+    text = table(["app", "variant", "requests/s", "p50 ms", "p95 ms", "server CPU µs/request", "throughput / bare", "CPU / bare"], rows)
+    targets = []
+    for framework in frameworks:
+        name = servers_of[(framework, "crowdmon")]
+        ours = median_ratio[name]
+        spread = ratios[name]["rps"]
+        low, _, high = statistics.quantiles(spread, n=4) if len(spread) > 1 else (spread[0], None, spread[0])
+        text += (
+            f"\n{framework}: crowdmon / bare: throughput {ours['rps']:.3f}x (middle half of windows {low:.3f}-{high:.3f}),"
+            f" p50 latency {ours['p50']:.3f}x, p95 latency {ours['p95']:.3f}x, server CPU per request {ours['cpu_us']:.3f}x"
+        )
+        suffix = "" if framework == "starlette" else f" ({framework})"
+        targets += [
+            Target(f"crowdmon throughput / bare throughput{suffix}", ours["rps"], 0.95, at_least=True),
+            Target(
+                f"capacity from server CPU: bare CPU per request / crowdmon CPU per request{suffix}",
+                1 / ours["cpu_us"] if ours["cpu_us"] else 1.0, 0.95, at_least=True,
+            ),
+        ]
     placement = f"servers on CPU {min(server_cpus)}, hey on the others" if server_cpus else "no CPU pinning"
     text += (
         f"\n(medians over {rounds} rounds x {windows} alternating windows of hey -n {requests} -c {concurrency} on GET {ROUTES['json']};"
         f" a fresh uvicorn worker per variant each round, its HTTP parser {_http_implementation()}; {placement})"
     )
     data = {
-        "rounds": rounds, "windows": windows, "requests": requests, "concurrency": concurrency,
-        "throughput_ratio": ours["rps"], "p50_ratio": ours["p50"], "p95_ratio": ours["p95"], "cpu_ratio": ours["cpu_us"],
+        "rounds": rounds, "windows": windows, "requests": requests, "concurrency": concurrency, "frameworks": list(frameworks),
+        "throughput_ratio": {framework: median_ratio[servers_of[(framework, "crowdmon")]]["rps"] for framework in frameworks},
         "ratios": median_ratio, "runs": results,
     }
-    return Report("uvicorn on 127.0.0.1", text, data, [
-        Target("crowdmon throughput / bare throughput", ours["rps"], 0.95, at_least=True),
-        Target("capacity from server CPU: bare CPU per request / crowdmon CPU per request", 1 / ours["cpu_us"] if ours["cpu_us"] else 1.0, 0.95, at_least=True),
-    ])
+    return Report("uvicorn on 127.0.0.1", text, data, targets)
 
 
 def _http_implementation() -> str:

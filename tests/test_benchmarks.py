@@ -57,9 +57,17 @@ def test_decorator_benchmark_times_prometheus_client_and_prometheus_async() -> N
 def test_server_benchmark_serves_every_request_under_uvicorn() -> None:
     report = bench.run_benchmark("server", quick=True)
 
-    assert {name: len(runs) for name, runs in report.data["runs"].items()} == {"bare": 1, "passthrough": 1, "naive": 1, "crowdmon": 1}
+    assert {name: len(runs) for name, runs in report.data["runs"].items()} == {
+        "bare": 1, "passthrough": 1, "naive": 1, "crowdmon": 1,
+        "fastapi_bare": 1, "fastapi_passthrough": 1, "fastapi_naive": 1, "fastapi_crowdmon": 1,
+    }
     assert all(run["ok"] == 200 for runs in report.data["runs"].values() for run in runs)
-    assert report.targets[0].what == "crowdmon throughput / bare throughput"
+    assert [target.what for target in report.targets[::2]] == [
+        "crowdmon throughput / bare throughput",
+        "crowdmon throughput / bare throughput (fastapi)",
+    ]
+    assert "starlette: crowdmon / bare: throughput" in report.text
+    assert "fastapi: crowdmon / bare: throughput" in report.text
 
 
 def test_scrape_benchmark_renders_the_same_series_both_ways() -> None:
@@ -113,11 +121,12 @@ def test_rounds_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_paired_server_run_reports_every_variant_against_the_first() -> None:
     result = subprocess.run(
-        [PYTHON, str(REPO_ROOT / "benchmarks" / "paired_server.py"), "--variants", "bare,crowdmon", "--rounds", "1", "--seconds", "1"],
+        [PYTHON, str(REPO_ROOT / "benchmarks" / "paired_server.py"), "--variants", "bare,crowdmon", "--rounds", "1", "--seconds", "1",
+         "--framework", "fastapi"],
         capture_output=True, text=True, timeout=120, env=subprocess_env(), check=True,
     )
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("bare ", "crowdmon "))}
 
     assert rows["bare"][2:] == ["1.000", "1.000"]
     assert 0 < float(rows["crowdmon"][2]) < 2
-    assert "every worker loaded at once for 1 s" in result.stdout
+    assert "every fastapi worker loaded at once for 1 s" in result.stdout
