@@ -1,11 +1,13 @@
 """Server capacity measured in pairs: every variant's uvicorn worker loaded at the same time.
 
-``crowdmon bench server`` loads one worker at a time, which is how a worker runs in production,
-but what else the machine runs moves its windows by ±10%.  Here all the workers share one CPU
-and each gets its own ``hey`` for the same seconds, so that load falls on all of them alike and
-the scheduler gives each the same CPU time: the ratio of their throughputs is the inverse ratio
-of what a request costs each.  Per-round ratios agree within about ±0.01.  Workers sharing a CPU
-also share its caches, which makes a larger memory footprint cost more than it would alone.
+The "together" half of ``crowdmon bench server`` (:func:`crowdmon.bench.loaded_together`), on its
+own, for any set of variants and as many rounds as wanted.  Loading one worker at a time is how
+a worker runs in production, but what else the machine runs moves such windows by ±10%.  Here
+all the workers share one CPU and each gets its own ``hey`` for the same seconds, so that load
+falls on all of them alike and the scheduler gives each the same CPU time: the ratio of their
+throughputs is the inverse ratio of what a request costs each.  Per-round ratios agree within
+about ±0.02.  Workers sharing a CPU also share its caches, which makes a larger memory
+footprint cost more than it would alone.
 
     python3 benchmarks/paired_server.py                          # bare, passthrough, naive, crowdmon
     python3 benchmarks/paired_server.py --variants bare,crowdmon --rounds 8 --seconds 3
@@ -18,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 from statistics import median
@@ -30,40 +30,10 @@ from crowdmon.bench import (
     ROUTES,
     SERVER_FRAMEWORKS,
     SERVER_VARIANTS,
-    pin,
-    running_servers,
+    loaded_together,
     server_name,
     table,
 )
-
-
-def measure(variants: list[str], rounds: int, seconds: float, concurrency: int = 16, framework: str = "starlette") -> dict[str, list[float]]:
-    """Requests per second of each variant in each round, all variants loaded at once."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        raise SystemExit("paired_server.py needs two CPUs: one for the workers, one for the load clients")
-    throughput: dict[str, list[float]] = {name: [] for name in variants}
-    pin(0, set(cpus[1:]))
-    try:
-        for _ in range(rounds):
-            names = {server_name(name, framework): name for name in variants}
-            with running_servers(list(names), {cpus[0]}, concurrency) as servers:
-                clients = {
-                    names[server]: subprocess.Popen(
-                        ["hey", "-z", f"{seconds}s", "-c", str(concurrency), url + ROUTES["json"]],
-                        stdout=subprocess.PIPE, text=True,
-                    )
-                    for server, (_, url) in servers.items()
-                }
-                for name, client in clients.items():
-                    output = client.communicate(timeout=seconds + 60)[0]
-                    found = re.search(r"Requests/sec:\s+([\d.]+)", output)
-                    if found is None or re.search(r"Error distribution", output):
-                        raise RuntimeError(f"{name}: hey reported errors or no rate:\n{output}")
-                    throughput[name].append(float(found.group(1)))
-    finally:
-        pin(0, set(cpus))
-    return throughput
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in variants if name not in SERVER_VARIANTS]
     if unknown or args.rounds < 1 or args.seconds <= 0:
         parser.error(f"variants are any of {', '.join(SERVER_VARIANTS)}; rounds >= 1; seconds > 0")
-    throughput = measure(variants, args.rounds, args.seconds, framework=args.framework)
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("paired_server.py needs two CPUs: one for the workers, one for the load clients")
+    servers = [server_name(name, args.framework) for name in variants]
+    measured = loaded_together(servers, rounds=args.rounds, seconds=args.seconds)
+    throughput = {name: measured[server] for name, server in zip(variants, servers, strict=True)}
     base = throughput[variants[0]]
     rows = []
     for name in variants:

@@ -62,12 +62,14 @@ def test_server_benchmark_serves_every_request_under_uvicorn() -> None:
         "fastapi_bare": 1, "fastapi_passthrough": 1, "fastapi_naive": 1, "fastapi_crowdmon": 1,
     }
     assert all(run["ok"] == 200 for runs in report.data["runs"].values() for run in runs)
-    assert [target.what for target in report.targets[::2]] == [
-        "crowdmon throughput / bare throughput",
-        "crowdmon throughput / bare throughput (fastapi)",
+    assert [target.what for target in report.targets] == [
+        "crowdmon throughput / bare throughput, loaded together",
+        "crowdmon throughput / bare throughput, loaded together (fastapi)",
     ]
-    assert "starlette: crowdmon / bare: throughput" in report.text
-    assert "fastapi: crowdmon / bare: throughput" in report.text
+    assert {name: len(rates) for name, rates in report.data["together"].items()} == {name: 1 for name in report.data["runs"]}
+    assert report.data["together_ratios"]["bare"] == report.data["together_ratios"]["fastapi_bare"] == 1.0
+    assert "starlette: crowdmon / bare alone: throughput" in report.text
+    assert "fastapi: crowdmon / bare alone: throughput" in report.text
 
 
 def test_scrape_benchmark_renders_the_same_series_both_ways() -> None:
