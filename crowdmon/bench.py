@@ -628,28 +628,30 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_server(variant: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+def _launch_server(name: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """A uvicorn worker serving ``crowdmon.bench:<name>_server_app``, just started."""
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", f"crowdmon.bench:{variant}_server_app",
+        [sys.executable, "-m", "uvicorn", "--factory", f"crowdmon.bench:{name}_server_app",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log",
          "--lifespan", "off"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _wait_until_serving(name: str, process: subprocess.Popen[bytes], url: str, deadline: float) -> None:
     import urllib.request
 
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"the {variant} server exited: {process.stderr.read().decode() if process.stderr else ''}")
+            raise RuntimeError(f"the {name} server exited: {process.stderr.read().decode() if process.stderr else ''}")
         try:
             with urllib.request.urlopen(url + "/text", timeout=1):
-                return process, url
+                return
         except OSError:
             if time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"the {variant} server did not answer within 20 s") from None
+                raise RuntimeError(f"the {name} server did not answer within 30 s") from None
             time.sleep(0.05)
 
 
@@ -701,19 +703,36 @@ def running_servers(names: Sequence[str], cpus: set[int], concurrency: int) -> I
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     try:
-        for name in names:
-            servers[name] = _start_server(name, env)
-            pin(servers[name][0].pid, cpus)
+        for name in names:  # started at once, each pinned once it serves
+            servers[name] = _launch_server(name, env)
+        deadline = time.monotonic() + 30
+        for name, (process, url) in servers.items():
+            _wait_until_serving(name, process, url, deadline)
+            pin(process.pid, cpus)
         for _, url in servers.values():
             _hey(url + ROUTES["json"], concurrency * 20, concurrency)  # warm-up
         yield servers
     finally:
         for process, _ in servers.values():
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            _stop(process)
+
+
+def _stop(process: subprocess.Popen[Any]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _rate(name: str, output: str) -> float:
+    """Requests per second from the output of ``hey -z``, whose every response must be a 200."""
+    found = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    statuses = re.findall(r"\[(\d+)\]\s+\d+ responses", output)
+    if found is None or statuses != ["200"] or "Error distribution" in output:
+        raise RuntimeError(f"{name}: not every response was a 200, or hey gave no rate:\n{output}")
+    return float(found.group(1))
 
 
 def loaded_together(names: Sequence[str], *, rounds: int, seconds: float, concurrency: int = 16) -> dict[str, list[float]]:
@@ -738,12 +757,13 @@ def loaded_together(names: Sequence[str], *, rounds: int, seconds: float, concur
                     )
                     for name, (_, url) in servers.items()
                 }
-                for name, client in clients.items():
-                    output = client.communicate(timeout=seconds + 60)[0]
-                    found = re.search(r"Requests/sec:\s+([\d.]+)", output)
-                    if found is None or re.search(r"Error distribution", output):
-                        raise RuntimeError(f"{name}: hey reported errors or no rate:\n{output}")
-                    throughput[name].append(float(found.group(1)))
+                try:
+                    for name, client in clients.items():
+                        throughput[name].append(_rate(name, client.communicate(timeout=seconds + 60)[0]))
+                finally:
+                    for client in clients.values():
+                        if client.poll() is None:
+                            _stop(client)
     finally:
         pin(0, set(cpus))
     return throughput
@@ -756,61 +776,38 @@ def bench_server(
     """uvicorn serving the Starlette and the FastAPI app: bare, a pass-through middleware, the
     naive two-call middleware and crowdmon, measured two ways.
 
-    Alone: each round starts a fresh server per variant (so no variant keeps one process's luck
-    of memory layout) and loads them one at a time in short alternating windows; a ratio is
-    taken against the bare window of the same framework in the same cycle, and medians are
-    over every window.  This is how a worker runs, and it gives latency and CPU per request,
-    but what else the machine runs moves single windows by ±10%.  Together
-    (:func:`loaded_together`): every variant of a framework loaded at the same time on one
-    shared CPU, which cancels that noise (rounds agree within about ±0.02); its throughput
-    ratio is the one the target is checked on.  Sharing a CPU also shares its caches, so it
-    is the harsher of the two on a larger memory footprint.
+    Alone (:func:`_loaded_alone`): one worker at a time, as a worker runs; it gives latency and
+    CPU per request, but what else the machine runs moves single windows by ±10%.  Together
+    (:func:`loaded_together`): every variant of a framework loaded at the same time on one shared
+    CPU, which cancels that noise (rounds agree within about ±0.02); its throughput ratio is the
+    one the target is checked on.  Sharing a CPU also shares its caches, so it is the harsher of
+    the two on a larger memory footprint.  With fewer than two CPUs only the alone measure runs,
+    and the target is checked on it.
     """
-    requests = max(requests // concurrency, 1) * concurrency  # hey splits -n evenly over -c
-    if shutil.which("hey") is None:
-        return Report("uvicorn on 127.0.0.1", "skipped: the load client hey is not installed (apt-get install hey)")
     unknown = [framework for framework in frameworks if framework not in SERVER_FRAMEWORKS]
     if unknown or not frameworks:
         raise ValueError(f"frameworks are any of {', '.join(SERVER_FRAMEWORKS)}, got {list(frameworks)}")
+    if min(rounds, windows, requests, concurrency, together_rounds) < 1 or seconds <= 0:
+        raise ValueError("rounds, windows, requests, concurrency and together_rounds must be at least 1, seconds above 0")
+    if shutil.which("hey") is None:
+        return Report("uvicorn on 127.0.0.1", "skipped: the load client hey is not installed (apt-get install hey)")
+    requests = max(requests // concurrency, 1) * concurrency  # hey splits -n evenly over -c
     available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    server_cpus, client_cpus = ({available[0]}, set(available[1:])) if len(available) >= 2 else (set(), set())
-    own_cpus = set(available)
     servers_of = {(framework, variant): server_name(variant, framework) for framework in frameworks for variant in SERVER_VARIANTS}
-    names = list(servers_of.values())
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    ratios: dict[str, dict[str, list[float]]] = {name: {"rps": [], "p50": [], "p95": [], "cpu_us": []} for name in names}
-    pin(0, client_cpus)
-    try:
-        for _ in range(rounds):
-            with running_servers(names, server_cpus, concurrency) as servers:
-                for window in range(windows):
-                    order = names if window % 2 == 0 else names[::-1]
-                    cycle: dict[str, dict[str, float]] = {}
-                    for name in order:
-                        process, url = servers[name]
-                        cpu_before = _cpu_seconds(process.pid)
-                        result = _hey(url + ROUTES["json"], requests, concurrency)
-                        result["cpu_us"] = (_cpu_seconds(process.pid) - cpu_before) / requests * 1e6
-                        if result["ok"] != requests:
-                            raise RuntimeError(f"{name}: {result['ok']:.0f} of {requests} requests answered 200")
-                        cycle[name] = result
-                        results[name].append(result)
-                    for (framework, _), name in servers_of.items():
-                        bare = cycle[servers_of[(framework, "bare")]]
-                        for key in ratios[name]:
-                            ratios[name][key].append(cycle[name][key] / bare[key] if bare[key] else 1.0)
-    finally:
-        pin(0, own_cpus)
+    results, ratios = _loaded_alone(servers_of, available, rounds=rounds, windows=windows, requests=requests, concurrency=concurrency)
     together: dict[str, list[float]] = {}
-    if server_cpus:
+    if len(available) >= 2:
         for framework in frameworks:
-            together.update(loaded_together([servers_of[(framework, variant)] for variant in SERVER_VARIANTS], rounds=together_rounds, seconds=seconds, concurrency=concurrency))
-    together_ratio = {
-        name: median(value / baseline for value, baseline in zip(together[name], together[servers_of[(framework, "bare")]], strict=True))
+            names = [servers_of[(framework, variant)] for variant in SERVER_VARIANTS]
+            together.update(loaded_together(names, rounds=together_rounds, seconds=seconds, concurrency=concurrency))
+    each_round = {
+        name: [value / baseline for value, baseline in zip(together[name], together[servers_of[(framework, "bare")]], strict=True)]
         for (framework, _), name in servers_of.items()
         if name in together
     }
+    together_ratio = {name: median(values) for name, values in each_round.items()}
     median_ratio = {name: {key: median(values) for key, values in by_key.items()} for name, by_key in ratios.items()}
+
     rows = [
         [
             framework,
@@ -825,42 +822,78 @@ def bench_server(
         ]
         for (framework, variant), name in servers_of.items()
     ]
-    text = table(
+    lines = [table(
         ["app", "variant", "requests/s", "p50 ms", "p95 ms", "server CPU µs/request", "throughput / bare", "CPU / bare", "together: throughput / bare"],
         rows,
-    )
+    )]
     targets = []
     for framework in frameworks:
         name = servers_of[(framework, "crowdmon")]
         ours = median_ratio[name]
         spread = ratios[name]["rps"]
         low, _, high = statistics.quantiles(spread, n=4) if len(spread) > 1 else (spread[0], None, spread[0])
-        text += (
-            f"\n{framework}: crowdmon / bare alone: throughput {ours['rps']:.3f}x (middle half of windows {low:.3f}-{high:.3f}),"
+        line = (
+            f"{framework}: crowdmon / bare alone: throughput {ours['rps']:.3f}x (middle half of windows {low:.3f}-{high:.3f}),"
             f" p50 latency {ours['p50']:.3f}x, p95 latency {ours['p95']:.3f}x, server CPU per request {ours['cpu_us']:.3f}x"
         )
         if name in together_ratio:
-            baselines = together[servers_of[(framework, "bare")]]
-            each = " ".join(f"{value / baseline:.3f}" for value, baseline in zip(together[name], baselines, strict=True))
-            text += f"; loaded together: throughput {together_ratio[name]:.3f}x (each round {each})"
-        suffix = "" if framework == "starlette" else f" ({framework})"
+            line += f"; loaded together: throughput {together_ratio[name]:.3f}x (each round {' '.join(f'{r:.3f}' for r in each_round[name])})"
+        lines.append(line)
         how = "loaded together" if name in together_ratio else "alone"
+        suffix = "" if framework == "starlette" else f" ({framework})"
         targets.append(Target(f"crowdmon throughput / bare throughput, {how}{suffix}", together_ratio.get(name, ours["rps"]), 0.95, at_least=True))
-    placement = f"servers on CPU {min(server_cpus)}, hey on the others" if server_cpus else "no CPU pinning"
-    text += (
-        f"\n(alone: medians over {rounds} rounds x {windows} alternating windows of hey -n {requests} -c {concurrency} on GET {ROUTES['json']},"
-        f" a fresh uvicorn worker per variant each round, its HTTP parser {_http_implementation()}; {placement}."
+    placement = f"servers on CPU {available[0]}, hey on the others" if len(available) >= 2 else "no CPU pinning"
+    together_how = (
+        f"Together: median of {together_rounds} rounds, the four workers of an app loaded at once for {seconds:g} s, one hey -c {concurrency} each."
+        if together else "Together: not run, it needs two CPUs and Linux's CPU affinity."
     )
-    text += (
-        f" Together: median of {together_rounds} rounds, the four workers of an app loaded at once for {seconds:g} s, one hey -c {concurrency} each.)"
-        if together else " Together: not run, it needs two CPUs.)"
+    lines.append(
+        f"(alone: medians over {rounds} rounds x {windows} alternating windows of hey -n {requests} -c {concurrency} on GET {ROUTES['json']},"
+        f" a fresh uvicorn worker per variant each round, its HTTP parser {_http_implementation()}; {placement}. {together_how})"
     )
     data = {
         "rounds": rounds, "windows": windows, "requests": requests, "concurrency": concurrency, "frameworks": list(frameworks),
         "together_rounds": together_rounds, "seconds": seconds,
         "ratios": median_ratio, "together_ratios": together_ratio, "runs": results, "together": together,
     }
-    return Report("uvicorn on 127.0.0.1", text, data, targets)
+    return Report("uvicorn on 127.0.0.1", "\n".join(lines), data, targets)
+
+
+def _loaded_alone(
+    servers_of: dict[tuple[str, str], str], available: list[int], *, rounds: int, windows: int, requests: int, concurrency: int,
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, list[float]]]]:
+    """Every server loaded on its own, in short alternating windows: each window's hey results
+    and CPU per request, and its ratios against the bare server of its framework in the same cycle.
+
+    Each round starts fresh workers (so no variant keeps one process's luck of memory layout).
+    With two or more CPUs the workers share the first one and ``hey`` gets the others, so the
+    load client never takes CPU from the worker it measures."""
+    names = list(servers_of.values())
+    server_cpus, client_cpus = ({available[0]}, set(available[1:])) if len(available) >= 2 else (set(), set())
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    ratios: dict[str, dict[str, list[float]]] = {name: {"rps": [], "p50": [], "p95": [], "cpu_us": []} for name in names}
+    pin(0, client_cpus)
+    try:
+        for _ in range(rounds):
+            with running_servers(names, server_cpus, concurrency) as servers:
+                for window in range(windows):
+                    cycle: dict[str, dict[str, float]] = {}
+                    for name in names if window % 2 == 0 else names[::-1]:
+                        process, url = servers[name]
+                        cpu_before = _cpu_seconds(process.pid)
+                        result = _hey(url + ROUTES["json"], requests, concurrency)
+                        result["cpu_us"] = (_cpu_seconds(process.pid) - cpu_before) / requests * 1e6
+                        if result["ok"] != requests:
+                            raise RuntimeError(f"{name}: {result['ok']:.0f} of {requests} requests answered 200")
+                        cycle[name] = result
+                        results[name].append(result)
+                    for (framework, _), name in servers_of.items():
+                        bare = cycle[servers_of[(framework, "bare")]]
+                        for key in ratios[name]:
+                            ratios[name][key].append(cycle[name][key] / bare[key] if bare[key] else 1.0)
+    finally:
+        pin(0, set(available))
+    return results, ratios
 
 
 def _http_implementation() -> str:
@@ -1049,6 +1082,8 @@ def main(args: argparse.Namespace) -> int:
         options: dict[str, Any] = {}
         if args.rounds is not None and name != "memory":
             options["rounds"] = args.rounds
+            if name == "server":
+                options["together_rounds"] = args.rounds
         report = run_benchmark(name, quick=args.quick, **options)
         reports.append(report)
         print("\n" + report.render(), flush=True)
