@@ -668,13 +668,17 @@ def _cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+#: hey's throughput line, in the output of ``hey -n`` and ``hey -z`` alike.
+_HEY_RATE = re.compile(r"Requests/sec:\s+([\d.]+)")
+
+
 def _hey(url: str, requests: int, concurrency: int) -> dict[str, float]:
     output = subprocess.run(
         ["hey", "-n", str(requests), "-c", str(concurrency), "-t", "10", url],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout
     found = {
-        "rps": re.search(r"Requests/sec:\s+([\d.]+)", output),
+        "rps": _HEY_RATE.search(output),
         "p50": re.search(r"50% in ([\d.]+) secs", output),
         "p95": re.search(r"95% in ([\d.]+) secs", output),
         "ok": re.search(r"\[200\]\s+(\d+) responses", output),
@@ -728,7 +732,7 @@ def _stop(process: subprocess.Popen[Any]) -> None:
 
 def _rate(name: str, output: str) -> float:
     """Requests per second from the output of ``hey -z``, whose every response must be a 200."""
-    found = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    found = _HEY_RATE.search(output)
     statuses = re.findall(r"\[(\d+)\]\s+\d+ responses", output)
     if found is None or statuses != ["200"] or "Error distribution" in output:
         raise RuntimeError(f"{name}: not every response was a 200, or hey gave no rate:\n{output}")
