@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -628,13 +629,37 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _launch_server(name: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    """A uvicorn worker serving ``crowdmon.bench:<name>_server_app``, just started."""
+#: The uvicorn set-ups ``crowdmon bench server`` runs on, as ``(--http, --loop)``: ``plain`` is
+#: what ``pip install uvicorn`` gives; ``standard`` is ``pip install 'uvicorn[standard]'``, the
+#: usual production set-up, whose C parser and event loop leave a middleware a larger share of
+#: what a request costs.  Each is named explicitly, so what is installed does not change the run.
+SERVER_STACKS: dict[str, tuple[str, str]] = {"plain": ("h11", "asyncio"), "standard": ("httptools", "uvloop")}
+
+
+def missing_for_stack(stack: str) -> str | None:
+    """Why uvicorn cannot run on ``stack`` here (the modules it lacks, and how to install them),
+    or ``None`` if it can."""
+    if stack not in SERVER_STACKS:
+        raise ValueError(f"the server stack is one of {', '.join(SERVER_STACKS)}, got {stack!r}")
+    missing = [module for module in SERVER_STACKS[stack] if module != "asyncio" and importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    return f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed (pip install 'uvicorn[standard]', or crowdmon's bench extra)"
+
+
+def describe_stack(stack: str) -> str:
+    http, loop = SERVER_STACKS[stack]
+    return f"uvicorn --http {http} --loop {loop} ({stack})"
+
+
+def _launch_server(name: str, env: dict[str, str], stack: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A uvicorn worker serving ``crowdmon.bench:<name>_server_app`` on ``stack``, just started."""
     port = _free_port()
+    http, loop = SERVER_STACKS[stack]
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", f"crowdmon.bench:{name}_server_app",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log",
-         "--lifespan", "off"],
+         "--lifespan", "off", "--http", http, "--loop", loop],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     return process, f"http://127.0.0.1:{port}"
@@ -699,16 +724,19 @@ def pin(pid: int, cpus: set[int]) -> None:
 
 
 @contextmanager
-def running_servers(names: Sequence[str], cpus: set[int], concurrency: int) -> Iterator[dict[str, tuple[subprocess.Popen[bytes], str]]]:
-    """A fresh uvicorn worker per server name (:func:`server_name`), each on ``cpus`` and warmed
-    up: ``{name: (process, base URL)}``.  They are stopped on leaving, whatever happened."""
+def running_servers(
+    names: Sequence[str], cpus: set[int], concurrency: int, stack: str = "plain",
+) -> Iterator[dict[str, tuple[subprocess.Popen[bytes], str]]]:
+    """A fresh uvicorn worker on ``stack`` per server name (:func:`server_name`), each on ``cpus``
+    and warmed up: ``{name: (process, base URL)}``.  They are stopped on leaving, whatever
+    happened."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     try:
         for name in names:  # started at once, each pinned once it serves
-            servers[name] = _launch_server(name, env)
+            servers[name] = _launch_server(name, env, stack)
         deadline = time.monotonic() + 30
         for name, (process, url) in servers.items():
             _wait_until_serving(name, process, url, deadline)
@@ -739,7 +767,9 @@ def _rate(name: str, output: str) -> float:
     return float(found.group(1))
 
 
-def loaded_together(names: Sequence[str], *, rounds: int, seconds: float, concurrency: int = 16) -> dict[str, list[float]]:
+def loaded_together(
+    names: Sequence[str], *, rounds: int, seconds: float, concurrency: int = 16, stack: str = "plain",
+) -> dict[str, list[float]]:
     """Requests per second of each server in each round, all of them loaded at the same time.
 
     The workers (fresh ones each round) share the first CPU and each gets its own ``hey`` on
@@ -753,7 +783,7 @@ def loaded_together(names: Sequence[str], *, rounds: int, seconds: float, concur
     pin(0, set(cpus[1:]))
     try:
         for _ in range(rounds):
-            with running_servers(names, {cpus[0]}, concurrency) as servers:
+            with running_servers(names, {cpus[0]}, concurrency, stack) as servers:
                 clients = {
                     name: subprocess.Popen(
                         ["hey", "-z", f"{seconds}s", "-c", str(concurrency), url + ROUTES["json"]],
@@ -776,6 +806,7 @@ def loaded_together(names: Sequence[str], *, rounds: int, seconds: float, concur
 def bench_server(
     *, rounds: int = 3, windows: int = 4, requests: int = 2400, concurrency: int = 16,
     together_rounds: int = 5, seconds: float = 4.0, frameworks: Sequence[str] = SERVER_FRAMEWORKS,
+    stack: str = "plain",
 ) -> Report:
     """uvicorn serving the Starlette and the FastAPI app: bare, a pass-through middleware, the
     naive two-call middleware and crowdmon, measured two ways.
@@ -786,24 +817,28 @@ def bench_server(
     CPU, which cancels that noise (rounds agree within about ±0.02); its throughput ratio is the
     one the target is checked on.  Sharing a CPU also shares its caches, so it is the harsher of
     the two on a larger memory footprint.  With fewer than two CPUs only the alone measure runs,
-    and the target is checked on it.
+    and the target is checked on it.  ``stack`` is the uvicorn set-up (:data:`SERVER_STACKS`).
     """
     unknown = [framework for framework in frameworks if framework not in SERVER_FRAMEWORKS]
     if unknown or not frameworks:
         raise ValueError(f"frameworks are any of {', '.join(SERVER_FRAMEWORKS)}, got {list(frameworks)}")
     if min(rounds, windows, requests, concurrency, together_rounds) < 1 or seconds <= 0:
         raise ValueError("rounds, windows, requests, concurrency and together_rounds must be at least 1, seconds above 0")
+    missing = missing_for_stack(stack)
+    title = f"uvicorn on 127.0.0.1 ({stack})"
+    if missing is not None:
+        return Report(title, f"skipped: {describe_stack(stack)}: {missing}")
     if shutil.which("hey") is None:
-        return Report("uvicorn on 127.0.0.1", "skipped: the load client hey is not installed (apt-get install hey)")
+        return Report(title, "skipped: the load client hey is not installed (apt-get install hey)")
     requests = max(requests // concurrency, 1) * concurrency  # hey splits -n evenly over -c
     available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     servers_of = {(framework, variant): server_name(variant, framework) for framework in frameworks for variant in SERVER_VARIANTS}
-    results, ratios = _loaded_alone(servers_of, available, rounds=rounds, windows=windows, requests=requests, concurrency=concurrency)
+    results, ratios = _loaded_alone(servers_of, available, rounds=rounds, windows=windows, requests=requests, concurrency=concurrency, stack=stack)
     together: dict[str, list[float]] = {}
     if len(available) >= 2:
         for framework in frameworks:
             names = [servers_of[(framework, variant)] for variant in SERVER_VARIANTS]
-            together.update(loaded_together(names, rounds=together_rounds, seconds=seconds, concurrency=concurrency))
+            together.update(loaded_together(names, rounds=together_rounds, seconds=seconds, concurrency=concurrency, stack=stack))
     each_round = {
         name: [value / baseline for value, baseline in zip(together[name], together[servers_of[(framework, "bare")]], strict=True)]
         for (framework, _), name in servers_of.items()
@@ -845,7 +880,8 @@ def bench_server(
         lines.append(line)
         how = "loaded together" if name in together_ratio else "alone"
         suffix = "" if framework == "starlette" else f" ({framework})"
-        targets.append(Target(f"crowdmon throughput / bare throughput, {how}{suffix}", together_ratio.get(name, ours["rps"]), 0.95, at_least=True))
+        on = "uvicorn" if stack == "plain" else f"uvicorn[{stack}]"
+        targets.append(Target(f"crowdmon throughput / bare throughput, {on}, {how}{suffix}", together_ratio.get(name, ours["rps"]), 0.95, at_least=True))
     placement = f"servers on CPU {available[0]}, hey on the others" if len(available) >= 2 else "no CPU pinning"
     together_how = (
         f"Together: median of {together_rounds} rounds, the four workers of an app loaded at once for {seconds:g} s, one hey -c {concurrency} each."
@@ -853,18 +889,19 @@ def bench_server(
     )
     lines.append(
         f"(alone: medians over {rounds} rounds x {windows} alternating windows of hey -n {requests} -c {concurrency} on GET {ROUTES['json']},"
-        f" a fresh uvicorn worker per variant each round, its HTTP parser {_http_implementation()}; {placement}. {together_how})"
+        f" a fresh worker per variant each round, {describe_stack(stack)}; {placement}. {together_how})"
     )
     data = {
         "rounds": rounds, "windows": windows, "requests": requests, "concurrency": concurrency, "frameworks": list(frameworks),
-        "together_rounds": together_rounds, "seconds": seconds,
+        "together_rounds": together_rounds, "seconds": seconds, "stack": stack,
         "ratios": median_ratio, "together_ratios": together_ratio, "runs": results, "together": together,
     }
-    return Report("uvicorn on 127.0.0.1", "\n".join(lines), data, targets)
+    return Report(title, "\n".join(lines), data, targets)
 
 
 def _loaded_alone(
     servers_of: dict[tuple[str, str], str], available: list[int], *, rounds: int, windows: int, requests: int, concurrency: int,
+    stack: str,
 ) -> tuple[dict[str, list[dict[str, float]]], dict[str, dict[str, list[float]]]]:
     """Every server loaded on its own, in short alternating windows: each window's hey results
     and CPU per request, and its ratios against the bare server of its framework in the same cycle.
@@ -879,7 +916,7 @@ def _loaded_alone(
     pin(0, client_cpus)
     try:
         for _ in range(rounds):
-            with running_servers(names, server_cpus, concurrency) as servers:
+            with running_servers(names, server_cpus, concurrency, stack) as servers:
                 for window in range(windows):
                     cycle: dict[str, dict[str, float]] = {}
                     for name in names if window % 2 == 0 else names[::-1]:
@@ -898,15 +935,6 @@ def _loaded_alone(
     finally:
         pin(0, set(available))
     return results, ratios
-
-
-def _http_implementation() -> str:
-    """What ``uvicorn --http auto`` runs: httptools when it is installed, else h11."""
-    try:
-        importlib.import_module("httptools")
-    except ImportError:
-        return "h11 (httptools is not installed)"
-    return "httptools"
 
 
 # -- 4. scrape cost ------------------------------------------------------------------------------------
@@ -1069,6 +1097,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a few iterations of each, to check they run (numbers meaningless)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per benchmark")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--stack", choices=tuple(SERVER_STACKS), default=None,
+        help="the uvicorn set-up of the server benchmark: plain (h11, asyncio; the default) or standard (httptools, uvloop)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -1088,6 +1120,8 @@ def main(args: argparse.Namespace) -> int:
             options["rounds"] = args.rounds
             if name == "server":
                 options["together_rounds"] = args.rounds
+        if args.stack is not None and name == "server":
+            options["stack"] = args.stack
         report = run_benchmark(name, quick=args.quick, **options)
         reports.append(report)
         print("\n" + report.render(), flush=True)

@@ -3,6 +3,7 @@ the assertions are on what the benchmarks check and report (counts served, table
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -55,8 +56,9 @@ def test_decorator_benchmark_times_prometheus_client_and_prometheus_async() -> N
     assert "µs/call" in report.text
 
 
-def test_server_benchmark_serves_every_request_under_uvicorn() -> None:
-    report = bench.run_benchmark("server", quick=True)
+@pytest.mark.parametrize(("stack", "on"), [("plain", "uvicorn"), ("standard", "uvicorn[standard]")])
+def test_server_benchmark_serves_every_request_under_uvicorn(stack: str, on: str) -> None:
+    report = bench.run_benchmark("server", quick=True, stack=stack)
 
     assert {name: len(runs) for name, runs in report.data["runs"].items()} == {
         "bare": 1, "passthrough": 1, "naive": 1, "crowdmon": 1,
@@ -65,9 +67,11 @@ def test_server_benchmark_serves_every_request_under_uvicorn() -> None:
     assert all(run["ok"] == 200 for runs in report.data["runs"].values() for run in runs)
     how = "loaded together" if len(os.sched_getaffinity(0)) >= 2 else "alone"  # together needs two CPUs
     assert [target.what for target in report.targets] == [
-        f"crowdmon throughput / bare throughput, {how}",
-        f"crowdmon throughput / bare throughput, {how} (fastapi)",
+        f"crowdmon throughput / bare throughput, {on}, {how}",
+        f"crowdmon throughput / bare throughput, {on}, {how} (fastapi)",
     ]
+    assert report.data["stack"] == stack
+    assert bench.describe_stack(stack) in report.text
     if how == "loaded together":
         assert {name: len(rates) for name, rates in report.data["together"].items()} == {name: 1 for name in report.data["runs"]}
         assert report.data["together_ratios"]["bare"] == report.data["together_ratios"]["fastapi_bare"] == 1.0
@@ -93,11 +97,26 @@ def test_a_loaded_together_rate_counts_only_when_every_response_was_a_200() -> N
         bench._rate("naive", HEY_OUTPUT + "\nError distribution:\n  [3]\tdial tcp: connection refused\n")
 
 
+def test_a_server_stack_that_is_not_installed_is_reported_as_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "uvloop" else find_spec(name, *args))
+
+    report = bench.bench_server(stack="standard")
+
+    assert report.text == (
+        "skipped: uvicorn --http httptools --loop uvloop (standard): uvloop is not installed"
+        " (pip install 'uvicorn[standard]', or crowdmon's bench extra)"
+    )
+    assert report.targets == []
+
+
 def test_server_benchmark_settings_are_checked_before_any_server_starts() -> None:
     with pytest.raises(ValueError, match="together_rounds must be at least 1"):
         bench.bench_server(together_rounds=0)
     with pytest.raises(ValueError, match="frameworks are any of starlette, fastapi, got \\['django'\\]"):
         bench.bench_server(frameworks=["django"])
+    with pytest.raises(ValueError, match="the server stack is one of plain, standard, got 'gunicorn'"):
+        bench.bench_server(stack="gunicorn")
 
 
 def test_scrape_benchmark_renders_the_same_series_both_ways() -> None:
@@ -152,11 +171,11 @@ def test_rounds_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> Non
 def test_paired_server_run_reports_every_variant_against_the_first() -> None:
     result = subprocess.run(
         [PYTHON, str(REPO_ROOT / "benchmarks" / "paired_server.py"), "--variants", "bare,crowdmon", "--rounds", "1", "--seconds", "1",
-         "--framework", "fastapi"],
+         "--framework", "fastapi", "--stack", "standard"],
         capture_output=True, text=True, timeout=120, env=subprocess_env(), check=True,
     )
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("bare ", "crowdmon "))}
 
     assert rows["bare"][2:] == ["1.000", "1.000"]
     assert 0 < float(rows["crowdmon"][2]) < 2
-    assert "every fastapi worker loaded at once for 1 s" in result.stdout
+    assert "every fastapi worker, uvicorn --http httptools --loop uvloop (standard), loaded at once for 1 s" in result.stdout
