@@ -3,6 +3,7 @@ the assertions are on what the benchmarks check and report (counts served, table
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -47,6 +48,15 @@ def test_a_variant_that_does_not_record_every_request_fails_the_run(monkeypatch:
     monkeypatch.setattr(bench, "build_variant", losing)
     with pytest.raises(RuntimeError, match="naive on starlette recorded 60 requests but served 61"):
         bench.bench_asgi(frameworks=("starlette",), routes=("json",), variants=("bare", "naive"), rounds=2, requests=20)
+
+
+def test_the_status_only_middleware_learns_the_status_of_each_response() -> None:
+    middleware = bench.StatusOnlyMiddleware(bench.starlette_app())
+
+    assert asyncio.run(bench.serve(middleware, bench.http_scope("/items/42"))) == 200
+    assert middleware.last_status == 200
+    assert asyncio.run(bench.serve(middleware, bench.http_scope("/no-such-page"))) == 404
+    assert middleware.last_status == 404
 
 
 def test_decorator_benchmark_times_prometheus_client_and_prometheus_async() -> None:
