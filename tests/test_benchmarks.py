@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from crowdmon import bench
+from crowdmon._types import Receive, Scope, Send
 from crowdmon.cli import main
 from tests.support import PYTHON, REPO_ROOT, subprocess_env
 
@@ -50,13 +51,19 @@ def test_a_variant_that_does_not_record_every_request_fails_the_run(monkeypatch:
         bench.bench_asgi(frameworks=("starlette",), routes=("json",), variants=("bare", "naive"), rounds=2, requests=20)
 
 
-def test_the_status_only_middleware_learns_the_status_of_each_response() -> None:
-    middleware = bench.StatusOnlyMiddleware(bench.starlette_app())
+def test_the_status_only_middleware_hands_the_app_its_own_send_and_changes_no_response() -> None:
+    sends: list[object] = []
+    inner = bench.starlette_app()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        sends.append(send)
+        await inner(scope, receive, send)
+
+    middleware = bench.StatusOnlyMiddleware(app)
 
     assert asyncio.run(bench.serve(middleware, bench.http_scope("/items/42"))) == 200
-    assert middleware.last_status == 200
     assert asyncio.run(bench.serve(middleware, bench.http_scope("/no-such-page"))) == 404
-    assert middleware.last_status == 404
+    assert len(sends) == 2 and all(getattr(send, "__name__", "") == "send_status" for send in sends)
 
 
 def test_decorator_benchmark_times_prometheus_client_and_prometheus_async() -> None:
@@ -114,10 +121,20 @@ def test_a_server_stack_that_is_not_installed_is_reported_as_skipped(monkeypatch
     report = bench.bench_server(stack="standard")
 
     assert report.text == (
-        "skipped: uvicorn --http httptools --loop uvloop (standard): uvloop is not installed"
-        " (pip install 'uvicorn[standard]', or crowdmon's bench extra)"
+        "skipped: uvicorn --http httptools --loop uvloop (standard): uvloop is not installed:"
+        " pip install 'uvicorn[standard]' (or crowdmon's bench extra), or run on --stack plain"
     )
     assert report.targets == []
+
+
+def test_the_server_stack_is_checked_before_any_benchmark_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "asgi", "--stack", "standard"]) == 2
+    assert "--stack is a setting of the server benchmark; add server to asgi" in capsys.readouterr().err
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "httptools" else find_spec(name, *args))
+    assert main(["bench", "--stack", "standard"]) == 2
+    assert "httptools is not installed" in capsys.readouterr().err
 
 
 def test_server_benchmark_settings_are_checked_before_any_server_starts() -> None:
@@ -178,14 +195,15 @@ def test_rounds_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> Non
     assert "--rounds must be at least 1, got 0" in capsys.readouterr().err
 
 
-def test_paired_server_run_reports_every_variant_against_the_first() -> None:
+@pytest.mark.parametrize(("stack", "options"), [("plain", "h11 --loop asyncio"), ("standard", "httptools --loop uvloop")])
+def test_paired_server_run_reports_every_variant_against_the_first(stack: str, options: str) -> None:
     result = subprocess.run(
         [PYTHON, str(REPO_ROOT / "benchmarks" / "paired_server.py"), "--variants", "bare,crowdmon", "--rounds", "1", "--seconds", "1",
-         "--framework", "fastapi", "--stack", "standard"],
+         "--framework", "fastapi", "--stack", stack],
         capture_output=True, text=True, timeout=120, env=subprocess_env(), check=True,
     )
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("bare ", "crowdmon "))}
 
     assert rows["bare"][2:] == ["1.000", "1.000"]
     assert 0 < float(rows["crowdmon"][2]) < 2
-    assert "every fastapi worker, uvicorn --http httptools --loop uvloop (standard), loaded at once for 1 s" in result.stdout
+    assert f"every fastapi worker, uvicorn --http {options} ({stack}), loaded at once for 1 s" in result.stdout
