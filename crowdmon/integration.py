@@ -56,6 +56,17 @@ def setup_monitoring(
     for path in (metrics_path, health_path):
         if path is not None and not path.startswith("/"):
             raise CrowdmonSetupError(f"paths must start with '/', got {path!r}")
+    if isinstance(exclude_paths, str):
+        raise CrowdmonSetupError(
+            f"exclude_paths must be a collection of paths, got the string {exclude_paths!r}; "
+            f"write exclude_paths=[{exclude_paths!r}]"
+        )
+    if any(getattr(middleware, "cls", None) is PrometheusMiddleware for middleware in app.user_middleware):
+        raise CrowdmonSetupError(
+            "this app already has PrometheusMiddleware (setup_monitoring was called on it before, or "
+            "app.add_middleware(PrometheusMiddleware) was); every request would be recorded twice. "
+            "Call setup_monitoring once per app, and do not also add the middleware yourself"
+        )
     excluded = [*exclude_paths]
     if metrics_path is not None:
         excluded.append(metrics_path)

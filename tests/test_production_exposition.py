@@ -19,6 +19,7 @@ from crowdmon import (
     CrowdmonSetupError,
     MetricsApp,
     PrometheusInstrumentation,
+    PrometheusMiddleware,
     serve_metrics,
     setup_monitoring,
 )
@@ -142,6 +143,30 @@ def test_protection_mistakes_fail_at_setup(registry: CollectorRegistry, options:
 def test_setup_monitoring_refuses_a_metrics_app_on_another_registry(registry: CollectorRegistry) -> None:
     with pytest.raises(CrowdmonSetupError, match=r"MetricsApp\(instrumentation, \.\.\.\)"):
         setup_monitoring(Starlette(), registry=registry, metrics_app=MetricsApp(PrometheusInstrumentation(CollectorRegistry())))
+
+
+async def test_setup_monitoring_twice_on_one_app_fails_rather_than_recording_every_request_twice(registry: CollectorRegistry) -> None:
+    app = Starlette(routes=[Route("/work", lambda request: PlainTextResponse("done"))])
+    setup_monitoring(app, registry=registry)
+
+    with pytest.raises(CrowdmonSetupError, match="this app already has PrometheusMiddleware .* Call setup_monitoring once per app"):
+        setup_monitoring(app, registry=registry)
+    by_hand = Starlette()
+    by_hand.add_middleware(PrometheusMiddleware, registry=CollectorRegistry())
+    with pytest.raises(CrowdmonSetupError, match="do not also add the middleware yourself"):
+        setup_monitoring(by_hand, registry=registry)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+        assert (await client.get("/work")).status_code == 200
+    assert [route.path for route in app.router.routes] == ["/metrics", "/health", "/work"]
+    assert registry.get_sample_value(
+        "crowdfunding_api_requests_total", {"method": "GET", "handler": "/work", "status": "200"}
+    ) == 1
+
+
+def test_setup_monitoring_refuses_a_string_for_exclude_paths(registry: CollectorRegistry) -> None:
+    with pytest.raises(CrowdmonSetupError, match=r"got the string '/internal'; write exclude_paths=\['/internal'\]"):
+        setup_monitoring(Starlette(), registry=registry, exclude_paths="/internal")
 
 
 async def test_head_has_the_get_headers_and_no_body(registry: CollectorRegistry) -> None:
