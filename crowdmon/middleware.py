@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Awaitable, Iterable
 from time import perf_counter
 
@@ -275,12 +276,20 @@ class _Exchange(RequestContext):
         try:
             kind = message["type"]
             if kind == "http.response.body":
-                self.response_bytes += len(message.get("body", b""))
-                if not message.get("more_body", False) and not self.finished:
-                    self.finish(perf_counter())
+                # A body before any start is refused by the server; the app's error then ends the
+                # request in ``__call__``, as a 500.
+                if self.status:
+                    self.response_bytes += len(message.get("body", b""))
+                    if not message.get("more_body", False) and not self.finished:
+                        self.finish(perf_counter())
             elif kind == "http.response.start":
                 status = message["status"]
                 self.status = status if status.__class__ is int else _odd_status(status)
+            elif kind == "http.response.pathsend" and self.status and not self.finished:
+                # The ASGI path-send extension (Starlette's FileResponse, when the server offers
+                # it): the whole file, and the last message of the response.
+                self.response_bytes += os.stat(message["path"]).st_size
+                self.finish(perf_counter())
         except Exception as error:
             self.middleware._report("middleware.send", error)
         server_send = self.server_send

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
@@ -140,6 +141,38 @@ async def test_response_size_is_the_bytes_sent_without_content_length(registry: 
 
     assert value(registry, RESPONSE_SIZE + "_sum", method="GET", handler="<unmatched>") == 4030
     assert value(registry, RESPONSE_SIZE + "_count", method="GET", handler="<unmatched>") == 2
+
+
+async def test_a_file_sent_by_path_counts_its_size(registry: CollectorRegistry, tmp_path: Path) -> None:
+    served = tmp_path / "report.bin"
+    served.write_bytes(b"x" * 50_000)
+    app = starlette_app(registry, Route("/file", lambda request: FileResponse(served)))
+    scope = http_scope("/file") | {"extensions": {"http.response.pathsend": {}}}
+
+    sent = await run_asgi(app, scope)
+
+    assert [message["type"] for message in sent] == ["http.response.start", "http.response.pathsend"]
+    assert value(registry, RESPONSE_SIZE + "_sum", method="GET", handler="/file") == 50_000
+    assert value(registry, REQUESTS, method="GET", handler="/file", status="200") == 1
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+async def test_a_body_sent_before_the_start_is_a_500_as_the_server_answers_it(registry: CollectorRegistry) -> None:
+    async def no_start(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.body", "body": b"oops"})
+
+    async def refusing_server_send(message: Message) -> None:  # what uvicorn does
+        raise RuntimeError(f"Expected ASGI message 'http.response.start', but got {message['type']!r}.")
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    with pytest.raises(RuntimeError, match="Expected ASGI message 'http.response.start'"):
+        await PrometheusMiddleware(no_start, registry=registry)(http_scope("/x"), receive, refusing_server_send)
+
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="500") == 1
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="0") == 0
+    assert value(registry, RESPONSE_SIZE + "_sum", method="GET", handler="<unmatched>") == 0
 
 
 class AppFailure(Exception):
