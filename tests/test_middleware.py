@@ -173,7 +173,7 @@ async def test_a_body_sent_before_the_start_is_a_500_as_the_server_answers_it(re
     async def receive() -> Message:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    with pytest.raises(RuntimeError, match="Expected ASGI message 'http.response.start'"):
+    with pytest.raises(RuntimeError, match=r"Expected ASGI message 'http\.response\.start'"):
         await PrometheusMiddleware(no_start, registry=registry)(http_scope("/x"), receive, refusing_server_send)
 
     assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="500") == 1

@@ -149,7 +149,7 @@ async def test_setup_monitoring_twice_on_one_app_fails_rather_than_recording_eve
     app = Starlette(routes=[Route("/work", lambda request: PlainTextResponse("done"))])
     setup_monitoring(app, registry=registry)
 
-    with pytest.raises(CrowdmonSetupError, match="this app already has PrometheusMiddleware .* Call setup_monitoring once per app"):
+    with pytest.raises(CrowdmonSetupError, match=r"this app already has PrometheusMiddleware .* Call setup_monitoring once per app"):
         setup_monitoring(app, registry=registry)
     by_hand = Starlette()
     by_hand.add_middleware(PrometheusMiddleware, registry=CollectorRegistry())
