@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import weakref
@@ -420,8 +421,8 @@ class PrometheusInstrumentation:
                 f"the health check for {component!r} must be a callable (sync or async) taking no "
                 f"arguments, got {check!r}"
             )
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise CrowdmonSetupError(f"health check timeout must be a positive number of seconds, got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise CrowdmonSetupError(f"health check timeout must be a positive, finite number of seconds, got {timeout!r}")
         if not isinstance(component, str) or not component:
             raise CrowdmonSetupError(f"component must be a non-empty string, got {component!r}")
         self.register_component(component)

@@ -130,8 +130,10 @@ def test_a_check_that_raises_or_times_out_makes_its_component_unhealthy(registry
     ("component", "check", "timeout", "message"),
     [
         ("db", "SELECT 1", 1.0, "must be a callable"),
-        ("db", lambda: True, 0, "positive number of seconds"),
-        ("db", lambda: True, "5", "positive number of seconds"),
+        ("db", lambda: True, 0, "positive, finite number of seconds, got 0"),
+        ("db", lambda: True, "5", "positive, finite number of seconds, got '5'"),
+        ("db", lambda: True, float("nan"), "positive, finite number of seconds, got nan"),
+        ("db", lambda: True, float("inf"), "positive, finite number of seconds, got inf"),
         ("", lambda: True, 1.0, "non-empty string"),
     ],
 )
