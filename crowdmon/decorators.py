@@ -20,7 +20,7 @@ import contextlib
 import functools
 import inspect
 import os
-from collections.abc import AsyncGenerator, Callable, Generator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
 from enum import Enum
 from time import perf_counter
 from types import FunctionType
@@ -240,6 +240,8 @@ def _decorator(name: str, make_probe: Callable[[str], _Probe], enabled: bool | N
             wrapper = _generator_wrapper(probe)
         elif shape == "coroutine":
             wrapper = _async_errors_wrapper(probe) if probe.errors_only else _async_wrapper(probe)
+        elif shape == "awaitable":
+            wrapper = _maybe_awaitable_wrapper(probe)
         else:
             wrapper = _sync_errors_wrapper(probe) if probe.errors_only else _sync_wrapper(probe)
         return cast(F, _CrowdmonWrapper(func, wrapper, probe))
@@ -275,6 +277,14 @@ def _shape(target: Any) -> str:
             return "coroutine"
         if inspect.isgeneratorfunction(candidate):
             return "generator"
+    try:
+        innermost = inspect.unwrap(target)
+    except ValueError:  # a cycle of __wrapped__
+        return "sync"
+    if innermost is not target and inspect.iscoroutinefunction(innermost):
+        # A plain def around an async def (functools.wraps and the like): it most likely returns
+        # the coroutine, whose outcome is only known once it is awaited.
+        return "awaitable"
     return "sync"
 
 
@@ -324,7 +334,7 @@ def _plain_function_wrapper(func: FunctionType, probe: _Probe, coroutine: bool) 
     that safe.  Generators, callable objects, classmethod and staticmethod objects keep ``wrapt``.
     """
     if probe.errors_only:
-        inner = (_plain_async_errors if coroutine else _plain_sync_errors)(func, probe.finish)
+        inner = (_plain_async_errors if coroutine else _plain_sync_errors)(func, probe.begin, probe.finish)
     else:
         inner = (_plain_async if coroutine else _plain_sync)(func, probe.begin, probe.succeeded, probe.finish)
     wrapper = FunctionType(inner.__code__, func.__globals__, func.__name__, None, inner.__closure__)
@@ -364,27 +374,59 @@ def _plain_async(func: Callable[..., Any], begin: Callable[[], Any], succeeded: 
     return call
 
 
-def _plain_sync_errors(func: Callable[..., Any], finish: _Finish) -> Callable[..., Any]:
+def _plain_sync_errors(func: Callable[..., Any], begin: Callable[[], Any], finish: _Finish) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
+        state = begin()
         try:
             return func(*args, **kwargs)
         except BaseException as error:
-            finish(None, error)
+            finish(state, error)
             raise
 
     return call
 
 
-def _plain_async_errors(func: Callable[..., Any], finish: _Finish) -> Callable[..., Any]:
+def _plain_async_errors(func: Callable[..., Any], begin: Callable[[], Any], finish: _Finish) -> Callable[..., Any]:
     async def call(*args: Any, **kwargs: Any) -> Any:
+        state = begin()
         try:
             return await func(*args, **kwargs)
         except BaseException as error:
-            finish(None, error)
+            finish(state, error)
             raise
 
     return call
 
+
+
+def _maybe_awaitable_wrapper(probe: _Probe) -> Callable[..., Any]:
+    """For a plain ``def`` wrapping an ``async def``: an awaitable it returns is timed and judged
+    when it is awaited; anything else is the call's result, as for any sync function."""
+    begin, succeeded, finish = probe.begin, probe.succeeded, probe.finish
+
+    def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
+        state = begin()
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as error:
+            finish(state, error)
+            raise
+        if inspect.isawaitable(result):
+            return _awaited(result, state, succeeded, finish)
+        succeeded(state)
+        return result
+
+    return call
+
+
+async def _awaited(awaitable: Awaitable[Any], state: Any, succeeded: Callable[[Any], None], finish: _Finish) -> Any:
+    try:
+        result = await awaitable
+    except BaseException as error:
+        finish(state, error)
+        raise
+    succeeded(state)
+    return result
 
 
 def _sync_wrapper(probe: _Probe) -> Callable[..., Any]:
@@ -420,27 +462,30 @@ def _async_wrapper(probe: _Probe) -> Callable[..., Any]:
 
 
 def _sync_errors_wrapper(probe: _Probe) -> Callable[..., Any]:
-    """For a probe that only looks at exceptions: nothing to do on the way in or on success."""
-    finish = probe.finish
+    """For a probe that only looks at exceptions: on the way in only the time (to tell this call's
+    exceptions from an earlier one's, see :func:`first_count`), nothing on success."""
+    begin, finish = probe.begin, probe.finish
 
     def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
+        state = begin()
         try:
             return wrapped(*args, **kwargs)
         except BaseException as error:
-            finish(None, error)
+            finish(state, error)
             raise
 
     return call
 
 
 def _async_errors_wrapper(probe: _Probe) -> Callable[..., Any]:
-    finish = probe.finish
+    begin, finish = probe.begin, probe.finish
 
     async def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
+        state = begin()
         try:
             return await wrapped(*args, **kwargs)
         except BaseException as error:
-            finish(None, error)
+            finish(state, error)
             raise
 
     return call
@@ -512,7 +557,7 @@ class _Probe:
 
     metrics: tuple[str, ...] = ()
     site = "decorator"
-    #: Records nothing unless an exception leaves the call (the wrappers then skip begin/succeeded).
+    #: Records nothing unless an exception leaves the call (the wrappers then skip succeeded).
     errors_only = False
     #: ``state`` is the start time; a builtin, so the hot path makes no Python call for it.
     begin: Callable[[], Any] = staticmethod(perf_counter)
@@ -545,12 +590,12 @@ class _Probe:
         try:
             outcome = outcome_of(error)
             if outcome is not None:
-                self.record(self.bind(), elapsed, outcome, error)
+                self.record(self.bind(), elapsed, outcome, error, state)
         except Exception as failure:
             self.report(failure)
 
     def record(
-        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None, started: Any
     ) -> None:
         raise NotImplementedError
 
@@ -590,11 +635,11 @@ class _ExternalProbe(_Probe):
             self.report(failure)
 
     def record(
-        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None, started: Any
     ) -> None:
         self._children[outcome].observe(elapsed)
         if outcome == ERROR and error is not None:
-            target.count_external_error(self.service, self.endpoint, error)
+            target.count_external_error(self.service, self.endpoint, error, since=started)
 
 
 class _ErrorsProbe(_Probe):
@@ -613,10 +658,6 @@ class _ErrorsProbe(_Probe):
         super().__init__(instrumentation)
         self.component, self.error_type, self.taxonomy, self.function = component, error_type, taxonomy, function
 
-    @staticmethod
-    def begin() -> Any:
-        return None
-
     def succeeded(self, state: Any) -> None:
         pass
 
@@ -632,6 +673,7 @@ class _ErrorsProbe(_Probe):
                 user_type=target.user_type_label(None),
                 endpoint=target.endpoint_label(None),
                 function=self.function,
+                since=state,
             )
         except Exception as failure:
             self.report(failure)
@@ -658,7 +700,7 @@ class _DurationProbe(_Probe):
             self.report(failure)
 
     def record(
-        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None, started: Any
     ) -> None:
         self._child.observe(elapsed)
 
@@ -678,7 +720,7 @@ class _ChatProbe(_Probe):
         self._metric = target.metric("chat_processing_duration_seconds")
 
     def record(
-        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None, started: Any
     ) -> None:
         assert self._metric is not None
         self._metric.labels(target.endpoint_label(self.endpoint), target.user_type_label(self.user_type)).observe(elapsed)
@@ -699,7 +741,7 @@ class _MemoryProbe(_Probe):
         self._metric = target.metric("memory_operations_total")
 
     def record(
-        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None, started: Any
     ) -> None:
         if outcome == SUCCESS:
             assert self._metric is not None
@@ -735,7 +777,7 @@ class _DocumentProbe(_Probe):
             self.report(failure)
 
     def record(
-        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None
+        self, target: PrometheusInstrumentation, elapsed: float, outcome: str, error: BaseException | None, started: Any
     ) -> None:
         self._children[outcome].inc()
 

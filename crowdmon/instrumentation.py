@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from time import perf_counter
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -340,26 +341,29 @@ class PrometheusInstrumentation:
         user_type: str,
         endpoint: str,
         function: str,
+        since: float | None = None,
     ) -> None:
-        """The counting behind :meth:`track_application_error`, with labels already resolved."""
+        """The counting behind :meth:`track_application_error`, with labels already resolved;
+        ``since`` is when the failed call started (see :func:`first_count`)."""
         exception = type(error).__name__
         metrics = self._shared.metrics
-        if first_count(error, "application_errors_total"):
+        if first_count(error, "application_errors_total", since):
             metrics["application_errors_total"].labels(error_type, component, user_type).inc()
-        if first_count(error, "application_error_details_total"):
+        if first_count(error, "application_error_details_total", since):
             metrics["application_error_details_total"].labels(
                 error_type, component, exception, endpoint, function
             ).inc()
         category = CATEGORY_COUNTERS.get(error_type)
-        if category is not None and first_count(error, category):
+        if category is not None and first_count(error, category, since):
             if category == "external_service_errors_total":
                 metrics[category].labels(component, endpoint, exception).inc()
             else:
                 metrics[category].labels(component, exception).inc()
 
-    def count_external_error(self, service: str, endpoint: str, error: BaseException) -> None:
-        """Count ``error`` once in ``external_service_errors_total{service,endpoint,exception}``."""
-        if first_count(error, "external_service_errors_total"):
+    def count_external_error(self, service: str, endpoint: str, error: BaseException, since: float | None = None) -> None:
+        """Count ``error`` once in ``external_service_errors_total{service,endpoint,exception}``;
+        ``since`` is when the failed call started (see :func:`first_count`)."""
+        if first_count(error, "external_service_errors_total", since):
             self._shared.metrics["external_service_errors_total"].labels(
                 service, endpoint, type(error).__name__
             ).inc()
@@ -500,15 +504,24 @@ class SessionScope:
 _COUNTED = "_crowdmon_counted"
 
 
-def first_count(error: BaseException, metric: str) -> bool:
+def first_count(error: BaseException, metric: str, since: float | None = None) -> bool:
     """Whether ``error`` is to be counted in ``metric`` now: not when it, or an exception it was
-    raised from or while handling, has been counted there already.  Marks it counted."""
+    raised from or while handling, was counted there already during the same call (started at
+    ``since``, a ``perf_counter`` time) or the same request.  The same exception object raised
+    again by a later call or request (a module-level exception, a failed task awaited again) is
+    a failure of its own and is counted again.  Marks it counted, with the time."""
+    request = current_request.get()
+    request_started = getattr(request, "started", None)  # the middleware's request object has it
+    if isinstance(request_started, float) and (since is None or request_started > since):
+        since = request_started
     current: BaseException | None = error
     seen = 0
     pending: list[BaseException] = []
     while current is not None and seen < 16:
         seen += 1
-        if metric in getattr(current, _COUNTED, ()):
+        counted_at = getattr(current, _COUNTED, None)
+        at = counted_at.get(metric) if isinstance(counted_at, dict) else None
+        if at is not None and (since is None or at >= since):
             return False
         for linked in (current.__cause__, current.__context__):
             if linked is not None:
@@ -516,10 +529,10 @@ def first_count(error: BaseException, metric: str) -> bool:
         current = pending.pop() if pending else None
     try:
         counted = getattr(error, _COUNTED, None)
-        if counted is None:
-            setattr(error, _COUNTED, {metric})
+        if isinstance(counted, dict):
+            counted[metric] = perf_counter()
         else:
-            counted.add(metric)
+            setattr(error, _COUNTED, {metric: perf_counter()})
     except Exception:  # an exception class that refuses attributes is counted every time
         pass
     return True

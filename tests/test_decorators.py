@@ -11,17 +11,29 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
-from crowdmon import PrometheusInstrumentation, tracked_errors, tracked_external, tracked_session
+from crowdmon import (
+    PrometheusInstrumentation,
+    PrometheusMiddleware,
+    tracked_errors,
+    tracked_external,
+    tracked_session,
+)
 from tests.support import value
 
 KINDS = ("sync", "async", "generator", "async_generator")
@@ -351,6 +363,105 @@ def test_the_same_error_in_separate_calls_counts_each_time(
             check(user)
 
     assert value(registry, "auth_errors_total", component="auth0", exception="PermissionError") == 3
+
+
+NOT_CONFIGURED = LookupError("retriever not configured")  # one object, raised again and again
+
+
+def test_one_exception_object_raised_by_several_calls_counts_each_call(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    @tracked_errors(component="rag_system", instrumentation=instrumentation)
+    def retrieve() -> None:
+        raise NOT_CONFIGURED
+
+    upstream: asyncio.Future[None] | None = None
+
+    async def fetch() -> None:
+        await asyncio.sleep(0)
+        raise ConnectionError("upstream down")
+
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    async def complete() -> None:
+        nonlocal upstream
+        if upstream is None:  # one shared upstream call: every awaiter gets its one exception
+            upstream = asyncio.ensure_future(fetch())
+        await upstream
+
+    async def call_three_times() -> None:
+        for _ in range(3):
+            with pytest.raises(ConnectionError):
+                await complete()
+
+    for _ in range(3):
+        with pytest.raises(LookupError) as raised:
+            retrieve()
+        assert raised.value is NOT_CONFIGURED
+    asyncio.run(call_three_times())
+
+    assert value(registry, "application_errors_total", error_type="system", component="rag_system", user_type="unknown") == 3
+    assert durations(registry, "error") == 3
+    assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="ConnectionError") == 3
+
+
+def test_inside_a_request_a_tracked_error_is_counted_once_and_again_in_the_next_request(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    @tracked_errors(component="rag_system", instrumentation=instrumentation)
+    def retrieve() -> None:
+        raise NOT_CONFIGURED
+
+    async def answer(request: Request) -> Response:
+        try:
+            retrieve()
+        except LookupError as error:  # counted by the decorator: the explicit call adds nothing
+            instrumentation.track_application_error("system", "rag_system", error)
+        return PlainTextResponse("fallback answer")
+
+    app = Starlette(routes=[Route("/answer", answer)])
+    app.add_middleware(PrometheusMiddleware, instrumentation=instrumentation)
+
+    async def two_requests() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+            return [(await client.get("/answer")).status_code for _ in range(2)]
+
+    assert asyncio.run(two_requests()) == [200, 200]
+    assert value(registry, "application_errors_total", error_type="system", component="rag_system", user_type="unknown") == 2
+
+
+def test_an_async_function_behind_a_plain_wrapper_is_timed_until_it_is_awaited(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    def plain_wrapper(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+        return call
+
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    @plain_wrapper
+    async def complete(fail: bool) -> str:
+        await asyncio.sleep(0.05)
+        if fail:
+            raise ConnectionError("provider unreachable")
+        return "answer"
+
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    @functools.wraps(complete)
+    def complete_blocking(fail: bool) -> str:  # a sync facade: returns a result, not a coroutine
+        return asyncio.run(complete.__wrapped__(fail))
+
+    assert asyncio.run(complete(False)) == "answer"
+    with pytest.raises(ConnectionError):
+        asyncio.run(complete(True))
+    assert complete_blocking(False) == "answer"
+
+    assert durations(registry, "success") == 2
+    assert durations(registry, "error") == 1
+    assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="ConnectionError") == 1
+    error_time = value(registry, "external_api_duration_seconds_sum", service="llm", endpoint="complete", outcome="error")
+    assert error_time >= 0.05
 
 
 def session_function(kind: str, instrumentation: PrometheusInstrumentation, seen: list[float], registry: CollectorRegistry) -> Callable[..., Any]:
