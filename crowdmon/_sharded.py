@@ -71,15 +71,20 @@ def cumulative_buckets(edges: list[str], counts: list[float]) -> list[tuple[str,
 
 
 class HistogramChild:
-    """One label set's histogram: ``observe()`` adds to the calling thread's cells."""
+    """One label set's histogram: ``observe()`` adds to the calling thread's cells.
 
-    __slots__ = ("_all", "_all_lock", "_bounds", "_local")
+    The cells of a thread that has ended are folded into one retired set, when a new thread
+    starts observing and at every scrape: a worker pool whose idle threads exit and come back
+    (anyio's do after 10 s) would otherwise leave one set of cells behind per thread, forever."""
+
+    __slots__ = ("_all", "_all_lock", "_bounds", "_local", "_retired")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self._bounds = bounds
         self._local = threading.local()
-        self._all: list[list[float]] = []
+        self._all: list[tuple[threading.Thread, list[float]]] = []
         self._all_lock = threading.Lock()
+        self._retired = [0.0] * (len(bounds) + 2)
 
     def observe(self, amount: float) -> None:
         try:
@@ -93,14 +98,31 @@ class HistogramChild:
     def _new_cells(self) -> list[float]:
         cells = self._local.cells = [0.0] * (len(self._bounds) + 2)
         with self._all_lock:
-            self._all.append(cells)
+            self._retire_ended()
+            self._all.append((threading.current_thread(), cells))
         return cells
+
+    def _retire_ended(self) -> None:
+        """Fold the cells of threads that have ended into the retired set (holding the lock): an
+        ended thread writes nothing more."""
+        if all(thread.is_alive() for thread, _ in self._all):
+            return
+        retired = self._retired
+        running = []
+        for thread, cells in self._all:
+            if thread.is_alive():
+                running.append((thread, cells))
+            else:
+                for i, value in enumerate(cells):
+                    retired[i] += value
+        self._all[:] = running
 
     def totals(self) -> list[float]:
         """Every thread's cells added up (bucket counts, not cumulative, then the sum)."""
         with self._all_lock:
-            shards = list(self._all)
-        total = [0.0] * (len(self._bounds) + 2)
+            self._retire_ended()
+            shards = [cells for _, cells in self._all]
+            total = list(self._retired)
         for cells in shards:
             for i, value in enumerate(list(cells)):  # list() is an atomic snapshot under the GIL
                 total[i] += value

@@ -42,6 +42,27 @@ def test_sharded_histogram_exposes_what_prometheus_client_exposes_for_the_same_v
         ours.labels("read", "extra")
 
 
+def test_threads_that_ended_leave_their_counts_and_not_their_cells() -> None:
+    registry = CollectorRegistry()
+    histogram = ShardedHistogram("latency_seconds", "Latency.", ["op"], (0.1, 0.5, 1.0))
+    registry.register(histogram)
+    child = histogram.labels("read")
+    child.observe(0.3)  # this thread's cells stay: it is still running
+
+    for batch in range(3):
+        threads = [threading.Thread(target=child.observe, args=(0.05 * batch,)) for _ in range(200)]
+        for thread in threads:  # one at a time: each new one folds the cells of those that ended
+            thread.start()
+            thread.join()
+        assert len(child._all) <= 2
+    value(registry, "latency_seconds_count", op="read")  # a scrape folds the last one too
+
+    assert len(child._all) == 1
+    assert value(registry, "latency_seconds_count", op="read") == 601
+    assert value(registry, "latency_seconds_bucket", op="read", le="0.1") == 600
+    assert value(registry, "latency_seconds_sum", op="read") == pytest.approx(0.3 + 200 * 0.05 + 200 * 0.1)
+
+
 def test_decorated_function_counts_exactly_from_many_threads_while_scraped(registry: CollectorRegistry) -> None:
     instrumentation = PrometheusInstrumentation(registry)
 
