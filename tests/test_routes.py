@@ -87,6 +87,49 @@ async def test_a_mounted_non_router_app_is_labelled_by_its_mount(registry: Colle
     assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="404") == 2
 
 
+async def test_a_mount_with_path_parameters_gives_its_template_not_the_values(registry: CollectorRegistry, tmp_path: Path) -> None:
+    (tmp_path / "logo.png").write_bytes(b"png")
+    teams = Mount("/teams/{team:int}", routes=[Route("/members/{member}", ok)])
+    app = instrumented(
+        registry,
+        Route("/health", ok),
+        Mount("/orgs/{org}", routes=[Route("/items/{item_id}", ok), teams]),
+        Mount("/assets/{bucket}", StaticFiles(directory=tmp_path)),
+    )
+    tenants = [f"/orgs/tenant-{n}/items/{n}" for n in range(250)]
+
+    statuses = await get_all(app, *tenants, "/orgs/acme/teams/7/members/ann", "/assets/eu/logo.png", "/health", root_path="/proxy")
+
+    assert statuses == [200] * 253
+    assert value(registry, REQUESTS, method="GET", handler="/orgs/{org}/items/{item_id}", status="200") == 250
+    assert value(registry, REQUESTS, method="GET", handler="/orgs/{org}/teams/{team}/members/{member}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/assets/{bucket}/{path}", status="200") == 1
+    # 250 tenants took one handler value, so a route seen after them is still recorded by name.
+    assert value(registry, REQUESTS, method="GET", handler="/health", status="200") == 1
+    assert value(registry, "crowdmon_label_overflow_total", metric=REQUESTS, label="handler") == 0
+
+
+async def test_a_fastapi_app_mounted_with_path_parameters_gives_its_template(registry: CollectorRegistry) -> None:
+    from fastapi import APIRouter, FastAPI
+
+    things = APIRouter(prefix="/things")
+
+    @things.get("/{thing_id}")
+    async def thing(thing_id: int) -> dict[str, int]:
+        return {"id": thing_id}
+
+    tenant_app = FastAPI()
+    tenant_app.include_router(things)
+    app = FastAPI()
+    app.mount("/tenants/{tenant}", tenant_app)
+    app.add_middleware(PrometheusMiddleware, registry=registry)
+
+    assert await get_all(app, "/tenants/a/things/1", "/tenants/b/things/2", "/tenants/b/nothing") == [200, 200, 404]
+
+    assert value(registry, REQUESTS, method="GET", handler="/tenants/{tenant}/things/{thing_id}", status="200") == 2
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="404") == 1
+
+
 async def test_root_path_is_not_part_of_the_template(registry: CollectorRegistry) -> None:
     app = instrumented(registry, Route("/items/{item_id}", ok), Mount("/sub", Starlette(routes=[Route("/x/{y}", ok)])))
 
