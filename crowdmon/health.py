@@ -2,15 +2,19 @@
 
 Each request first runs the registered health checks (concurrently; sync ones in a worker thread),
 each bounded by its timeout, and sets ``component_health_status`` from their answers.  A sync check
-that hangs keeps its worker thread after its timeout; it is not started again until it returns, so
-a hung check holds one thread, not one per ``/health`` request.
+already running for another request (two probes at once) is not started again: the later request
+waits for that run's answer, within its own timeout.  A sync check that hangs keeps its worker
+thread after its timeout, so a hung check holds one thread, not one per ``/health`` request; a run
+that never got a thread before its timeout is dropped, and the next request starts afresh.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
+import threading
 from typing import Any
 
 import anyio
@@ -32,8 +36,42 @@ def overall_status(states: dict[str, str]) -> str:
     return "healthy"
 
 
-#: Components whose sync check is still running in a worker thread.
-_running_in_threads: set[tuple[int, str]] = set()
+class _SyncRun:
+    """One run of a sync check in a worker thread, shared by the requests that ask meanwhile."""
+
+    def __init__(self, key: tuple[int, str]) -> None:
+        self.key = key
+        self.lock = threading.Lock()
+        self.state = "queued"  # then "running" and "done", or "dropped" if it never started
+        self.answer: Any = None
+        self.error: Exception | None = None
+
+    def __call__(self, check: Any) -> None:
+        """In the worker thread: the check's answer or exception, kept for every waiting request."""
+        with self.lock:
+            if self.state == "dropped":  # its request gave up before a thread was free
+                return
+            self.state = "running"
+        try:
+            self.answer = check()
+        except Exception as error:
+            self.error = error
+        finally:
+            with self.lock:
+                self.state = "done"
+                if _sync_runs.get(self.key) is self:
+                    del _sync_runs[self.key]
+
+    def drop_unless_started(self) -> None:
+        with self.lock:
+            if self.state == "queued":
+                self.state = "dropped"
+                if _sync_runs.get(self.key) is self:
+                    del _sync_runs[self.key]
+
+
+#: Sync checks queued or running in a worker thread, by registry and component.
+_sync_runs: dict[tuple[int, str], _SyncRun] = {}
 
 
 async def run_health_checks(instrumentation: PrometheusInstrumentation) -> dict[str, str]:
@@ -58,26 +96,51 @@ async def _run_one(check: HealthCheck, key: tuple[int, str]) -> tuple[str, str]:
             if inspect.iscoroutinefunction(check.check):
                 answer = await check.check()
             else:
-                if key in _running_in_threads:
-                    return "unhealthy", "still running since an earlier request"
-                _running_in_threads.add(key)
-
-                def in_thread() -> Any:
-                    try:
-                        return check.check()
-                    finally:
-                        _running_in_threads.discard(key)
-
-                answer = await anyio.to_thread.run_sync(in_thread, abandon_on_cancel=True)
+                answer = await _run_in_thread(check, key)
                 if inspect.isawaitable(answer):
                     answer = await answer
     except TimeoutError:
         return "unhealthy", f"timed out after {check.timeout:g} s"
+    except anyio.get_cancelled_exc_class() as error:
+        if _being_cancelled():
+            raise
+        # The check's own: it awaited something cancelled elsewhere.  A failed check, not ours.
+        logger.warning("health check for %r failed", check.component, exc_info=error)
+        return "unhealthy", f"raised {type(error).__name__}"
     except Exception as error:
         # The class name only: a message may carry hosts, credentials or user data.
         logger.warning("health check for %r failed", check.component, exc_info=error)
         return "unhealthy", f"raised {type(error).__name__}"
     return _state_of(check.component, answer)
+
+
+async def _run_in_thread(check: HealthCheck, key: tuple[int, str]) -> Any:
+    """The answer of the sync check's run for ``key``: a new one, or the one already under way."""
+    run = _sync_runs.get(key)
+    if run is None:
+        run = _sync_runs[key] = _SyncRun(key)
+        try:
+            await anyio.to_thread.run_sync(run, check.check, abandon_on_cancel=True)
+        except BaseException:
+            run.drop_unless_started()
+            raise
+    else:
+        while run.state != "done":
+            await anyio.sleep(0.01)
+    if run.error is not None:
+        raise run.error
+    return run.answer
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task is being cancelled from outside (asyncio; under other event
+    loops a cancellation is always taken for the caller's)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return True
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return cancelling is None or cancelling() > 0
 
 
 def _state_of(component: str, answer: Any) -> tuple[str, str]:

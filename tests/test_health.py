@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
+import anyio
+import anyio.to_thread
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
-from crowdmon import CrowdmonSetupError, PrometheusInstrumentation, setup_monitoring
+from crowdmon import CrowdmonSetupError, HealthApp, PrometheusInstrumentation, setup_monitoring
 from tests.support import uvicorn_in_thread, value
 
 
@@ -172,6 +175,74 @@ def test_a_hung_sync_check_holds_one_thread_not_one_per_request(registry: Collec
 
     assert [answer.status_code for answer in answers] == [503] * 5
     assert answers[0].json()["failures"] == {"database": "timed out after 0.05 s"}
-    assert answers[4].json()["failures"] == {"database": "still running since an earlier request"}
+    # Later requests wait for the run under way, within their own timeout: no second thread.
+    assert answers[4].json()["failures"] == {"database": "timed out after 0.05 s"}
     assert started_while_hung == 1
     assert recovered == 200
+
+
+async def health(app: HealthApp) -> tuple[int, dict[str, object]]:
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/health")
+    return response.status_code, response.json()
+
+
+async def test_probes_at_the_same_moment_share_one_run_of_a_sync_check(registry: CollectorRegistry) -> None:
+    monitoring = PrometheusInstrumentation(registry)
+    runs = [0]
+
+    def database() -> bool:  # healthy, and slow enough for the probes to overlap
+        runs[0] += 1
+        time.sleep(0.2)
+        return True
+
+    monitoring.register_health_check("database", database)
+    app = HealthApp(monitoring)
+
+    answers = await asyncio.gather(health(app), health(app), health(app))
+
+    assert answers == [(200, {"status": "healthy", "components": {"database": "healthy"}})] * 3
+    assert runs == [1]
+
+
+async def test_a_sync_check_that_never_got_a_thread_runs_again_at_the_next_request(registry: CollectorRegistry) -> None:
+    monitoring = PrometheusInstrumentation(registry)
+    monitoring.register_health_check("database", lambda: True, timeout=0.2)
+    app = HealthApp(monitoring)
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    tokens = limiter.total_tokens
+    limiter.total_tokens = 2
+    try:
+        async with anyio.create_task_group() as busy:  # the app's own sync work holds every thread
+            for _ in range(2):
+                busy.start_soon(anyio.to_thread.run_sync, time.sleep, 0.6)
+            await anyio.sleep(0.05)
+            starved = await health(app)
+        recovered = await health(app)
+    finally:
+        limiter.total_tokens = tokens
+
+    assert starved[0] == 503 and starved[1]["failures"] == {"database": "timed out after 0.2 s"}
+    assert recovered == (200, {"status": "healthy", "components": {"database": "healthy"}})
+
+
+async def test_a_check_raising_a_cancellation_of_its_own_has_failed(registry: CollectorRegistry) -> None:
+    monitoring = PrometheusInstrumentation(registry)
+    elsewhere = asyncio.ensure_future(asyncio.sleep(60))
+    elsewhere.cancel()
+
+    async def cache() -> bool:
+        return await elsewhere  # cancelled by someone else: raises CancelledError here
+
+    async def database() -> bool:
+        return False
+
+    monitoring.register_health_check("cache", cache)
+    monitoring.register_health_check("database", database)
+
+    status, document = await health(HealthApp(monitoring))
+
+    assert status == 503
+    assert document["failures"] == {"cache": "raised CancelledError", "database": "check returned False"}
+    assert status_of(registry, "database") == "unhealthy"
