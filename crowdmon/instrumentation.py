@@ -248,7 +248,7 @@ class PrometheusInstrumentation:
         return Timing(
             lambda outcome: durations.labels(service, endpoint, outcome),
             self.report_internal_error,
-            on_error=lambda error: self.count_external_error(service, endpoint, error),
+            on_error=lambda error, started: self.count_external_error(service, endpoint, error, since=started),
         )
 
     def track_vector_search(self, operation: str) -> Timing:

@@ -39,8 +39,9 @@ def _is_foreign_cancellation(error: BaseException) -> bool:
 class Timing:
     """Observes the time a block took into the histogram child ``observer(outcome)`` returns.
 
-    ``on_error(error)`` runs for an ``Exception`` leaving the block.  Failures of the recording
-    itself go to ``report`` and never into the timed code.
+    ``on_error(error, started)`` runs for an ``Exception`` leaving the block, with the block's
+    ``perf_counter`` start (see :func:`crowdmon.instrumentation.first_count`).  Failures of the
+    recording itself go to ``report`` and never into the timed code.
     """
 
     __slots__ = ("_observer", "_on_error", "_report", "_start")
@@ -49,7 +50,7 @@ class Timing:
         self,
         observer: Callable[[str], Any],
         report: Callable[[str, BaseException], None],
-        on_error: Callable[[BaseException], None] | None = None,
+        on_error: Callable[[BaseException, float], None] | None = None,
     ) -> None:
         self._observer = observer
         self._report = report
@@ -74,7 +75,7 @@ class Timing:
             self._observer(outcome).observe(elapsed)
             if outcome == ERROR and self._on_error is not None:
                 assert error is not None
-                self._on_error(error)
+                self._on_error(error, self._start)
         except Exception as failure:
             self._report("timing", failure)
 

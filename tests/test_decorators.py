@@ -404,6 +404,18 @@ def test_one_exception_object_raised_by_several_calls_counts_each_call(
     assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="ConnectionError") == 3
 
 
+def test_one_exception_object_leaving_several_timed_blocks_counts_each_block(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    unreachable = ConnectionError("provider unreachable")
+    for _ in range(3):
+        with pytest.raises(ConnectionError), instrumentation.track_external_api_call("llm", "complete"):
+            raise unreachable
+
+    assert durations(registry, "error") == 3
+    assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="ConnectionError") == 3
+
+
 def test_inside_a_request_a_tracked_error_is_counted_once_and_again_in_the_next_request(
     registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
 ) -> None:
