@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio.to_thread
@@ -114,7 +115,7 @@ class MetricsApp:
             self.instrumentation.report_internal_error("metrics.render", error)
             return 500, [(b"content-type", b"text/plain; charset=utf-8")], b"metrics unavailable\n"
         extra = [(b"content-type", content_type.encode("latin-1")), (b"cache-control", b"no-store")]
-        if self.compress and b"gzip" in headers.get(b"accept-encoding", b""):
+        if self.compress and _accepts_gzip(headers.get(b"accept-encoding", b"").decode("latin-1")):
             body = gzip.compress(body, compresslevel=5)
             extra.append((b"content-encoding", b"gzip"))
         extra.append((b"vary", b"Accept, Accept-Encoding"))
@@ -123,7 +124,7 @@ class MetricsApp:
     def render(self, accept: str = "", names: list[str] | None = None) -> tuple[bytes, str]:
         """The exposition for an ``Accept`` header, and its content type."""
         registry = self._registry_for_scrape()
-        encoder, content_type = choose_encoder(accept)
+        encoder, content_type = _encoder_for(accept)
         if names:
             return encoder(_Restricted(registry, frozenset(names))), content_type
         return encoder(registry), content_type
@@ -140,6 +141,47 @@ class MetricsApp:
             MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
             return registry
         return self.instrumentation.registry
+
+
+def _quality(part: str) -> float:
+    """The ``q`` of one element of an ``Accept`` or ``Accept-Encoding`` header (1 if none; 0 if
+    unreadable, as for a value nobody should rely on)."""
+    for parameter in part.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                quality = float(value)
+            except ValueError:
+                return 0.0
+            return quality if 0 <= quality <= 1 else 0.0
+    return 1.0
+
+
+def _encoder_for(accept: str) -> tuple[Any, str]:
+    """prometheus_client's encoder for the element of ``Accept`` the client prefers most (by
+    ``q``; OpenMetrics among equals), never one it refused (``q=0``).  An element this
+    prometheus_client cannot serve (an unknown version) gets the Prometheus text format: a
+    client's header never makes the scrape fail."""
+    wanted = [(quality, part) for part in accept.split(",") if (quality := _quality(part)) > 0]
+    chosen = ""
+    if wanted:
+        best = max(quality for quality, _ in wanted)
+        preferred = [part for quality, part in wanted if quality == best]
+        openmetrics = [part for part in preferred if "application/openmetrics-text" in part]
+        chosen = (openmetrics or preferred)[0]
+    try:
+        return choose_encoder(chosen)
+    except Exception:
+        return choose_encoder("")
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether ``Accept-Encoding`` lists ``gzip`` (or ``*``) without refusing it (``q=0``)."""
+    for part in accept_encoding.split(","):
+        coding = part.split(";")[0].strip().lower()
+        if coding in ("gzip", "x-gzip", "*") and _quality(part) > 0:
+            return True
+    return False
 
 
 class _Restricted:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
@@ -43,6 +44,40 @@ async def test_gzip_when_accepted(registry: CollectorRegistry) -> None:
     assert raw.headers["content-encoding"] == "gzip"
     assert b"document_operations_total" in body
     assert int(raw.headers["content-length"]) < len(body)
+
+
+@pytest.mark.parametrize(
+    ("accept", "content_type"),
+    [
+        # Prometheus 3's own header: the OpenMetrics it prefers most.
+        (
+            "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,"
+            "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+            "application/openmetrics-text; version=1.0.0",
+        ),
+        ("application/openmetrics-text;q=0, text/plain;q=1", "text/plain; version=0.0.4"),  # refused
+        ("application/openmetrics-text;q=0.2, text/plain;q=0.9", "text/plain; version=0.0.4"),
+        ("application/openmetrics-text;version=foo", "text/plain; version=0.0.4"),  # unreadable
+        ("text/plain;version=1.x", "text/plain; version=0.0.4"),
+        ("application/openmetrics-text;q=banana", "text/plain; version=0.0.4"),
+    ],
+)
+async def test_the_format_is_the_one_the_scraper_prefers_and_never_a_failure(registry: CollectorRegistry, accept: str, content_type: str) -> None:
+    async with client_for(registry) as client:
+        response = await client.get("/metrics", headers={"accept": accept, "accept-encoding": "identity"})
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith(content_type)
+    assert registry.get_sample_value("crowdmon_internal_errors_total", {"site": "metrics.render"}) is None
+
+
+@pytest.mark.parametrize(("accept_encoding", "gzipped"), [("gzip;q=0, identity", False), ("x-gzip-not", False), ("br, gzip;q=0.5", True), ("*", True)])
+async def test_gzip_only_when_the_scraper_does_not_refuse_it(registry: CollectorRegistry, accept_encoding: str, gzipped: bool) -> None:
+    async with client_for(registry) as client:
+        raw = await client.send(client.build_request("GET", "/metrics", headers={"accept-encoding": accept_encoding}), stream=True)
+        await raw.aread()
+
+    assert ("content-encoding" in raw.headers) is gzipped
 
 
 async def test_head_answers_headers_only(registry: CollectorRegistry) -> None:
