@@ -40,8 +40,9 @@ MAX_SERIES = 4096
 #: Label names already checked (a provider returns the same few names every time).
 _VALID_NAMES: set[str] = set()
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_INVALID_TRACE_ID = "0" * 32
-_TRACEPARENT = re.compile(rb"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+#: W3C Trace Context: version, trace id, parent id, flags, lower-case hex; a later version may
+#: carry more fields after them, version 00 may not.
+_TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 
 
 class ExemplarsUnavailableWarning(RuntimeWarning):
@@ -59,16 +60,20 @@ def opentelemetry_exemplar(scope: Scope) -> dict[str, str] | None:
 
 
 def traceparent_exemplar(scope: Scope) -> dict[str, str] | None:
-    """The trace and span ids of the request's W3C ``traceparent`` header, if it is sampled."""
+    """The trace and span ids of the request's W3C ``traceparent`` header, if it is valid (as
+    the W3C Trace Context recommendation has it: version ``ff`` and all-zero ids are not) and
+    sampled."""
     for name, value in scope.get("headers") or ():
         if name == b"traceparent":
-            match = _TRACEPARENT.match(value.strip().lower())
-            if match is None or not int(match.group(3), 16) & 1:
+            match = _TRACEPARENT.match(value.strip())
+            if match is None:
                 return None
-            trace_id = match.group(1).decode()
-            if trace_id == _INVALID_TRACE_ID:
+            version, trace_id, span_id, flags, more = match.groups()
+            if version == b"ff" or (version == b"00" and more) or not int(flags, 16) & 1:
                 return None
-            return {"trace_id": trace_id, "span_id": match.group(2).decode()}
+            if trace_id.strip(b"0") == b"" or span_id.strip(b"0") == b"":
+                return None
+            return {"trace_id": trace_id.decode(), "span_id": span_id.decode()}
     return None
 
 

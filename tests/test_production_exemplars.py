@@ -112,6 +112,11 @@ async def test_the_current_opentelemetry_span(registry: CollectorRegistry, sampl
         (f"00-{TRACE_ID}-{SPAN_ID}-01", {"trace_id": TRACE_ID, "span_id": SPAN_ID}),
         (f"00-{TRACE_ID}-{SPAN_ID}-00", None),  # not sampled
         (f"00-{'0' * 32}-{SPAN_ID}-01", None),  # invalid trace id
+        (f"00-{TRACE_ID}-{'0' * 16}-01", None),  # invalid parent id
+        (f"ff-{TRACE_ID}-{SPAN_ID}-01", None),  # invalid version
+        (f"00-{TRACE_ID.upper()}-{SPAN_ID}-01", None),  # ids are lower-case hex
+        (f"00-{TRACE_ID}-{SPAN_ID}-01-extra", None),  # version 00 has exactly four fields
+        (f"01-{TRACE_ID}-{SPAN_ID}-01-what-comes-later", {"trace_id": TRACE_ID, "span_id": SPAN_ID}),
         ("garbage", None),
     ],
 )
