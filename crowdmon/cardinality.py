@@ -45,6 +45,11 @@ class CardinalityGuard:
         self._lock = threading.Lock()
         self.on_overflow = on_overflow
 
+    @property
+    def caps(self) -> dict[str, int]:
+        """The caps configured per ``"metric"`` or ``"metric:label"`` (a copy)."""
+        return dict(self._caps)
+
     def cap_for(self, metric: str, label: str) -> int:
         caps = self._caps
         return caps.get(f"{metric}:{label}", caps.get(metric, self.default_cap))

@@ -9,6 +9,7 @@ instead of failing with prometheus_client's "Duplicated timeseries".
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from crowdmon._recorder import BufferedRequestRecorder, ClientRequestRecorder, R
 from crowdmon._sharded import ShardedHistogram
 from crowdmon.cardinality import DEFAULT_CAP, CardinalityGuard
 from crowdmon.catalogue import (
+    BY_NAME,
     CATALOGUE,
     CATEGORY_COUNTERS,
     ERROR_TYPES,
@@ -185,6 +187,31 @@ _SHARED: weakref.WeakKeyDictionary[CollectorRegistry, _MetricSet] = weakref.Weak
 _SHARED_LOCK = threading.Lock()
 
 
+def _checked_caps(caps: Mapping[str, int] | None) -> dict[str, int]:
+    """``cardinality_caps`` with every key a catalogue metric (and one of its labels) and every
+    cap a positive int, or a :class:`CrowdmonSetupError` saying which is not."""
+    checked: dict[str, int] = {}
+    for key, cap in (caps or {}).items():
+        metric, _, label = str(key).partition(":")
+        known = BY_NAME.get(metric)
+        if known is None:
+            close = difflib.get_close_matches(metric, BY_NAME, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise CrowdmonSetupError(
+                f"cardinality_caps key {key!r} names no catalogue metric{hint}; keys are 'metric' or "
+                "'metric:label', e.g. 'chat_messages_total:user_type'"
+            )
+        if label and label not in known.labels:
+            raise CrowdmonSetupError(
+                f"cardinality_caps key {key!r}: {metric} has no label {label!r}; its labels are "
+                f"{', '.join(known.labels) or 'none'}"
+            )
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise CrowdmonSetupError(f"cardinality_caps[{key!r}] must be a positive int, got {cap!r}")
+        checked[key] = cap
+    return checked
+
+
 class PrometheusInstrumentation:
     """Owns a registry and the catalogue's metrics on it; everything crowdmon records goes here.
 
@@ -197,15 +224,29 @@ class PrometheusInstrumentation:
         self,
         registry: CollectorRegistry | None = None,
         *,
-        default_cap: int = DEFAULT_CAP,
+        default_cap: int | None = None,
         cardinality_caps: Mapping[str, int] | None = None,
     ) -> None:
         self.registry = REGISTRY if registry is None else registry
+        caps = _checked_caps(cardinality_caps)
+        if default_cap is not None and (isinstance(default_cap, bool) or not isinstance(default_cap, int) or default_cap < 1):
+            raise CrowdmonSetupError(
+                f"default_cap must be a positive int (the distinct values a label may hold), got {default_cap!r}"
+            )
         with _SHARED_LOCK:
             shared = _SHARED.get(self.registry)
             if shared is None:
-                guard = CardinalityGuard(default_cap, cardinality_caps)
+                guard = CardinalityGuard(DEFAULT_CAP if default_cap is None else default_cap, caps)
                 shared = _SHARED[self.registry] = _MetricSet(self.registry, guard)
+            elif (default_cap is not None and default_cap != shared.guard.default_cap) or (
+                cardinality_caps is not None and caps != shared.guard.caps
+            ):
+                raise CrowdmonSetupError(
+                    "crowdmon's metrics on this registry were set up already, with "
+                    f"default_cap={shared.guard.default_cap} and cardinality_caps={shared.guard.caps}; "
+                    "the caps are fixed by the first PrometheusInstrumentation on a registry: pass them "
+                    "there, and hand that instrumentation on (setup_monitoring(app, instrumentation=...))"
+                )
         self._shared = shared
         self.guard = shared.guard
         self.requests = shared.requests

@@ -75,3 +75,32 @@ def test_metric_lookup_errors_name_the_catalogue(registry: CollectorRegistry) ->
         instrumentation.metric("chat_messages")
     with pytest.raises(CrowdmonSetupError, match="recorded by the middleware"):
         instrumentation.metric("crowdfunding_api_requests_total")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"cardinality_caps": {"chat_mesages_total:user_type": 3}}, r"names no catalogue metric \(did you mean 'chat_messages_total'\?\)"),
+        ({"cardinality_caps": {"chat_messages_total:tenant": 3}}, "chat_messages_total has no label 'tenant'; its labels are user_type, message_type"),
+        ({"cardinality_caps": {"chat_messages_total": 0}}, r"cardinality_caps\['chat_messages_total'\] must be a positive int, got 0"),
+        ({"default_cap": "50"}, "default_cap must be a positive int .*, got '50'"),
+        ({"default_cap": True}, "default_cap must be a positive int .*, got True"),
+    ],
+)
+def test_cap_mistakes_fail_at_set_up_with_a_fix(options: dict[str, object], message: str) -> None:
+    with pytest.raises(CrowdmonSetupError, match=message):
+        PrometheusInstrumentation(CollectorRegistry(), **options)  # type: ignore[arg-type]
+
+
+def test_caps_given_again_for_a_registry_set_up_with_others_fail_rather_than_being_ignored(registry: CollectorRegistry) -> None:
+    first = PrometheusInstrumentation(registry, cardinality_caps={"chat_messages_total:user_type": 2})
+
+    with pytest.raises(CrowdmonSetupError, match=r"set up already, with default_cap=200 and cardinality_caps=\{'chat_messages_total:user_type': 2\}"):
+        PrometheusInstrumentation(registry, default_cap=5)
+    with pytest.raises(CrowdmonSetupError, match="the caps are fixed by the first PrometheusInstrumentation"):
+        PrometheusInstrumentation(registry, cardinality_caps={"chat_messages_total:user_type": 3})
+    again = PrometheusInstrumentation(registry, cardinality_caps={"chat_messages_total:user_type": 2})
+    plain = PrometheusInstrumentation(registry)
+
+    assert again.guard is plain.guard is first.guard
+    assert first.guard.cap_for("chat_messages_total", "user_type") == 2
