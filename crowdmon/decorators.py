@@ -400,8 +400,9 @@ def _plain_async_errors(func: Callable[..., Any], begin: Callable[[], Any], fini
 
 
 def _maybe_awaitable_wrapper(probe: _Probe) -> Callable[..., Any]:
-    """For a plain ``def`` wrapping an ``async def``: an awaitable it returns is timed and judged
-    when it is awaited; anything else is the call's result, as for any sync function."""
+    """For a plain ``def`` wrapping an ``async def``: a coroutine it returns is timed and judged
+    when it is awaited; anything else (a value, a task or future the caller may keep, poll or
+    await twice) is the call's result, as for any sync function, and is returned unchanged."""
     begin, succeeded, finish = probe.begin, probe.succeeded, probe.finish
 
     def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
@@ -411,7 +412,7 @@ def _maybe_awaitable_wrapper(probe: _Probe) -> Callable[..., Any]:
         except BaseException as error:
             finish(state, error)
             raise
-        if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
             return _awaited(result, state, succeeded, finish)
         succeeded(state)
         return result
@@ -419,9 +420,9 @@ def _maybe_awaitable_wrapper(probe: _Probe) -> Callable[..., Any]:
     return call
 
 
-async def _awaited(awaitable: Awaitable[Any], state: Any, succeeded: Callable[[Any], None], finish: _Finish) -> Any:
+async def _awaited(coroutine: Awaitable[Any], state: Any, succeeded: Callable[[Any], None], finish: _Finish) -> Any:
     try:
-        result = await awaitable
+        result = await coroutine
     except BaseException as error:
         finish(state, error)
         raise

@@ -464,12 +464,23 @@ def test_an_async_function_behind_a_plain_wrapper_is_timed_until_it_is_awaited(
     def complete_blocking(fail: bool) -> str:  # a sync facade: returns a result, not a coroutine
         return asyncio.run(complete.__wrapped__(fail))
 
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    @functools.wraps(complete)
+    def complete_later(fail: bool) -> asyncio.Future[str]:  # a task the caller keeps and polls
+        return asyncio.ensure_future(complete.__wrapped__(fail))
+
+    async def keep_the_task() -> bool:
+        task = complete_later(False)
+        await task
+        return isinstance(task, asyncio.Task) and task.done() and task.result() == "answer"
+
     assert asyncio.run(complete(False)) == "answer"
     with pytest.raises(ConnectionError):
         asyncio.run(complete(True))
     assert complete_blocking(False) == "answer"
+    assert asyncio.run(keep_the_task())
 
-    assert durations(registry, "success") == 2
+    assert durations(registry, "success") == 3
     assert durations(registry, "error") == 1
     assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="ConnectionError") == 1
     error_time = value(registry, "external_api_duration_seconds_sum", service="llm", endpoint="complete", outcome="error")
