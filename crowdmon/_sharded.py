@@ -49,8 +49,9 @@ class ShardedHistogram:
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         edges = bucket_edges(self.bounds)
+        running = frozenset(threading.enumerate())  # once per scrape, not once per child
         for values, child in list(self._children.items()):
-            cells = child.totals()
+            cells = child.totals(running)
             family.add_metric(list(values), cumulative_buckets(edges, cells[:-1]), sum_value=cells[-1])
         yield family
 
@@ -98,29 +99,38 @@ class HistogramChild:
     def _new_cells(self) -> list[float]:
         cells = self._local.cells = [0.0] * (len(self._bounds) + 2)
         with self._all_lock:
-            self._retire_ended()
+            self._retire_ended(frozenset(threading.enumerate()))
             self._all.append((threading.current_thread(), cells))
         return cells
 
-    def _retire_ended(self) -> None:
-        """Fold the cells of threads that have ended into the retired set (holding the lock): an
-        ended thread writes nothing more."""
-        if all(thread.is_alive() for thread, _ in self._all):
+    def _retire_ended(self, running: frozenset[threading.Thread]) -> None:
+        """Fold the cells of threads that have ended (not in ``running``) into the retired set,
+        holding the lock: an ended thread writes nothing more.  Never the main thread's or the
+        caller's: at interpreter exit the main thread counts as ended, yet ``atexit`` handlers
+        still run on it."""
+        keep = (threading.main_thread(), threading.current_thread())
+
+        def goes_on(thread: threading.Thread) -> bool:
+            # is_alive() only for threads missing from the snapshot: ended, or started since.
+            return thread in running or thread in keep or thread.is_alive()
+
+        if all(goes_on(thread) for thread, _ in self._all):
             return
         retired = self._retired
-        running = []
+        still = []
         for thread, cells in self._all:
-            if thread.is_alive():
-                running.append((thread, cells))
+            if goes_on(thread):
+                still.append((thread, cells))
             else:
                 for i, value in enumerate(cells):
                     retired[i] += value
-        self._all[:] = running
+        self._all[:] = still
 
-    def totals(self) -> list[float]:
-        """Every thread's cells added up (bucket counts, not cumulative, then the sum)."""
+    def totals(self, running: frozenset[threading.Thread] | None = None) -> list[float]:
+        """Every thread's cells added up (bucket counts, not cumulative, then the sum);
+        ``running`` is ``threading.enumerate()``, read once by the caller for many children."""
         with self._all_lock:
-            self._retire_ended()
+            self._retire_ended(frozenset(threading.enumerate()) if running is None else running)
             shards = [cells for _, cells in self._all]
             total = list(self._retired)
         for cells in shards:

@@ -63,6 +63,26 @@ def test_threads_that_ended_leave_their_counts_and_not_their_cells() -> None:
     assert value(registry, "latency_seconds_sum", op="read") == pytest.approx(0.3 + 200 * 0.05 + 200 * 0.1)
 
 
+def test_the_main_thread_keeps_its_cells_in_atexit_handlers() -> None:
+    # At interpreter exit the main thread counts as ended, yet atexit handlers (a batch job's
+    # last push to a Pushgateway) still observe and scrape on it.
+    script = """
+import atexit
+from crowdmon._sharded import HistogramChild
+child = HistogramChild((0.1, 1.0))
+child.observe(0.05)
+
+@atexit.register
+def last_push():
+    first = child.totals()[0]
+    child.observe(0.05)
+    print(first, child.totals()[0])
+"""
+    result = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60, env=subprocess_env(), check=True)
+
+    assert result.stdout.split() == ["1.0", "2.0"]
+
+
 def test_decorated_function_counts_exactly_from_many_threads_while_scraped(registry: CollectorRegistry) -> None:
     instrumentation = PrometheusInstrumentation(registry)
 
