@@ -38,8 +38,8 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str) -> 
     mount_prefix = ""
     if isinstance(root_path, str) and root_path.startswith(entry_root_path):
         mount_prefix = root_path[len(entry_root_path) :]
-    if mount_prefix and _crossed_a_parameterised_mount(scope, route):
-        mount_prefix = _mount_templates(scope, entry_root_path, route)
+    if mount_prefix:
+        mount_prefix = _MOUNTS.prefix(scope, entry_root_path, route, mount_prefix)
     if isinstance(route, (Mount, Host)):
         # The last route matched is a Mount: the mounted app found nothing of its own (a 404 in a
         # sub-router) or is not a router at all (static files, a bare ASGI app).  Its root_path
@@ -50,15 +50,70 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str) -> 
     return mount_prefix + template
 
 
-#: How deep :func:`_mount_templates` follows mounts inside mounts.
+#: How deep a walk follows mounts inside mounts.
 _MOUNT_DEPTH = 16
 #: The prefix of a request whose mounts could not be named again: bounded, and says so.
 UNNAMED_MOUNT = "/{mount}"
 
+#: The mounts and hosts a request went through to its route, outermost first.
+_Chain = tuple["Mount | Host", ...]
 
-def _crossed_a_parameterised_mount(scope: Scope, route: object) -> bool:
-    """Whether a mount put path parameters of its own in ``scope``: parameters the final route
-    does not have (a final ``Mount`` has only its own)."""
+
+class _MountTemplates:
+    """The mount prefix of a ``handler`` label as templates, never as the values of a mount's
+    path parameters (``/tenants/{tenant}``, not ``/tenants/acme``).
+
+    The first request that reaches a route through a mount finds its chain of mounts by asking
+    the app's routers again, from the top, with the routes' own ``matches()`` (the first full
+    match wins, else the first partial one, as in Starlette's router).  The chain is kept per
+    route (up to :data:`ROUTES_KEPT` routes, a few chains each); if no mount in it has path
+    parameters of its own, later requests keep the raw prefix, which is then the template, at
+    the cost of one dictionary lookup.  Otherwise each request's chain is confirmed by replaying
+    it: it must consume exactly the ``root_path`` the request's routing did.
+    """
+
+    ROUTES_KEPT = 1024
+    CHAINS_KEPT = 8
+
+    def __init__(self) -> None:
+        # id(route) -> (route, its chains, whether any of them has a mount with parameters)
+        self._known: dict[int, tuple[object, list[_Chain], bool]] = {}
+
+    def prefix(self, scope: Scope, entry_root_path: str, route: object, raw_prefix: str) -> str:
+        known = self._known.get(id(route))
+        if known is not None and not known[2] and not _has_mount_parameters(scope, route):
+            return raw_prefix
+        actual = scope.get("root_path")
+        try:
+            start = _start(scope, entry_root_path)
+            for kept in known[1] if known is not None else ():
+                consumed = _replay(kept, start)
+                if consumed and consumed[-1] == actual:
+                    return _templates(kept, consumed, entry_root_path)
+            chain = _walk(start, route)
+            consumed = _replay(chain, start) if chain else None
+        except Exception:
+            return UNNAMED_MOUNT
+        if chain is None or not consumed or consumed[-1] != actual:
+            return UNNAMED_MOUNT
+        self._keep(route, chain, known)
+        return _templates(chain, consumed, entry_root_path)
+
+    def _keep(self, route: object, chain: _Chain, known: tuple[object, list[_Chain], bool] | None) -> None:
+        parameterised = any(_own_parameters(element) for element in chain)
+        if known is None:
+            if len(self._known) < self.ROUTES_KEPT:
+                self._known[id(route)] = (route, [chain], parameterised)  # the route kept alive: its id stays its own
+        elif len(known[1]) < self.CHAINS_KEPT:
+            self._known[id(route)] = (route, [*known[1], chain], known[2] or parameterised)
+
+
+_MOUNTS = _MountTemplates()
+
+
+def _has_mount_parameters(scope: Scope, route: object) -> bool:
+    """Whether ``scope`` holds path parameters the final route does not have (a final ``Mount``
+    has only its own): a mount with parameters was crossed."""
     path_params = scope.get("path_params")
     if not path_params or not isinstance(path_params, dict):
         return False
@@ -68,46 +123,88 @@ def _crossed_a_parameterised_mount(scope: Scope, route: object) -> bool:
     return not isinstance(own, dict) or any(name not in own for name in path_params)
 
 
-def _mount_templates(scope: Scope, entry_root_path: str, route: object) -> str:
-    """The templates of the mounts the request went through, in order: the app's routers asked
-    again, from the top, with the routes' own ``matches()``; as in Starlette's router, the first
-    full match wins, else the first partial one.  The walk ends at the first match that is not a
-    mount to go into (the route itself, or what a router dispatches to it through, such as
-    FastAPI's included routers).  :data:`UNNAMED_MOUNT` if no route matches on the way."""
-    router = scope.get("router")
-    probe: dict[str, Any] = {
+def _own_parameters(element: Mount | Host) -> bool:
+    """Whether a mount's own path has parameters (every mount has ``{path}``, the rest of it)."""
+    return isinstance(element, Mount) and any(name != "path" for name in element.param_convertors)
+
+
+def _start(scope: Scope, entry_root_path: str) -> dict[str, Any]:
+    """The request as the outermost router saw it, for asking its routes again."""
+    app_root_path = scope.get("app_root_path")
+    root_path = app_root_path if isinstance(app_root_path, str) and entry_root_path.startswith(app_root_path) else entry_root_path
+    return {
         "type": "http",
         "path": scope.get("path"),
-        "root_path": entry_root_path,
+        "root_path": root_path,
         "method": scope.get("method"),
         "headers": scope.get("headers") or [],
         "path_params": {},
+        "router": scope.get("router"),
     }
-    prefix = ""
-    try:
-        for _ in range(_MOUNT_DEPTH):
-            chosen, chosen_scope, partial = None, {}, False
-            for candidate in getattr(router, "routes", None) or ():
-                match, child = candidate.matches(probe)
-                if match is Match.FULL:
-                    chosen, chosen_scope, partial = candidate, child, False
-                    break
-                if match is Match.PARTIAL and chosen is None:
-                    chosen, chosen_scope, partial = candidate, child, True
-            if chosen is None:
+
+
+def _walk(start: dict[str, Any], route: object) -> _Chain | None:
+    """The mounts and hosts from the outermost router to ``route``, or ``None``."""
+    routes = getattr(start["router"], "routes", None)
+    probe = dict(start)
+    chain: list[Mount | Host] = []
+    for _ in range(_MOUNT_DEPTH):
+        chosen, chosen_scope = None, {}
+        for candidate in routes or ():
+            match, child = candidate.matches(probe)
+            if match is Match.FULL:
+                chosen, chosen_scope = candidate, child
                 break
-            if isinstance(chosen, Mount) and not partial:
-                # A final mount's root_path ends with its own path, which the caller expects.
-                prefix += chosen.path_format.removesuffix("/{path}")
-                if chosen is route:
-                    return prefix
-                probe.update(chosen_scope)
-                router = getattr(chosen.app, "router", chosen.app)  # a Router, or an app that has one
-                continue
-            return prefix
-    except Exception:
-        pass
-    return UNNAMED_MOUNT
+            if match is Match.PARTIAL and chosen is None:
+                chosen, chosen_scope = candidate, child
+        if chosen is None:
+            return None
+        if isinstance(chosen, (Mount, Host)) and chosen is not route:
+            chain.append(chosen)
+            probe.update(chosen_scope)
+            routes = chosen.routes or _routes_beneath(chosen.app)
+            continue
+        if chosen is route and isinstance(route, (Mount, Host)):
+            chain.append(route)
+        return tuple(chain)
+    return None
+
+
+def _routes_beneath(app: object) -> list[Any]:
+    """The routes of the router a mount's app wraps, through middleware that keeps the app it
+    wraps as ``.app`` (a mount's own ``middleware=`` is seen through already)."""
+    for _ in range(_MOUNT_DEPTH):
+        routes = getattr(app, "routes", None)
+        if routes:
+            return list(routes)
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return []
+
+
+def _replay(chain: _Chain, start: dict[str, Any]) -> list[str] | None:
+    """The ``root_path`` after each mount or host of ``chain`` for this request, or ``None`` if
+    one of them does not match it."""
+    probe = dict(start)
+    consumed: list[str] = []
+    for element in chain:
+        match, child = element.matches(probe)
+        if match is not Match.FULL:
+            return None
+        probe.update(child)
+        consumed.append(str(probe.get("root_path")))
+    return consumed
+
+
+def _templates(chain: _Chain, consumed: list[str], entry_root_path: str) -> str:
+    """The paths of the chain's mounts as templates: those below the middleware's entry (a
+    middleware on a mounted sub-app has the mounts above it in its entry ``root_path``)."""
+    return "".join(
+        element.path_format.removesuffix("/{path}")
+        for element, root_path in zip(chain, consumed, strict=True)
+        if isinstance(element, Mount) and len(root_path) > len(entry_root_path)
+    )
 
 
 def _template_of(scope: Scope, route: object) -> object:

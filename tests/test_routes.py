@@ -6,14 +6,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Host, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
 from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
@@ -107,6 +109,45 @@ async def test_a_mount_with_path_parameters_gives_its_template_not_the_values(re
     # 250 tenants took one handler value, so a route seen after them is still recorded by name.
     assert value(registry, REQUESTS, method="GET", handler="/health", status="200") == 1
     assert value(registry, "crowdmon_label_overflow_total", metric=REQUESTS, label="handler") == 0
+
+
+class Passthrough:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize(
+    ("routes", "path", "host", "handler"),
+    [
+        ([Host("api.example.com", app=Router([Mount("/{tenant}", routes=[Route("/items/{id}", ok)])]))], "/acme/items/1", "api.example.com", "/{tenant}/items/{id}"),
+        ([Host("{sub}.example.com", app=Router([Mount("/api", routes=[Route("/items/{id}", ok)])]))], "/api/items/1", "acme.example.com", "/api/items/{id}"),
+        ([Mount("/{tenant}", routes=[Route("/items/{id}", ok)], middleware=[Middleware(Passthrough)])], "/acme/items/1", "t", "/{tenant}/items/{id}"),
+        ([Mount("/{tenant}", app=Passthrough(Router([Route("/items/{id}", ok)])))], "/acme/items/1", "t", "/{tenant}/items/{id}"),
+        # The route's own {id} hides the mount's in path_params: the template still has both.
+        ([Mount("/orgs/{id}", routes=[Route("/items/{id}", ok)])], "/orgs/acme/items/1", "t", "/orgs/{id}/items/{id}"),
+    ],
+)
+async def test_mount_templates_through_hosts_middleware_and_shadowed_names(
+    registry: CollectorRegistry, routes: list[BaseRoute], path: str, host: str, handler: str
+) -> None:
+    app = instrumented(registry, *routes)
+    for _ in range(2):  # found by asking the routes again, then confirmed from what was kept
+        assert (await run_asgi(app, http_scope(path, headers=[(b"host", host.encode())])))[0]["status"] == 200
+
+    assert value(registry, REQUESTS, method="GET", handler=handler, status="200") == 2
+
+
+async def test_a_middleware_on_a_sub_app_mounted_with_parameters_labels_from_its_own_entry(registry: CollectorRegistry) -> None:
+    sub = Starlette(routes=[Mount("/teams/{team}", routes=[Route("/members/{member}", ok)])])
+    sub.add_middleware(PrometheusMiddleware, registry=registry)
+    app = Starlette(routes=[Mount("/{tenant}", sub)])
+
+    assert await get_all(app, "/acme/teams/7/members/ann", "/globex/teams/8/members/bob") == [200, 200]
+
+    assert value(registry, REQUESTS, method="GET", handler="/teams/{team}/members/{member}", status="200") == 2
 
 
 async def test_a_fastapi_app_mounted_with_path_parameters_gives_its_template(registry: CollectorRegistry) -> None:
