@@ -91,6 +91,12 @@ def check_process_setup() -> bool:
             "metrics in memory and /metrics would miss them. Set it in the environment the server "
             f"starts with (shell, container spec, systemd unit), not in code: {ENV_VAR}={path}"
         )
+    if file_backed and not path and os.environ.get(ENV_VAR) == "":
+        raise CrowdmonSetupError(
+            f"{ENV_VAR} is set but empty, which prometheus_client takes as multiprocess mode; set it "
+            "to a directory every worker can write (e.g. /run/crowdmon-metrics), or unset it for "
+            "one process"
+        )
     if file_backed and not path:
         raise CrowdmonSetupError(
             f"{ENV_VAR} was removed from the environment after prometheus_client was imported in "

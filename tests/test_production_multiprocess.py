@@ -61,6 +61,13 @@ def test_setting_the_variable_after_import_fails_at_setup(tmp_path: Path) -> Non
     assert "PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was imported" in result.stderr
 
 
+def test_an_empty_variable_fails_at_setup_saying_so() -> None:
+    result = run_python(BUILD, {"PROMETHEUS_MULTIPROC_DIR": ""})
+
+    assert result.returncode == 1
+    assert "PROMETHEUS_MULTIPROC_DIR is set but empty" in result.stderr
+
+
 def test_gunicorn_refuses_to_start_without_the_directory(tmp_path: Path) -> None:
     env = server_env(tmp_path, multiprocess=False)
     env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "missing")
