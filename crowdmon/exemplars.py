@@ -42,7 +42,7 @@ _VALID_NAMES: set[str] = set()
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 #: W3C Trace Context: version, trace id, parent id, flags, lower-case hex; a later version may
 #: carry more fields after them, version 00 may not.
-_TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 
 class ExemplarsUnavailableWarning(RuntimeWarning):
@@ -65,7 +65,7 @@ def traceparent_exemplar(scope: Scope) -> dict[str, str] | None:
     sampled."""
     for name, value in scope.get("headers") or ():
         if name == b"traceparent":
-            match = _TRACEPARENT.match(value.strip())
+            match = _TRACEPARENT.fullmatch(value.strip())
             if match is None:
                 return None
             version, trace_id, span_id, flags, more = match.groups()

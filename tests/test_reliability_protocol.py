@@ -492,7 +492,7 @@ def test_route_resolution_never_raises_and_returns_a_string(
 # -- the one opt-in path from a request header into /metrics -----------------------------------
 
 HEX = "0123456789abcdef"
-W3C_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+W3C_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 
 @settings(FUZZ, max_examples=200)
@@ -516,9 +516,17 @@ def test_only_a_well_formed_sampled_traceparent_becomes_an_exemplar(
 
     exemplar = traceparent_exemplar({"headers": [(b"traceparent", header)]})
 
-    # The W3C format exactly (surrounding whitespace and case aside), sampled, a non-zero trace id.
-    match = W3C_TRACEPARENT.fullmatch(header.strip().lower().decode("latin-1"))
-    if match is None or not int(match.group(3), 16) & 1 or match.group(1) == "0" * 32:
+    # The W3C format exactly (surrounding whitespace aside; lower-case hex), a known version
+    # (not ff; 00 with no more fields), sampled, non-zero ids.
+    match = W3C_TRACEPARENT.fullmatch(header.strip().decode("latin-1"))
+    if (
+        match is None
+        or match.group(1) == "ff"
+        or (match.group(1) == "00" and match.group(5))
+        or not int(match.group(4), 16) & 1
+        or match.group(2) == "0" * 32
+        or match.group(3) == "0" * 16
+    ):
         assert exemplar is None
     else:
-        assert exemplar == {"trace_id": match.group(1), "span_id": match.group(2)}
+        assert exemplar == {"trace_id": match.group(2), "span_id": match.group(3)}
