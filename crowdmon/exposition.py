@@ -75,11 +75,10 @@ class MetricsApp:
 
     @property
     def instrumentation(self) -> PrometheusInstrumentation:
-        # Resolved on first use: in multiprocess mode a scrape needs only the directory, so a
-        # metrics-only process (a gunicorn master) builds no metrics of its own.
-        if self._instrumentation is None:
-            self._instrumentation = default_instrumentation()
-        return self._instrumentation
+        # Given none, the process-wide default at each scrape (as a test fixture replaces it);
+        # and in multiprocess mode a scrape needs only the directory, so a metrics-only process
+        # (a gunicorn master) builds no metrics of its own.
+        return self._instrumentation or default_instrumentation()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -160,7 +160,12 @@ class HealthApp:
     """An ASGI app answering 200 with the components' states, or 503 when one is unhealthy."""
 
     def __init__(self, instrumentation: PrometheusInstrumentation | None = None) -> None:
-        self.instrumentation = instrumentation or default_instrumentation()
+        self._instrumentation = instrumentation
+
+    @property
+    def instrumentation(self) -> PrometheusInstrumentation:
+        """The one given, else the process-wide default at each request."""
+        return self._instrumentation or default_instrumentation()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

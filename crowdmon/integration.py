@@ -44,6 +44,9 @@ def setup_monitoring(
         )
     if instrumentation is not None and registry is not None:
         raise CrowdmonSetupError("pass either instrumentation= or registry= to setup_monitoring, not both")
+    # Given neither, every part follows the process-wide default of the moment (a test fixture
+    # replaces it for each test, an app built at import included).
+    follows_default = instrumentation is None and registry is None
     if instrumentation is None:
         instrumentation = (
             default_instrumentation() if registry is None else PrometheusInstrumentation(registry)
@@ -72,15 +75,17 @@ def setup_monitoring(
         excluded.append(metrics_path)
     app.add_middleware(
         PrometheusMiddleware,
-        instrumentation=instrumentation,
+        instrumentation=None if follows_default else instrumentation,
         exclude_paths=excluded,
         **middleware_options,
     )
     # Inserted first, so a catch-all route or mount of the app cannot shadow them.
     routes = []
     if metrics_path is not None:
-        routes.append(Route(metrics_path, metrics_app or MetricsApp(instrumentation), methods=["GET", "HEAD"], name="crowdmon_metrics"))
+        default_metrics = MetricsApp(None if follows_default else instrumentation)
+        routes.append(Route(metrics_path, metrics_app or default_metrics, methods=["GET", "HEAD"], name="crowdmon_metrics"))
     if health_path is not None:
-        routes.append(Route(health_path, HealthApp(instrumentation), methods=["GET", "HEAD"], name="crowdmon_health"))
+        health = HealthApp(None if follows_default else instrumentation)
+        routes.append(Route(health_path, health, methods=["GET", "HEAD"], name="crowdmon_health"))
     app.router.routes[0:0] = routes
     return instrumentation

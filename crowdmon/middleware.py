@@ -11,6 +11,7 @@ import anyio
 from prometheus_client import CollectorRegistry
 from starlette.routing import Host, Mount
 
+from crowdmon import instrumentation as _instrumentation_module
 from crowdmon._recorder import STANDARD_METHODS, method_label, status_label
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.catalogue import UNMATCHED_HANDLER
@@ -39,6 +40,8 @@ class PrometheusMiddleware:
     ``handler_resolver(scope)`` names the ``handler`` label for apps without a Starlette router;
     returning ``None`` falls back to the router's match.  ``exemplars`` (``"opentelemetry"``,
     ``"traceparent"`` or a callable, see :mod:`crowdmon.exemplars`) attaches trace ids.
+    Given neither ``instrumentation`` nor ``registry``, it records into the process-wide default
+    instrumentation of the moment (which :mod:`crowdmon.testing` replaces for each test).
     """
 
     def __init__(
@@ -67,34 +70,42 @@ class PrometheusMiddleware:
                 f"handler_resolver must be a callable taking the ASGI scope, got {handler_resolver!r}"
             )
         self.app = app
+        self._follows_default = instrumentation is None and registry is None
         if instrumentation is None:
             instrumentation = (
                 default_instrumentation() if registry is None else PrometheusInstrumentation(registry)
             )
-        self.instrumentation = instrumentation
         self.exclude_paths = frozenset(exclude_paths)
         self.handler_resolver = handler_resolver
         if user_type_resolver is not None and not callable(user_type_resolver):
             raise CrowdmonSetupError(f"user_type_resolver must be a callable taking the ASGI scope, got {user_type_resolver!r}")
         self.user_type_resolver = user_type_resolver
         self._user_type_resolver = user_type_resolver or default_user_type
+        self._exemplar_option = exemplars
+        self._bind(instrumentation)
+        # Handler labels of matched routes: id(route), or (id(route), id(FastAPI route context)).
+        self._route_labels: dict[object, str] = {id(None): UNMATCHED_HANDLER}
+        # Keeps those objects alive, so their ids are never reused while the labels are held.
+        self._route_objects: list[object] = []
+
+    def _bind(self, instrumentation: PrometheusInstrumentation) -> None:
+        """Record into ``instrumentation``: its recorder's methods kept as attributes."""
         recorder = instrumentation.requests
+        self._exemplars = request_exemplars(self._exemplar_option, instrumentation)
         self._start = recorder.start
         self._record = recorder.record
         self._pending = recorder.pending
         self._flush_at = recorder.flush_at
         self._flush = recorder.flush
         self._report = instrumentation.report_internal_error
-        self._exemplars = request_exemplars(exemplars, instrumentation)
-        # Handler labels of matched routes: id(route), or (id(route), id(FastAPI route context)).
-        self._route_labels: dict[object, str] = {id(None): UNMATCHED_HANDLER}
-        # Keeps those objects alive, so their ids are never reused while the labels are held.
-        self._route_objects: list[object] = []
+        self.instrumentation = instrumentation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self._follows_default and _instrumentation_module._default is not self.instrumentation:
+            self._follow_the_default()
         try:
             entry_root_path = scope.get("root_path") or ""
             path = scope["path"]
@@ -162,6 +173,12 @@ class PrometheusMiddleware:
             exchange.server_send = _send_after_the_end
             if token is not None:
                 current_request.reset(token)
+
+    def _follow_the_default(self) -> None:
+        try:
+            self._bind(default_instrumentation())
+        except Exception as error:  # keeps recording where it did
+            self._report("middleware.start", error)
 
     def _route_label(self, scope: Scope, entry_root_path: str, status: int | str, route: object, context: object, key: object) -> str:
         """:func:`handler_label_for`, stored under ``key`` (the matched route, and FastAPI's route

@@ -64,11 +64,16 @@ def assert_metric(
     instrumentation: PrometheusInstrumentation | None = None,
 ) -> float:
     """Assert the sample ``name{labels}`` exists (and equals ``value``, when given); returns it.
+    Without ``labels``, the samples of ``name`` under any labels, added up.
 
     The failure message lists the samples the family does have, so a wrong label shows at once."""
     registry = (instrumentation or default_instrumentation()).registry
     sample = _sample_name(name)
-    found = registry.get_sample_value(sample, dict(labels or {}))
+    if labels is None:
+        values = [s.value for family in registry.collect() for s in family.samples if s.name == sample]
+        found = sum(values) if values else None
+    else:
+        found = registry.get_sample_value(sample, dict(labels))
     if found is None or (value is not None and found != value):
         expected = "to exist" if value is None else f"to be {value:g}"
         got = "it does not exist" if found is None else f"it is {found:g}"

@@ -141,6 +141,44 @@ def test_the_pytest_plugin_gives_a_users_suite_the_fixture(tmp_path: Path) -> No
     assert "2 passed" in result.stdout
 
 
+def test_the_fixture_reaches_an_app_built_at_import_time(tmp_path: Path) -> None:
+    (tmp_path / "shop.py").write_text(textwrap.dedent('''
+        from fastapi import FastAPI
+        from crowdmon import setup_monitoring, track_chat_message
+
+        app = FastAPI()
+        setup_monitoring(app)  # at import, as most apps are built
+
+        @app.post("/chat")
+        async def chat():
+            track_chat_message("free")
+            return {"ok": True}
+    '''))
+    (tmp_path / "test_shop.py").write_text(textwrap.dedent('''
+        import pytest
+        from fastapi.testclient import TestClient
+        from crowdmon.testing import assert_metric
+        from shop import app
+
+        client = TestClient(app)
+        REQUEST = {"method": "POST", "handler": "/chat", "status": "200"}
+
+        @pytest.mark.parametrize("attempt", [1, 2])
+        def test_each_test_counts_from_zero(crowdmon_instrumentation, attempt):
+            client.post("/chat")
+            assert_metric("crowdfunding_api_requests_total", REQUEST, 1)
+            assert_metric("chat_messages_total", value=1)  # any labels, added up
+            assert 'chat_messages_total{' in client.get("/metrics").text
+    '''))
+    (tmp_path / "conftest.py").write_text('pytest_plugins = ["crowdmon.testing"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-W", "ignore", str(tmp_path)],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+
+
 def test_the_plugin_is_registered_as_a_pytest11_entry_point() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     assert project["project"]["entry-points"]["pytest11"] == {"crowdmon.testing": "crowdmon.testing"}
