@@ -58,16 +58,18 @@ class _SyncRun:
             self.error = error
         finally:
             with self.lock:
-                self.state = "done"
-                if _sync_runs.get(self.key) is self:
-                    del _sync_runs[self.key]
+                self._end("done")
 
     def drop_unless_started(self) -> None:
         with self.lock:
             if self.state == "queued":
-                self.state = "dropped"
-                if _sync_runs.get(self.key) is self:
-                    del _sync_runs[self.key]
+                self._end("dropped")
+
+    def _end(self, state: str) -> None:
+        """(Holding the lock.)  The next request for this check starts a run of its own."""
+        self.state = state
+        if _sync_runs.get(self.key) is self:
+            del _sync_runs[self.key]
 
 
 #: Sync checks queued or running in a worker thread, by registry and component.

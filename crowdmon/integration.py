@@ -16,7 +16,7 @@ from crowdmon.instrumentation import (
     PrometheusInstrumentation,
     default_instrumentation,
 )
-from crowdmon.middleware import PrometheusMiddleware
+from crowdmon.middleware import PrometheusMiddleware, excluded_paths
 
 
 def setup_monitoring(
@@ -59,33 +59,28 @@ def setup_monitoring(
     for path in (metrics_path, health_path):
         if path is not None and not path.startswith("/"):
             raise CrowdmonSetupError(f"paths must start with '/', got {path!r}")
-    if isinstance(exclude_paths, str):
-        raise CrowdmonSetupError(
-            f"exclude_paths must be a collection of paths, got the string {exclude_paths!r}; "
-            f"write exclude_paths=[{exclude_paths!r}]"
-        )
+    excluded = excluded_paths(exclude_paths)
     if any(getattr(middleware, "cls", None) is PrometheusMiddleware for middleware in app.user_middleware):
         raise CrowdmonSetupError(
             "this app already has PrometheusMiddleware (setup_monitoring was called on it before, or "
             "app.add_middleware(PrometheusMiddleware) was); every request would be recorded twice. "
             "Call setup_monitoring once per app, and do not also add the middleware yourself"
         )
-    excluded = [*exclude_paths]
     if metrics_path is not None:
-        excluded.append(metrics_path)
+        excluded |= {metrics_path}
+    recording_into = None if follows_default else instrumentation
     app.add_middleware(
         PrometheusMiddleware,
-        instrumentation=None if follows_default else instrumentation,
+        instrumentation=recording_into,
         exclude_paths=excluded,
         **middleware_options,
     )
     # Inserted first, so a catch-all route or mount of the app cannot shadow them.
     routes = []
     if metrics_path is not None:
-        default_metrics = MetricsApp(None if follows_default else instrumentation)
-        routes.append(Route(metrics_path, metrics_app or default_metrics, methods=["GET", "HEAD"], name="crowdmon_metrics"))
+        served = metrics_app or MetricsApp(recording_into)
+        routes.append(Route(metrics_path, served, methods=["GET", "HEAD"], name="crowdmon_metrics"))
     if health_path is not None:
-        health = HealthApp(None if follows_default else instrumentation)
-        routes.append(Route(health_path, health, methods=["GET", "HEAD"], name="crowdmon_health"))
+        routes.append(Route(health_path, HealthApp(recording_into), methods=["GET", "HEAD"], name="crowdmon_health"))
     app.router.routes[0:0] = routes
     return instrumentation

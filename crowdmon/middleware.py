@@ -60,11 +60,6 @@ class PrometheusMiddleware:
                 "pass either instrumentation= or registry= to PrometheusMiddleware, not both; "
                 "the instrumentation already owns a registry"
             )
-        if isinstance(exclude_paths, str):
-            raise CrowdmonSetupError(
-                f"exclude_paths must be a collection of paths, got the string {exclude_paths!r}; "
-                f"write exclude_paths=[{exclude_paths!r}]"
-            )
         if handler_resolver is not None and not callable(handler_resolver):
             raise CrowdmonSetupError(
                 f"handler_resolver must be a callable taking the ASGI scope, got {handler_resolver!r}"
@@ -75,7 +70,7 @@ class PrometheusMiddleware:
             instrumentation = (
                 default_instrumentation() if registry is None else PrometheusInstrumentation(registry)
             )
-        self.exclude_paths = frozenset(exclude_paths)
+        self.exclude_paths = excluded_paths(exclude_paths)
         self.handler_resolver = handler_resolver
         if user_type_resolver is not None and not callable(user_type_resolver):
             raise CrowdmonSetupError(f"user_type_resolver must be a callable taking the ASGI scope, got {user_type_resolver!r}")
@@ -199,6 +194,16 @@ class PrometheusMiddleware:
             self._route_labels[key] = label
             self._route_objects.append((route, context))
         return label
+
+
+def excluded_paths(exclude_paths: Iterable[str]) -> frozenset[str]:
+    """``exclude_paths`` as a set of paths; a single string, a likely slip, is refused."""
+    if isinstance(exclude_paths, str):
+        raise CrowdmonSetupError(
+            f"exclude_paths must be a collection of paths, got the string {exclude_paths!r}; "
+            f"write exclude_paths=[{exclude_paths!r}]"
+        )
+    return frozenset(exclude_paths)
 
 
 class _Exchange(RequestContext):
