@@ -154,3 +154,63 @@ def test_grafana_variables_are_substituted_or_named() -> None:
     assert with_grafana_variables('x{job=~"$job"}[${__rate_interval}]', GRAFANA_VALUES) == 'x{job=~"crowdmon"}[1m]'
     with pytest.raises(KeyError, match=r"no value for Grafana variable \$tenant"):
         with_grafana_variables('x{tenant=~"$tenant"}', GRAFANA_VALUES)
+
+
+def panel_query(dashboard_uid: str, title: str) -> str:
+    (spec,) = [spec for spec in DASHBOARDS if spec.uid == dashboard_uid]
+    (panel,) = [panel for panel in spec.panels() if panel.title == title]
+    return with_grafana_variables(panel.targets[0].expr, GRAFANA_VALUES)
+
+
+def evaluate_with_promtool(tmp_path: Path, input_series: list[dict[str, str]], checks: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "none.yml").write_text("groups: []\n")
+    test = {
+        "rule_files": ["none.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": input_series, "promql_expr_test": checks}],
+    }
+    path = tmp_path / "panels.test.yml"
+    path.write_text(yaml.safe_dump(test, sort_keys=False))
+    return subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def test_health_stat_panels_count_components_not_replicas(tmp_path: Path) -> None:
+    """Three replicas report the same two components: one component unhealthy is 1, not 3."""
+    states = {"database": "unhealthy", "openai": "healthy"}
+    input_series = [
+        {
+            "series": f'component_health_status{{job="crowdmon", instance="app-{replica}:8000", component="{component}", status="{status}"}}',
+            "values": "1x10" if status == states[component] else "0x10",
+        }
+        for replica in range(3)
+        for component in states
+        for status in ("healthy", "degraded", "unhealthy", "unknown")
+    ]
+    checks = [
+        {"expr": panel_query("crowdmon-system-health", "Unhealthy components"), "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 1}]},
+        {"expr": panel_query("crowdmon-system-health", "Degraded components"), "eval_time": "5m", "exp_samples": [{"labels": "{}", "value": 0}]},
+        {
+            "expr": panel_query("crowdmon-system-health", "Components by state"),
+            "eval_time": "5m",
+            "exp_samples": [{"labels": '{status="healthy"}', "value": 1}, {"labels": '{status="unhealthy"}', "value": 1}],
+        },
+    ]
+    result = evaluate_with_promtool(tmp_path, input_series, checks)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_contained_failure_panels_show_a_first_failure(tmp_path: Path) -> None:
+    """crowdmon creates a labelled series at its first increment, already at 1."""
+    input_series = [
+        {"series": 'crowdmon_internal_errors_total{job="crowdmon", instance="app:8000", site="middleware.record"}', "values": "_x20 1x10"},
+        {"series": 'crowdmon_internal_errors_total{job="crowdmon", instance="app:8000", site="health"}', "values": "4x30"},
+    ]
+    checks = [
+        {
+            "expr": panel_query("crowdmon-system-health", "Contained internal errors"),
+            "eval_time": "20m",  # the first scrape that shows the new series
+            "exp_samples": [{"labels": '{site="middleware.record"}', "value": 1}, {"labels": '{site="health"}', "value": 0}],
+        },
+    ]
+    result = evaluate_with_promtool(tmp_path, input_series, checks)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -79,7 +79,16 @@ def test_export_writes_dashboards_provisioning_rules_and_scrape_config(tmp_path:
         (["--threshold", "http_error_ratio"], "--threshold takes KEY=VALUE, got 'http_error_ratio'"),
         (["--for", "component_unhealthy=soon"], "'for:' duration of 'component_unhealthy' must be a Prometheus duration"),
         (["--target", "localhost"], "targets must be host:port, e.g. 127.0.0.1:8000"),
-        (["--scrape-interval", "15"], "scrape_interval must be a Prometheus duration such as 15s or 1m, got '15'"),
+        (["--scrape-interval", "15"], "scrape_interval must be a Prometheus duration above 0 such as 15s, 1m or 1m30s (units in the order y w d h m s ms), got '15'"),
+        # Prometheus refuses units out of order or repeated: the whole file would not load.
+        (["--scrape-interval", "30s1m"], "scrape_interval must be a Prometheus duration above 0 such as 15s, 1m or 1m30s (units in the order y w d h m s ms), got '30s1m'"),
+        (["--evaluation-interval", "0s"], "evaluation_interval must be a Prometheus duration above 0"),
+        (["--for", "component_unhealthy=1m1m"], "'for:' duration of 'component_unhealthy' must be a Prometheus duration such as 30s, 5m or 1h30m (units in the order y w d h m s ms), got '1m1m'"),
+        # Shares are fractions: 5 meaning 5% would never fire.
+        (["--threshold", "http_error_ratio=5"], "threshold 'http_error_ratio' is a share, a fraction from 0 to 1 (0.05 is 5%), got 5.0"),
+        (["--threshold", "cache_hit_ratio_min=-1"], "threshold 'cache_hit_ratio_min' is a share, a fraction from 0 to 1 (0.05 is 5%), got -1.0"),
+        (["--threshold", "sessions_drop_ratio=1"], "threshold 'sessions_drop_ratio' must lie strictly between 0 and 1 (0.5 alerts on losing half), got 1.0"),
+        (["--threshold", "http_latency_p95_seconds=-2"], "threshold 'http_latency_p95_seconds' must not be negative, got -2.0"),
         (["--job", 'my"job'], "job must be a non-empty Prometheus job name"),
     ],
 )
@@ -88,6 +97,16 @@ def test_export_refuses_bad_options_with_a_message_saying_how_to_fix_them(tmp_pa
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "pack").exists()
+
+
+def test_export_into_a_file_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    result = crowdmon("export", "--out", str(target))
+    assert result.returncode == 2
+    assert f"cannot write the pack into {str(target)!r}: --out must be a directory to write the pack into, and {str(target)!r} is a file" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert target.read_text() == "keep me"
 
 
 def test_export_options_check_themselves_when_built() -> None:

@@ -23,6 +23,7 @@ from crowdmon.ops import (
     export,
     rule_groups,
 )
+from crowdmon.ops.alerts import duration_seconds
 
 JOB = "crowdmon"
 BY_KEY = {alert.key: alert for alert in ALERTS}
@@ -137,23 +138,29 @@ CASES = [
         fired("external_error_ratio", {"service": "openai"}, "16.67% of calls to openai fail",
               "16.67% of calls to external service openai ended in an error over 5 minutes, above 10%."),
     ),
+    # crowdmon creates a labelled series at its first increment: a first failure is a new series
+    # already at 1 (middleware), which increase() alone reads as no change.  One that existed
+    # grows (metrics.render); one that stopped growing long ago stays silent (exposition).
     Case("CrowdmonInternalErrors", [
-        series("crowdmon_internal_errors_total", "0 0 0 1x20", site="middleware"),
-        series("crowdmon_internal_errors_total", "5x25", site="exposition"),
-    ]).expect("2m", "CrowdmonInternalErrors").expect(
-        "10m", "CrowdmonInternalErrors",
+        series("crowdmon_internal_errors_total", "_x18 1x30", site="middleware"),
+        series("crowdmon_internal_errors_total", "0x20 2x30", site="metrics.render"),
+        series("crowdmon_internal_errors_total", "5x50", site="exposition"),
+    ]).expect("17m", "CrowdmonInternalErrors").expect(
+        "22m", "CrowdmonInternalErrors",
+        fired("crowdmon_internal_errors", {"site": "metrics.render"}, "crowdmon contained failures at metrics.render",
+              "crowdmon's own code failed at metrics.render in the last 15 minutes; requests were not affected, but some metrics may be missing."),
         fired("crowdmon_internal_errors", {"site": "middleware"}, "crowdmon contained failures at middleware",
               "crowdmon's own code failed at middleware in the last 15 minutes; requests were not affected, but some metrics may be missing."),
-    ),
+    ).expect("45m", "CrowdmonInternalErrors"),
     Case("CrowdmonLabelOverflow", [
-        series("crowdmon_label_overflow_total", "0 0 0 4x20", metric="document_operations_total", label="document_type"),
-        series("crowdmon_label_overflow_total", "3x25", metric="chat_messages_total", label="user_type"),
-    ]).expect("2m", "CrowdmonLabelOverflow").expect(
-        "10m", "CrowdmonLabelOverflow",
+        series("crowdmon_label_overflow_total", "_x18 4x30", metric="document_operations_total", label="document_type"),
+        series("crowdmon_label_overflow_total", "3x50", metric="chat_messages_total", label="user_type"),
+    ]).expect("17m", "CrowdmonLabelOverflow").expect(
+        "22m", "CrowdmonLabelOverflow",
         fired("crowdmon_label_overflow", {"metric": "document_operations_total", "label": "document_type"},
               "Label document_type of document_operations_total reached its value cap",
               "New values of label document_type on document_operations_total were folded into <other> in the last 15 minutes."),
-    ),
+    ).expect("45m", "CrowdmonLabelOverflow"),
     Case("HighRequestLatency", [
         *histogram("crowdfunding_api_request_duration_seconds", {"0.5": "0x30", "1.0": "0x30", "2.5": "0+60x30", "+Inf": "0+60x30"}, method="GET", handler="/slow"),
         *histogram("crowdfunding_api_request_duration_seconds", {"0.5": "0+60x30", "1.0": "0+60x30", "2.5": "0+60x30", "+Inf": "0+60x30"}, method="GET", handler="/fast"),
@@ -200,11 +207,30 @@ CASES = [
     ]).expect("30m", "ChatMessagesStopped").expect(
         "40m", "ChatMessagesStopped",
         fired("chat_stopped", {}, "No chat messages while the API serves requests",
-              "The API keeps answering requests but no chat message was processed in the last 15 minutes."),
+              "The API keeps answering requests (other than probes and scrapes) but no chat message was processed in the last 15 minutes."),
     ),
     Case("ChatMessagesStopped, the whole API idle", [
         series("chat_messages_total", "0+10x5 50x45", user_type="authenticated", message_type="user", cache_hit="false", rag_used="true"),
         series("crowdfunding_api_requests_total", "0+60x5 300x45", method="GET", handler="/documents/{doc_id}", status="200"),
+    ]).expect("40m", "ChatMessagesStopped"),
+    # A restart at 10m: the new process has no chat series until its first chat message.
+    Case("ChatMessagesStopped, no chat since a restart", [
+        series("chat_messages_total", "0+10x10", user_type="authenticated", message_type="user", cache_hit="false", rag_used="true"),
+        series("crowdfunding_api_requests_total", "0+60x60", method="GET", handler="/documents/{doc_id}", status="200"),
+    ]).expect("20m", "ChatMessagesStopped").expect(
+        "40m", "ChatMessagesStopped",
+        fired("chat_stopped", {}, "No chat messages while the API serves requests",
+              "The API keeps answering requests (other than probes and scrapes) but no chat message was processed in the last 15 minutes."),
+    ),
+    # Only a load balancer's probes and Prometheus's scrapes reach the API at night.
+    Case("ChatMessagesStopped, only probes and scrapes", [
+        series("chat_messages_total", "0+10x5 50x45", user_type="authenticated", message_type="user", cache_hit="false", rag_used="true"),
+        series("crowdfunding_api_requests_total", "0+6x50", method="GET", handler="/health", status="200"),
+        series("crowdfunding_api_requests_total", "0+4x50", method="GET", handler="/metrics", status="200"),
+    ]).expect("40m", "ChatMessagesStopped"),
+    # An app without chat (or with none for a day) is not alerted.
+    Case("ChatMessagesStopped, an app without chat", [
+        series("crowdfunding_api_requests_total", "0+60x50", method="GET", handler="/documents/{doc_id}", status="200"),
     ]).expect("40m", "ChatMessagesStopped"),
     Case("ChatCacheHitRatioLow", [
         series("chat_messages_total", "0+1x60", user_type="authenticated", message_type="user", cache_hit="true", rag_used="true"),
@@ -240,14 +266,14 @@ CASES = [
 ]
 
 
-def promtool_test_file(rules: Path, cases: list[Case]) -> dict[str, Any]:
+def promtool_test_file(rules: Path, cases: list[Case], interval: str = "1m") -> dict[str, Any]:
     return {
         "rule_files": [rules.name],
         "evaluation_interval": "1m",
         "tests": [
             {
                 "name": case.name,
-                "interval": "1m",
+                "interval": interval,
                 "input_series": case.input_series,
                 "alert_rule_test": [
                     {"eval_time": eval_time, "alertname": alertname, "exp_alerts": alerts}
@@ -259,11 +285,12 @@ def promtool_test_file(rules: Path, cases: list[Case]) -> dict[str, Any]:
     }
 
 
-def run_promtool_tests(tmp_path: Path, rules: dict[str, Any], cases: list[Case]) -> subprocess.CompletedProcess[str]:
+def run_promtool_tests(tmp_path: Path, rules: dict[str, Any], cases: list[Case], interval: str = "1m") -> subprocess.CompletedProcess[str]:
+    """promtool's unit tests of ``cases``, their series scraped every ``interval``."""
     rules_path = tmp_path / "rules.yml"
     rules_path.write_text(yaml.safe_dump(rules, sort_keys=False))
     tests_path = tmp_path / "rules.test.yml"
-    tests_path.write_text(yaml.safe_dump(promtool_test_file(rules_path, cases), sort_keys=False))
+    tests_path.write_text(yaml.safe_dump(promtool_test_file(rules_path, cases, interval), sort_keys=False))
     return subprocess.run(["promtool", "test", "rules", str(tests_path)], capture_output=True, text=True, timeout=60)
 
 
@@ -342,7 +369,9 @@ def test_thresholds_and_durations_from_the_options_move_when_alerts_fire(tmp_pat
         ({"http_error_rate": 0.1}, {}, "unknown alert threshold 'http_error_rate'; known thresholds: http_error_ratio,"),
         ({"http_error_ratio": float("nan")}, {}, "threshold 'http_error_ratio' must be a finite number, got nan"),
         ({"http_error_ratio": "5%"}, {}, "threshold 'http_error_ratio' must be a finite number, got '5%'"),
-        ({}, {"component_unhealthy": "5"}, "'for:' duration of 'component_unhealthy' must be a Prometheus duration such as 30s, 5m or 1h, got '5'"),
+        ({}, {"component_unhealthy": "5"}, "'for:' duration of 'component_unhealthy' must be a Prometheus duration such as 30s, 5m or 1h30m (units in the order y w d h m s ms), got '5'"),
+        ({}, {"component_unhealthy": "30s1m"}, "'for:' duration of 'component_unhealthy' must be a Prometheus duration such as 30s, 5m or 1h30m (units in the order y w d h m s ms), got '30s1m'"),
+        ({"document_failure_ratio": 20}, {}, "threshold 'document_failure_ratio' is a share, a fraction from 0 to 1 (0.05 is 5%), got 20"),
         ({}, {"ComponentUnhealthy": "5m"}, "unknown alert 'ComponentUnhealthy' for a 'for:' duration; known alerts: component_unhealthy,"),
     ],
 )
@@ -350,3 +379,53 @@ def test_a_bad_threshold_or_duration_is_refused_with_the_known_keys(thresholds: 
     with pytest.raises(ValueError) as raised:
         rule_groups(JOB, thresholds, durations)
     assert str(raised.value).startswith(message)
+
+
+def test_rule_windows_hold_four_scrapes_at_a_long_scrape_interval(tmp_path: Path) -> None:
+    """Scraped every 5 minutes, a 5-minute rate() holds one sample and is never computed: every
+    rate alert would be dead.  The windows become four scrape intervals."""
+    rules = rule_groups(JOB, scrape_interval="5m")
+    by_alert = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"]}
+    assert "[20m]" in by_alert["HighHTTPErrorRatio"]["expr"] and "[5m]" not in by_alert["HighHTTPErrorRatio"]["expr"]
+    assert "[20m]" in by_alert["CrowdmonInternalErrors"]["expr"]
+    assert "[15m]" in rule_groups(JOB, scrape_interval="75s")["groups"][1]["rules"][-1]["expr"]
+    assert "[6m]" in str(rule_groups(JOB, scrape_interval="90s")["groups"][1]["rules"][0]["expr"])
+    kind = ERROR_TYPES[0]
+    cases = [
+        Case("5xx at a 5-minute scrape interval", [
+            series("crowdfunding_api_requests_total", "0+300x30", method="POST", handler="/chat", status="200"),
+            series("crowdfunding_api_requests_total", "0+30x30", method="POST", handler="/chat", status="500"),
+        ]).expect(
+            "60m", "HighHTTPErrorRatio",
+            fired("http_error_ratio", {"handler": "/chat"}, "/chat answers 9.091% of requests with 5xx",
+                  "9.091% of requests to /chat ended with a 5xx status over 20 minutes, above 5%."),
+        ),
+        Case("errors at a 5-minute scrape interval", [
+            series("application_errors_total", "0+300x30", error_type=kind, component="chat_endpoint", user_type="authenticated"),
+        ]).expect(
+            "60m", "HighErrorRate",
+            fired(f"error_rate_{kind}", {"error_type": kind, "component": "chat_endpoint"}, f"{kind} errors in chat_endpoint",
+                  f"chat_endpoint records 1 {kind} errors per second, above {DEFAULT_THRESHOLDS[f'error_rate_{kind}']:g}."),
+        ),
+    ]
+    result = run_promtool_tests(tmp_path, rules, cases, interval="5m")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The same series against rules for a 15-second scrape interval: nothing fires.
+    silent = [Case(case.name, case.input_series).expect("60m", case.checks[0][1]) for case in cases]
+    assert run_promtool_tests(tmp_path, rule_groups(JOB), silent, interval="5m").returncode == 0
+
+
+def test_a_malformed_scrape_interval_is_refused_for_the_rules() -> None:
+    with pytest.raises(ValueError, match=r"scrape_interval must be a Prometheus duration above 0 such as 15s or 1m, got '30s1m'"):
+        rule_groups(JOB, scrape_interval="30s1m")
+    with pytest.raises(ValueError, match=r"probe_handlers must be a collection of handlers, got the string '/health'"):
+        rule_groups(JOB, probe_handlers="/health")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1h30m", 5400), ("90s", 90), ("0", 0), ("0s", 0), ("5ms", 0.005), ("1y2w", 365 * 86400 + 14 * 86400),
+     ("30s1m", None), ("1m1m", None), ("1.5m", None), ("", None), ("5", None), ("1M", None)],
+)
+def test_durations_are_read_as_prometheus_reads_them(text: str, seconds: float | None) -> None:
+    assert duration_seconds(text) == seconds

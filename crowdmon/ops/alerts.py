@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from crowdmon.ops.queries import (
     Scope,
     counter_rate,
     gauge_sum,
+    increase_or_new,
     matcher,
     quantile,
     ratio,
@@ -32,8 +33,8 @@ THRESHOLD_DOCS: dict[str, tuple[float, str]] = {
     "http_error_ratio": (0.05, "share of a handler's requests answered 5xx"),
     **{f"error_rate_{kind}": (1.0 if kind == "validation" else 0.1, f"{kind} errors per second, per component") for kind in ERROR_TYPES},
     "external_error_ratio": (0.1, "share of an external service's calls ending in an error"),
-    "crowdmon_internal_errors": (0.0, "contained crowdmon failures in 15 minutes, per site"),
-    "crowdmon_label_overflow": (0.0, "label values folded into <other> in 15 minutes"),
+    "crowdmon_internal_errors": (0.0, "contained crowdmon failures over the long rule window, per site"),
+    "crowdmon_label_overflow": (0.0, "label values folded into <other> over the long rule window"),
     "http_latency_p95_seconds": (1.0, "p95 request latency of a handler"),
     "chat_latency_p95_seconds": (20.0, "p95 chat processing time of an endpoint"),
     "external_latency_p95_seconds": (10.0, "p95 latency of an external service"),
@@ -45,12 +46,19 @@ THRESHOLD_DOCS: dict[str, tuple[float, str]] = {
     "sessions_drop_min_sessions": (10.0, "sessions an hour earlier below which a drop is not alerted"),
 }
 DEFAULT_THRESHOLDS: dict[str, float] = {key: value for key, (value, _) in THRESHOLD_DOCS.items()}
+#: Thresholds that are shares: fractions from 0 to 1 (0.05 is 5%).
+FRACTIONS = ("http_error_ratio", "external_error_ratio", "cache_hit_ratio_min", "document_failure_ratio", "sessions_drop_ratio")
+#: The shortest ranges of the rules: ``rate()`` and quantiles, and events counted with
+#: ``increase()``; each is at least four scrape intervals.
+RULE_WINDOW_SECONDS = 300
+LONG_RULE_WINDOW_SECONDS = 900
 
 
 @dataclass(frozen=True)
 class AlertSpec:
     """One alert rule.  ``summary`` and ``description`` are Prometheus templates in which
-    ``{threshold}``, ``{threshold_percent}`` and ``{for}`` are filled in at export."""
+    ``{threshold}``, ``{threshold_percent}``, ``{for}``, ``{window}`` and ``{long_window}``
+    are filled in at export."""
 
     key: str
     alert: str
@@ -65,10 +73,11 @@ class AlertSpec:
     #: Extra static labels; they also keep rules of one alert name apart.
     labels: tuple[tuple[str, str], ...] = ()
 
-    def render(self, text: str, thresholds: Thresholds, duration: str) -> str:
+    def render(self, text: str, thresholds: Thresholds, duration: str, scope: Scope) -> str:
         if self.threshold_key is not None:
             value = thresholds[self.threshold_key]
             text = text.replace("{threshold}", _fmt(value)).replace("{threshold_percent}", f"{value * 100:g}%")
+        text = text.replace("{window}", _spoken(scope.window)).replace("{long_window}", _spoken(scope.long_window))
         return text.replace("{for}", duration)
 
 
@@ -123,7 +132,7 @@ def _latency(key: str, alert: str, metric: str, by: str, what: str, dashboard: s
     return AlertSpec(
         key, alert, "latency", "warning", "10m", expr,
         f"p95 {what} of {{{{ $labels.{by} }}}} is {{{{ $value | humanizeDuration }}}}",
-        f"The 95th percentile of {what} for {{{{ $labels.{by} }}}} is {{{{ $value | humanizeDuration }}}} over 5 minutes, above {{threshold}}s ({metric}).",
+        f"The 95th percentile of {what} for {{{{ $labels.{by} }}}} is {{{{ $value | humanizeDuration }}}} over {{window}}, above {{threshold}}s ({metric}).",
         f"1. Open the {_dashboard(dashboard)} and compare p50, p95 and p99 of {{{{ $labels.{by} }}}}.\n"
         "2. All quantiles rising points at load or a slow dependency; p99 alone at a few slow calls.\n"
         "3. Check the dependency latencies (external API, vector search, database) on the API Performance dashboard.",
@@ -152,15 +161,21 @@ def _sessions_drop(s: Scope, t: Thresholds) -> str:
 
 def _increase_alert(key: str, alert: str, severity: str, metric: str, by: tuple[str, ...], texts: tuple[str, str, str]) -> AlertSpec:
     def expr(s: Scope, t: Thresholds) -> str:
-        return f"{counter_rate(metric, s, by, window='15m', function='increase')} > {_fmt(t[key])}"
+        return f"{increase_or_new(metric, s, by)} > {_fmt(t[key])}"
 
     return AlertSpec(key, alert, "errors", severity, "0s", expr, *texts, threshold_key=key)
 
 
 def _chat_stopped(s: Scope, t: Thresholds) -> str:
-    chat = counter_rate("chat_messages_total", s, window="15m")
-    requests = counter_rate("crowdfunding_api_requests_total", s, window="15m")
-    return f"{chat} == 0 and {requests} > 0"
+    # No chat series at all (none since a restart) reads as 0; an app that has had no chat
+    # message in a day (or has no chat) is not alerted.
+    chat = counter_rate("chat_messages_total", s, window=s.long_window, function="increase")
+    probes = s.probe_handlers
+    users = [matcher("handler", "!~", "|".join(map(re.escape, probes)))] if probes else []
+    requests = counter_rate("crowdfunding_api_requests_total", s, (), users, window=s.long_window, function="increase")
+    metric = spec("chat_messages_total")
+    seen = f"count (present_over_time({s.selector(metric, metric.name)}[1d]))"
+    return f"({chat} or vector(0)) == 0 and {requests} > 0 and {seen} > 0"
 
 
 ALERTS: tuple[AlertSpec, ...] = (
@@ -172,7 +187,7 @@ ALERTS: tuple[AlertSpec, ...] = (
         "crowdfunding_api_requests_total", "status =~ 5..", ("handler",), ">",
         (
             "{{ $labels.handler }} answers {{ $value | humanizePercentage }} of requests with 5xx",
-            "{{ $value | humanizePercentage }} of requests to {{ $labels.handler }} ended with a 5xx status over 5 minutes, above {threshold_percent}.",
+            "{{ $value | humanizePercentage }} of requests to {{ $labels.handler }} ended with a 5xx status over {window}, above {threshold_percent}.",
             f"1. Open the {_dashboard('API Performance')}: Error ratio and Requests by status for this handler.\n"
             "2. Exceptions the app raises are counted as 500: see Top exceptions on the Error Analysis dashboard.\n"
             "3. Check the System Health dashboard for an unhealthy dependency.",
@@ -184,7 +199,7 @@ ALERTS: tuple[AlertSpec, ...] = (
         "external_api_duration_seconds", "outcome = error", ("service",), ">",
         (
             "{{ $value | humanizePercentage }} of calls to {{ $labels.service }} fail",
-            "{{ $value | humanizePercentage }} of calls to external service {{ $labels.service }} ended in an error over 5 minutes, above {threshold_percent}.",
+            "{{ $value | humanizePercentage }} of calls to external service {{ $labels.service }} ended in an error over {window}, above {threshold_percent}.",
             f"1. On the {_dashboard('Error Analysis')}, External service errors names the exception classes.\n"
             "2. Check the provider's status page, your quota and your credentials.\n"
             "3. Check the service's latency on the API Performance dashboard: timeouts show as slow calls first.",
@@ -194,7 +209,7 @@ ALERTS: tuple[AlertSpec, ...] = (
         "crowdmon_internal_errors", "CrowdmonInternalErrors", "warning", "crowdmon_internal_errors_total", ("site",),
         (
             "crowdmon contained failures at {{ $labels.site }}",
-            "crowdmon's own code failed at {{ $labels.site }} in the last 15 minutes; requests were not affected, but some metrics may be missing.",
+            "crowdmon's own code failed at {{ $labels.site }} in the last {long_window}; requests were not affected, but some metrics may be missing.",
             "1. The application log holds the first failure of this site with its traceback (logger 'crowdmon').\n"
             "2. Report it with that traceback; the application keeps working meanwhile.",
         ),
@@ -203,7 +218,7 @@ ALERTS: tuple[AlertSpec, ...] = (
         "crowdmon_label_overflow", "CrowdmonLabelOverflow", "info", "crowdmon_label_overflow_total", ("metric", "label"),
         (
             "Label {{ $labels.label }} of {{ $labels.metric }} reached its value cap",
-            "New values of label {{ $labels.label }} on {{ $labels.metric }} were folded into <other> in the last 15 minutes.",
+            "New values of label {{ $labels.label }} on {{ $labels.metric }} were folded into <other> in the last {long_window}.",
             "1. Find what feeds the label: a raw path, a user id or a message in a label is a bug to fix where it is recorded.\n"
             "2. If the values are legitimate and bounded, raise the cap: PrometheusInstrumentation(cardinality_caps={'metric:label': N}).",
         ),
@@ -216,7 +231,7 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec(
         "chat_stopped", "ChatMessagesStopped", "business", "warning", "15m", _chat_stopped,
         "No chat messages while the API serves requests",
-        "The API keeps answering requests but no chat message was processed in the last 15 minutes.",
+        "The API keeps answering requests (other than probes and scrapes) but no chat message was processed in the last {long_window}.",
         f"1. Send a chat message yourself and watch the {_dashboard('Chat Metrics')}.\n"
         "2. Check for ComponentUnhealthy alerts and for the chat endpoint's errors on the Error Analysis dashboard.\n"
         "3. Requests reaching other routes but not chat point at the client front end.",
@@ -226,7 +241,7 @@ ALERTS: tuple[AlertSpec, ...] = (
         "chat_messages_total", "cache_hit = true", (), "<",
         (
             "Chat cache hit ratio is {{ $value | humanizePercentage }}",
-            "Only {{ $value | humanizePercentage }} of chat messages were served from the cache over 5 minutes, below {threshold_percent}.",
+            "Only {{ $value | humanizePercentage }} of chat messages were served from the cache over {window}, below {threshold_percent}.",
             "1. Check that the cache is reachable and was not just emptied (a restart empties it).\n"
             f"2. Compare with RAG usage on the {_dashboard('Chat Metrics')}: new kinds of questions miss the cache.",
         ),
@@ -236,7 +251,7 @@ ALERTS: tuple[AlertSpec, ...] = (
         "document_operations_total", "status != success", ("operation",), ">",
         (
             "{{ $value | humanizePercentage }} of document {{ $labels.operation }} operations fail",
-            "{{ $value | humanizePercentage }} of document {{ $labels.operation }} operations did not end in success over 5 minutes, above {threshold_percent}.",
+            "{{ $value | humanizePercentage }} of document {{ $labels.operation }} operations did not end in success over {window}, above {threshold_percent}.",
             f"1. Open the {_dashboard('Business KPIs')}: Document operations by operation and status.\n"
             "2. Check the database and the vector store on the System Health dashboard.",
         ),
@@ -255,7 +270,45 @@ ALERT_KEYS = tuple(alert.key for alert in ALERTS)
 DEFAULT_DURATIONS: dict[str, str] = {alert.key: alert.duration for alert in ALERTS}
 CATEGORIES = ("health", "errors", "latency", "business")
 
-_DURATION = re.compile(r"0|(?:\d+(?:ms|[smhdwy]))+")
+#: A Prometheus duration: each unit at most once, in this order.
+_DURATION = re.compile(r"(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?")
+_UNIT_SECONDS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
+
+
+def duration_seconds(text: object) -> float | None:
+    """The seconds of a Prometheus duration (``90s``, ``1h30m``; ``0``), or ``None`` for anything
+    Prometheus would refuse, such as ``30s1m`` (units out of order) or ``1.5m``."""
+    if text == "0":
+        return 0.0
+    match = _DURATION.fullmatch(text) if isinstance(text, str) else None
+    if match is None or not any(match.groups()):
+        return None
+    return sum(int(count) * unit for count, unit in zip(match.groups(), _UNIT_SECONDS, strict=True) if count)
+
+
+def _duration(seconds: float) -> str:
+    """Whole seconds as a Prometheus duration, in minutes where they divide."""
+    whole = math.ceil(seconds)
+    return f"{whole // 60}m" if whole % 60 == 0 else f"{whole}s"
+
+
+def _spoken(duration: str) -> str:
+    """``5m`` as ``5 minutes``, for annotations."""
+    seconds = duration_seconds(duration) or 0.0
+    for unit, size in (("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:g} seconds"
+
+
+def rule_windows(scrape_interval: str) -> tuple[str, str]:
+    """The rules' ``rate()`` and ``increase()`` ranges for a scrape interval: 5 and 15 minutes,
+    or four scrape intervals if that is longer, so every range holds enough samples."""
+    seconds = duration_seconds(scrape_interval)
+    if not seconds:
+        raise ValueError(f"scrape_interval must be a Prometheus duration above 0 such as 15s or 1m, got {scrape_interval!r}")
+    return _duration(max(RULE_WINDOW_SECONDS, 4 * seconds)), _duration(max(LONG_RULE_WINDOW_SECONDS, 4 * seconds))
 
 
 def resolve(
@@ -269,13 +322,22 @@ def resolve(
             raise ValueError(f"unknown alert threshold {key!r}; known thresholds: {', '.join(DEFAULT_THRESHOLDS)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"threshold {key!r} must be a finite number, got {value!r}")
+        if key in FRACTIONS and not 0 <= value <= 1:
+            raise ValueError(f"threshold {key!r} is a share, a fraction from 0 to 1 (0.05 is 5%), got {value!r}")
+        if key == "sessions_drop_ratio" and value in (0, 1):
+            raise ValueError(f"threshold 'sessions_drop_ratio' must lie strictly between 0 and 1 (0.5 alerts on losing half), got {value!r}")
+        if value < 0:
+            raise ValueError(f"threshold {key!r} must not be negative, got {value!r}")
         resolved_thresholds[key] = float(value)
     resolved_durations = dict(DEFAULT_DURATIONS)
     for key, duration in (durations or {}).items():
         if key not in DEFAULT_DURATIONS:
             raise ValueError(f"unknown alert {key!r} for a 'for:' duration; known alerts: {', '.join(DEFAULT_DURATIONS)}")
-        if not isinstance(duration, str) or not _DURATION.fullmatch(duration):
-            raise ValueError(f"'for:' duration of {key!r} must be a Prometheus duration such as 30s, 5m or 1h, got {duration!r}")
+        if duration_seconds(duration) is None:
+            raise ValueError(
+                f"'for:' duration of {key!r} must be a Prometheus duration such as 30s, 5m or 1h30m "
+                f"(units in the order y w d h m s ms), got {duration!r}"
+            )
         resolved_durations[key] = duration
     return resolved_thresholds, resolved_durations
 
@@ -290,11 +352,19 @@ def rule_groups(
     job: str,
     thresholds: Mapping[str, float] | None = None,
     durations: Mapping[str, str] | None = None,
+    *,
+    scrape_interval: str = "15s",
+    probe_handlers: Sequence[str] = ("/health", "/metrics"),
 ) -> dict[str, Any]:
-    """The Prometheus rule file (as data): one group per category, every rule scoped to ``job``."""
+    """The Prometheus rule file (as data): one group per category, every rule scoped to ``job``.
+
+    Rates are taken over 5 minutes and events counted over 15, or over four ``scrape_interval``
+    if that is longer.  Requests to ``probe_handlers`` are not users' traffic."""
     check_job(job)
     resolved_thresholds, resolved_durations = resolve(thresholds, durations)
-    scope = rule_scope(job)
+    if isinstance(probe_handlers, str):
+        raise ValueError(f"probe_handlers must be a collection of handlers, got the string {probe_handlers!r}; write [{probe_handlers!r}]")
+    scope = rule_scope(job, *rule_windows(scrape_interval), probe_handlers)
     groups = []
     for category in CATEGORIES:
         rules = [
@@ -304,8 +374,8 @@ def rule_groups(
                 "for": resolved_durations[alert.key],
                 "labels": {"severity": alert.severity, "category": alert.category, "source": "crowdmon", **dict(alert.labels)},
                 "annotations": {
-                    "summary": alert.render(alert.summary, resolved_thresholds, resolved_durations[alert.key]),
-                    "description": alert.render(alert.description, resolved_thresholds, resolved_durations[alert.key]),
+                    "summary": alert.render(alert.summary, resolved_thresholds, resolved_durations[alert.key], scope),
+                    "description": alert.render(alert.description, resolved_thresholds, resolved_durations[alert.key], scope),
                     "runbook": alert.runbook,
                 },
             }
@@ -321,17 +391,17 @@ WHEN: dict[str, str] = {
     "component_unhealthy": "`component_health_status{status=\"unhealthy\"}` is 1 for a component on any instance",
     "component_degraded": "a component reports `degraded`",
     "component_health_unknown": "a component still reports `unknown` (no check ever set it)",
-    "http_error_ratio": "a handler's 5xx share over 5 minutes is above the threshold",
+    "http_error_ratio": "a handler's 5xx share over the rule window is above the threshold",
     **{f"error_rate_{kind}": f"`{kind}` errors per second of a component are above the threshold" for kind in ERROR_TYPES},
     "external_error_ratio": "an external service's share of calls with `outcome=\"error\"` is above the threshold",
-    "crowdmon_internal_errors": "crowdmon contained failures of its own code in the last 15 minutes",
+    "crowdmon_internal_errors": "crowdmon contained failures of its own code over the long rule window (a first failure included)",
     "crowdmon_label_overflow": "a label reached its cardinality cap and values were folded into `<other>`",
     "http_latency": "p95 request latency of a handler is above the threshold",
     "chat_latency": "p95 chat processing time of an endpoint is above the threshold",
     "external_latency": "p95 latency of an external service is above the threshold",
     "vector_search_latency": "p95 vector search time of an operation is above the threshold",
     "database_latency": "p95 database query time of an operation is above the threshold",
-    "chat_stopped": "no chat message in 15 minutes while the API serves requests",
+    "chat_stopped": "no chat message over the long rule window while the API serves requests other than probes, and chat messages were seen in the last day",
     "cache_hit_ratio_min": "the chat cache hit ratio is below the threshold",
     "document_failure_ratio": "an operation's share of document operations not ending in `success` is above the threshold",
     "sessions_drop": "active sessions fell by more than the threshold share against one hour earlier (with at least `sessions_drop_min_sessions` then)",

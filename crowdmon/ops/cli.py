@@ -21,6 +21,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dashboards-path", default="/var/lib/grafana/dashboards/crowdmon", help="where Grafana reads the dashboard files")
     parser.add_argument("--threshold", action="append", default=[], metavar="KEY=NUMBER", help=f"alert threshold; repeatable. Defaults: {defaults}")
     parser.add_argument("--for", action="append", default=[], dest="durations", metavar="ALERT=DURATION", help=f"alert 'for:' duration; repeatable. Alerts: {', '.join(DEFAULT_DURATIONS)}")
+    parser.add_argument("--probe-handler", action="append", dest="probe_handlers", metavar="HANDLER", help="a handler whose requests are probes or scrapes, not users' traffic; repeatable (default: /health and /metrics)")
 
 
 def _pairs(values: list[str], option: str, parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -57,9 +58,14 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             dashboards_path=args.dashboards_path,
             thresholds=thresholds,
             durations=_pairs(args.durations, "--for", parser),
+            probe_handlers=tuple(args.probe_handlers or ("/health", "/metrics")),
         )
     except ValueError as error:
         parser.error(str(error))
-    for path in export(args.out, options):
+    try:
+        written = export(args.out, options)
+    except OSError as error:
+        parser.error(f"cannot write the pack into {args.out!r}: {error.strerror or error}")
+    for path in written:
         print(path, file=sys.stdout)
     return 0

@@ -32,6 +32,7 @@ from crowdmon.ops.queries import (
     counter_rate,
     gauge_sum,
     health_code,
+    increase_or_new,
     quantile,
     rate_or_zero,
     ratio,
@@ -87,6 +88,12 @@ def _latency(name: str, by: str, title: str, description: str, extra: Sequence[s
     )
 
 
+def _components_in(state: str) -> str:
+    """How many components report ``state`` on at least one instance (each counted once)."""
+    reporting = gauge_sum("component_health_status", S, ("component",), [f'status="{state}"'], aggregation="max")
+    return f"count ({reporting} == 1) or vector(0)"
+
+
 _HEALTH_MAPPINGS = {str(code): (state, HEALTH_COLOURS[state]) for state, code in HEALTH_CODES.items()}
 
 SYSTEM_HEALTH = DashboardSpec(
@@ -98,16 +105,16 @@ SYSTEM_HEALTH = DashboardSpec(
             "Components",
             (
                 PanelSpec("Component health", "Worst state of each component across instances.", (Target(health_code(S, HEALTH_CODES), "{{component}}"),), "statetimeline", width=24, value_mappings=_HEALTH_MAPPINGS),
-                PanelSpec("Unhealthy components", "Components reporting unhealthy now.", (Target(gauge_sum("component_health_status", S, (), ['status="unhealthy"'])),), "stat", width=8),
-                PanelSpec("Degraded components", "Components reporting degraded now.", (Target(gauge_sum("component_health_status", S, (), ['status="degraded"'])),), "stat", width=8),
-                PanelSpec("Components by state", "How many components are in each state.", (Target(gauge_sum("component_health_status", S, ("status",)), "{{status}}"),), "stat", width=8),
+                PanelSpec("Unhealthy components", "Components reporting unhealthy now, on any instance.", (Target(_components_in("unhealthy")),), "stat", width=8),
+                PanelSpec("Degraded components", "Components reporting degraded now, on any instance.", (Target(_components_in("degraded")),), "stat", width=8),
+                PanelSpec("Components by state", "How many components report each state, on any instance.", (Target(f"count by (status) ({gauge_sum('component_health_status', S, ('component', 'status'), aggregation='max')} == 1)", "{{status}}"),), "stat", width=8),
             ),
         ),
         (
             "crowdmon itself",
             (
-                PanelSpec("Label values folded", "Label values folded into <other> because a label reached its cap; raise the cap or fix the label source.", (Target(counter_rate("crowdmon_label_overflow_total", S, ("metric", "label"), function="increase"), "{{metric}} {{label}}"),)),
-                PanelSpec("Contained internal errors", "Failures inside crowdmon that were contained; the application was not affected.", (Target(counter_rate("crowdmon_internal_errors_total", S, ("site",), function="increase"), "{{site}}"),)),
+                PanelSpec("Label values folded", "Label values folded into <other> because a label reached its cap; raise the cap or fix the label source.", (Target(increase_or_new("crowdmon_label_overflow_total", S, ("metric", "label"), window=S.window), "{{metric}} {{label}}"),)),
+                PanelSpec("Contained internal errors", "Failures inside crowdmon that were contained; the application was not affected.", (Target(increase_or_new("crowdmon_internal_errors_total", S, ("site",), window=S.window), "{{site}}"),)),
             ),
         ),
     ),

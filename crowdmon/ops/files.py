@@ -14,11 +14,10 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("crowdmon export needs PyYAML: pip install 'crowdmon[ops]'") from error
 
-from crowdmon.ops.alerts import check_job, resolve, rule_groups
+from crowdmon.ops.alerts import check_job, duration_seconds, resolve, rule_groups
 from crowdmon.ops.dashboards import DASHBOARDS, dashboard_json
 
 RULES_FILE = "crowdmon-alerts.yml"
-_DURATION = re.compile(r"(?:\d+(?:ms|[smhdwy]))+")
 
 
 @dataclass(frozen=True)
@@ -42,13 +41,20 @@ class ExportOptions:
     thresholds: Mapping[str, float] = field(default_factory=dict)
     #: ``for:`` durations by alert key (see ``crowdmon.ops.DEFAULT_DURATIONS``).
     durations: Mapping[str, str] = field(default_factory=dict)
+    #: Handlers whose requests are probes or scrapes, not users' traffic (``ChatMessagesStopped``).
+    probe_handlers: tuple[str, ...] = ("/health", "/metrics")
 
     def __post_init__(self) -> None:
         check_job(self.job)
         resolve(self.thresholds, self.durations)
         for name in ("scrape_interval", "evaluation_interval"):
-            if not _DURATION.fullmatch(getattr(self, name)):
-                raise ValueError(f"{name} must be a Prometheus duration such as 15s or 1m, got {getattr(self, name)!r}")
+            if not duration_seconds(getattr(self, name)):
+                raise ValueError(
+                    f"{name} must be a Prometheus duration above 0 such as 15s, 1m or 1m30s "
+                    f"(units in the order y w d h m s ms), got {getattr(self, name)!r}"
+                )
+        if isinstance(self.probe_handlers, str):
+            raise ValueError(f"probe_handlers must be a collection of handlers, got the string {self.probe_handlers!r}; write ({self.probe_handlers!r},)")
         if not self.targets or any(not re.fullmatch(r"[\w.\-\[\]:]+:\d+", target) for target in self.targets):
             raise ValueError(f"targets must be host:port, e.g. 127.0.0.1:8000, got {list(self.targets)!r}")
         if not self.datasource.strip():
@@ -65,12 +71,18 @@ def export(out: str | Path, options: ExportOptions | None = None) -> list[Path]:
     """
     options = options or ExportOptions()
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"--out must be a directory to write the pack into, and {str(root)!r} is a file")
     files: dict[str, str] = {}
     for spec in DASHBOARDS:
         files[f"grafana/dashboards/{spec.uid}.json"] = dashboard_json(spec, options.datasource)
     files["grafana/provisioning/datasources/crowdmon.yml"] = _yaml(datasource_provisioning(options))
     files["grafana/provisioning/dashboards/crowdmon.yml"] = _yaml(dashboard_provisioning(options))
-    files[f"prometheus/{RULES_FILE}"] = _yaml(rule_groups(options.job, options.thresholds, options.durations))
+    rules = rule_groups(
+        options.job, options.thresholds, options.durations,
+        scrape_interval=options.scrape_interval, probe_handlers=options.probe_handlers,
+    )
+    files[f"prometheus/{RULES_FILE}"] = _yaml(rules)
     files["prometheus/prometheus.yml"] = _yaml(prometheus_config(options))
     written = []
     for relative, text in files.items():

@@ -7,6 +7,7 @@ operations pack is generated, not months later as an empty panel.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,11 +20,16 @@ class Scope:
     """The matchers every query carries: Grafana variables on dashboards, a job in rules."""
 
     matchers: tuple[str, ...]
+    #: The range of ``rate()`` and quantiles.
     window: str
+    #: The range of the rules that count events over a longer span (``increase()``).
+    long_window: str = "15m"
+    #: Handlers whose requests are not users' traffic (probes, scrapes).
+    probe_handlers: tuple[str, ...] = ("/health", "/metrics")
 
     def selector(self, metric: MetricSpec, series: str, extra: Sequence[str] = ()) -> str:
         for matcher in extra:
-            label = matcher.split("=", 1)[0].rstrip("!~")
+            label = re.match(r"\w*", matcher).group()  # type: ignore[union-attr]  # \w* always matches
             _require_labels(metric, [label], allow_le=series.endswith("_bucket"))
         return f"{series}{{{', '.join((*self.matchers, *extra))}}}"
 
@@ -31,8 +37,8 @@ class Scope:
 DASHBOARD_SCOPE = Scope(('job=~"$job"', 'instance=~"$instance"'), "$__rate_interval")
 
 
-def rule_scope(job: str, window: str = "5m") -> Scope:
-    return Scope((f'job="{job}"',), window)
+def rule_scope(job: str, window: str = "5m", long_window: str = "15m", probe_handlers: Sequence[str] = ("/health", "/metrics")) -> Scope:
+    return Scope((f'job="{job}"',), window, long_window, tuple(probe_handlers))
 
 
 def _require_labels(metric: MetricSpec, labels: Sequence[str], *, allow_le: bool = False) -> None:
@@ -77,6 +83,20 @@ def quantile(q: float, name: str, scope: Scope, by: Sequence[str] = (), extra: S
     _require_labels(metric, by)
     selector = scope.selector(metric, name + "_bucket", extra)
     return f"histogram_quantile({q}, sum by ({', '.join(('le', *by))}) (rate({selector}[{scope.window}])))"
+
+
+def increase_or_new(name: str, scope: Scope, by: Sequence[str] = (), *, window: str | None = None) -> str:
+    """How much counter ``name`` grew over ``window``, per ``by`` group: ``increase()`` for a
+    series older than the window, and its whole value for one born within it.  crowdmon creates
+    a series at its first increment, so a first failure appears as a new series already at 1,
+    which ``increase()`` alone reads as no change."""
+    metric = spec(name)
+    if metric.kind != MetricKind.COUNTER:
+        raise ValueError(f"{name} is a {metric.kind.value}, not a counter")
+    _require_labels(metric, by)
+    window = window or scope.long_window
+    selector = scope.selector(metric, name)
+    return f"sum{_by(by)} (({selector} unless {selector} offset {window}) or increase({selector}[{window}]))"
 
 
 def rate_or_zero(name: str, scope: Scope, by: Sequence[str], extra: Sequence[str]) -> str:
