@@ -79,7 +79,9 @@ class PrometheusMiddleware:
         self._exemplar_option = exemplars
         self._bind(instrumentation)
         # Handler labels of matched routes: id(route), or (id(route), id(FastAPI route context)).
-        self._route_labels: dict[object, str] = {id(None): UNMATCHED_HANDLER}
+        # A request with no route in its scope is labelled afresh each time: no route matched
+        # (a 404), or its router did not record the route (FastAPI's plain routes).
+        self._route_labels: dict[object, str] = {}
         # Keeps those objects alive, so their ids are never reused while the labels are held.
         self._route_objects: list[object] = []
 

@@ -1,11 +1,13 @@
 """Turning a request into a bounded ``handler`` label.
 
 The label is the route template the application's own router matched (``/items/{item_id}``),
-read from the scope after routing: Starlette and FastAPI store the matched route in
-``scope["route"]`` and extend ``root_path`` for every ``Mount`` they pass.  A mount with path
-parameters (``Mount("/{tenant}", ...)``) puts their values in ``root_path``; its template is then
-found by asking the app's routes again, with their own ``matches()``.  Nothing here
-re-implements routing, and nothing here may raise: any surprise yields the unmatched sentinel.
+read from the scope after routing: Starlette (from 1.7) and FastAPI (for its own ``APIRoute``)
+store the matched route in ``scope["route"]`` and extend ``root_path`` for every ``Mount`` they
+pass.  A mount with path parameters (``Mount("/{tenant}", ...)``) puts their values in
+``root_path``; its template, and the route of a router that did not record it (FastAPI's for a
+plain ``Route``, such as ``app.add_route`` or ``/health``; Starlette before 1.7), are then found by
+asking the app's routes again, with their own ``matches()``.  Nothing here re-implements routing,
+and nothing here may raise: any surprise yields the unmatched sentinel.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str) -> 
     """
     route = scope.get("route")
     if route is None:
-        return UNMATCHED_HANDLER
+        route = _route_by_matching(scope, entry_root_path)
+        if route is None:
+            return UNMATCHED_HANDLER
     template = _template_of(scope, route)
     if not isinstance(template, str) or not template:
         return UNMATCHED_HANDLER
@@ -167,6 +171,35 @@ def _walk(start: dict[str, Any], route: object) -> _Chain | None:
         if chosen is route and isinstance(route, (Mount, Host)):
             chain.append(route)
         return tuple(chain)
+    return None
+
+
+def _route_by_matching(scope: Scope, entry_root_path: str) -> object | None:
+    """The route the app's routers chose for a request whose router did not record it in the
+    scope, found again with the routes' own ``matches()`` from the outermost router (the first
+    full match wins, else the first partial one), through mounts and hosts; ``None`` if no route
+    matches (a 404) or the router cannot be asked."""
+    try:
+        probe = _start(scope, entry_root_path)
+        routes = getattr(probe["router"], "routes", None)
+        for _ in range(_MOUNT_DEPTH):
+            chosen, chosen_scope = None, {}
+            for candidate in routes or ():
+                match, child = candidate.matches(probe)
+                if match is Match.FULL:
+                    chosen, chosen_scope = candidate, child
+                    break
+                if match is Match.PARTIAL and chosen is None:
+                    chosen, chosen_scope = candidate, child
+            if not isinstance(chosen, (Mount, Host)):
+                return chosen
+            beneath = chosen.routes or _routes_beneath(chosen.app)
+            if not beneath:
+                return chosen  # a mounted app that is not a router: static files, a bare ASGI app
+            probe.update(chosen_scope)
+            routes = beneath
+    except Exception:
+        pass
     return None
 
 

@@ -218,6 +218,33 @@ async def test_an_unbounded_resolver_is_folded_by_the_guard() -> None:
     assert value(registry, "crowdmon_label_overflow_total", metric=REQUESTS, label="handler") == 15
 
 
+async def test_fastapi_plain_routes_and_the_health_route_get_their_templates(registry: CollectorRegistry) -> None:
+    """FastAPI records the matched route in the scope only for its own ``APIRoute``: a plain
+    ``Route`` (``app.add_route``, the ``/health`` that ``setup_monitoring`` adds) is found again
+    with the routes' ``matches()``, inside mounts too."""
+    from fastapi import APIRouter, FastAPI
+
+    from crowdmon import setup_monitoring
+
+    app = FastAPI()
+    app.add_route("/plain/{x}", ok)
+    app.mount("/sub", Starlette(routes=[Mount("/deeper", routes=[Route("/items/{i}", ok)])]))
+    router = APIRouter()
+    router.add_api_route("/orders/{order_id}", lambda order_id: {"order_id": order_id})
+    app.include_router(router, prefix="/api")
+    setup_monitoring(app, instrumentation=PrometheusInstrumentation(registry))
+
+    statuses = await get_all(app, "/plain/1", "/plain/2", "/sub/deeper/items/5", "/api/orders/7", "/health", "/metrics", "/nope")
+
+    assert statuses == [200, 200, 200, 200, 200, 200, 404]
+    assert value(registry, REQUESTS, method="GET", handler="/plain/{x}", status="200") == 2
+    assert value(registry, REQUESTS, method="GET", handler="/sub/deeper/items/{i}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/api/orders/{order_id}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/health", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="404") == 1
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="200") == 0
+
+
 async def test_fastapi_include_router_templates_with_the_installed_fastapi() -> None:
     counts = await fastapi_app.drive()
     assert counts == EXPECTED_FASTAPI_COUNTS
