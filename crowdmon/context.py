@@ -56,12 +56,17 @@ class RequestContext:
         return handler_label_for(scope, self.entry_root_path, 200)
 
     def user_type(self) -> str:
-        """The resolver's answer for this request (the resolver runs once per request)."""
+        """The resolver's answer for this request (the resolver runs once per request; if it
+        raises, the exception propagates and the request's user type is ``unknown``)."""
         if self._user_type is None:
             scope = self.scope
             if scope is None:
                 return UNKNOWN_VALUE  # the request ended before anyone asked
-            resolved = self.user_type_resolver(scope)
+            try:
+                resolved = self.user_type_resolver(scope)
+            except Exception:
+                self._user_type = UNKNOWN_VALUE  # asked once per request, whatever it answers
+                raise
             self._user_type = resolved if isinstance(resolved, str) else str(resolved)
         return self._user_type
 

@@ -37,7 +37,7 @@ from crowdmon.instrumentation import (
     PrometheusInstrumentation,
     default_instrumentation,
 )
-from crowdmon.timing import CANCELLED, ERROR, SUCCESS, outcome_of
+from crowdmon.timing import CANCELLED, ERROR, NORMAL_ENDS, SUCCESS, outcome_of
 
 F = TypeVar("F", bound="Callable[..., Any] | classmethod[Any, Any, Any] | staticmethod[Any, Any]")
 
@@ -289,7 +289,12 @@ def _shape(target: Any) -> str:
 
 
 def _function_label(target: Any) -> str:
-    """The ``function`` label: the qualified name, without the ``<locals>`` of enclosing functions."""
+    """The ``function`` label: the qualified name, without the ``<locals>`` of enclosing functions;
+    a ``functools.partial`` is named by the function it calls."""
+    for _ in range(16):
+        if not isinstance(target, functools.partial):
+            break
+        target = target.func
     name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or type(target).__name__
     return str(name).rpartition("<locals>.")[2]
 
@@ -362,9 +367,11 @@ def _plain_sync(func: Callable[..., Any], begin: Callable[[], Any], succeeded: C
 
 def _plain_async(func: Callable[..., Any], begin: Callable[[], Any], succeeded: Callable[[Any], None], finish: _Finish) -> Callable[..., Any]:
     async def call(*args: Any, **kwargs: Any) -> Any:
+        # The coroutine is made first: a wrong argument is the caller's mistake, not a failure.
+        coroutine = func(*args, **kwargs)
         state = begin()
         try:
-            result = await func(*args, **kwargs)
+            result = await coroutine
         except BaseException as error:
             finish(state, error)
             raise
@@ -388,9 +395,10 @@ def _plain_sync_errors(func: Callable[..., Any], begin: Callable[[], Any], finis
 
 def _plain_async_errors(func: Callable[..., Any], begin: Callable[[], Any], finish: _Finish) -> Callable[..., Any]:
     async def call(*args: Any, **kwargs: Any) -> Any:
+        coroutine = func(*args, **kwargs)
         state = begin()
         try:
-            return await func(*args, **kwargs)
+            return await coroutine
         except BaseException as error:
             finish(state, error)
             raise
@@ -413,20 +421,24 @@ def _maybe_awaitable_wrapper(probe: _Probe) -> Callable[..., Any]:
             finish(state, error)
             raise
         if inspect.iscoroutine(result):
-            return _awaited(result, state, succeeded, finish)
+            # Timed from when it is awaited, if it ever is: a coroutine cancelled before its
+            # first step or never awaited runs no code of ours, and must leave nothing open.
+            probe.abandon(state)
+            return _awaited(result, probe)
         succeeded(state)
         return result
 
     return call
 
 
-async def _awaited(coroutine: Awaitable[Any], state: Any, succeeded: Callable[[Any], None], finish: _Finish) -> Any:
+async def _awaited(coroutine: Awaitable[Any], probe: _Probe) -> Any:
+    state = probe.begin()
     try:
         result = await coroutine
     except BaseException as error:
-        finish(state, error)
+        probe.finish(state, error)
         raise
-    succeeded(state)
+    probe.succeeded(state)
     return result
 
 
@@ -450,9 +462,10 @@ def _async_wrapper(probe: _Probe) -> Callable[..., Any]:
     begin, succeeded, finish = probe.begin, probe.succeeded, probe.finish
 
     async def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
+        awaitable = wrapped(*args, **kwargs)  # a wrong argument is the caller's mistake, not a failure
         state = begin()
         try:
-            result = await wrapped(*args, **kwargs)
+            result = await awaitable
         except BaseException as error:
             finish(state, error)
             raise
@@ -482,9 +495,10 @@ def _async_errors_wrapper(probe: _Probe) -> Callable[..., Any]:
     begin, finish = probe.begin, probe.finish
 
     async def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
+        awaitable = wrapped(*args, **kwargs)
         state = begin()
         try:
-            return await wrapped(*args, **kwargs)
+            return await awaitable
         except BaseException as error:
             finish(state, error)
             raise
@@ -586,6 +600,9 @@ class _Probe:
     def succeeded(self, state: Any) -> None:
         self.finish(state, None)
 
+    def abandon(self, state: Any) -> None:
+        """Close what ``begin`` opened without recording anything (override if it opened any)."""
+
     def finish(self, state: Any, error: BaseException | None) -> None:
         elapsed = perf_counter() - state
         try:
@@ -663,7 +680,7 @@ class _ErrorsProbe(_Probe):
         pass
 
     def finish(self, state: Any, error: BaseException | None) -> None:
-        if error is None or not isinstance(error, Exception):
+        if error is None or not isinstance(error, Exception) or isinstance(error, NORMAL_ENDS):
             return
         try:
             target = self.bind()
@@ -802,6 +819,9 @@ class _SessionProbe(_Probe):
             return None
 
     def succeeded(self, state: Any) -> None:
+        self.finish(state, None)
+
+    def abandon(self, state: Any) -> None:
         self.finish(state, None)
 
     def finish(self, state: Any, error: BaseException | None) -> None:

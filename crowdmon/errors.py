@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import itertools
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -64,9 +65,13 @@ class ErrorTaxonomy:
         defaults: bool = True,
     ) -> None:
         self._lock = threading.Lock()
-        self._by_class: dict[type[BaseException], str] = {}
-        # qualname -> [(module prefix, category)], user rules first
-        self._by_name: dict[str, list[tuple[str, str]]] = {}
+        # Each rule carries the order it was added in: at one step of a class's MRO, a rule
+        # given by name and one given as the class both match, and the later one (the user's
+        # over a default) wins.
+        self._added = itertools.count()
+        self._by_class: dict[type[BaseException], tuple[int, str]] = {}
+        # qualname -> [(module prefix, order, category)], latest first
+        self._by_name: dict[str, list[tuple[str, int, str]]] = {}
         self._cache: dict[type[BaseException], str | None] = {}
         if defaults:
             for target, category in DEFAULT_RULES:
@@ -84,11 +89,11 @@ class ErrorTaxonomy:
             )
         with self._lock:
             if isinstance(target, type) and issubclass(target, BaseException):
-                self._by_class[target] = category
+                self._by_class[target] = (next(self._added), category)
             elif isinstance(target, str) and "." in target.strip(".") and " " not in target:
                 module, _, name = target.rpartition(".")
                 entries = [entry for entry in self._by_name.get(name, []) if entry[0] != module]
-                self._by_name[name] = [(module, category), *entries]
+                self._by_name[name] = [(module, next(self._added), category), *entries]
             else:
                 raise _setup_error(
                     f"an error rule needs an exception class or a dotted class name such as "
@@ -111,24 +116,23 @@ class ErrorTaxonomy:
             pass
         found: str | None = None
         for klass in cls.__mro__:
-            found = self._by_class.get(klass)
-            if found is None:
-                found = self._match_name(klass)
-            if found is not None:
+            by_class, by_name = self._by_class.get(klass), self._match_name(klass)
+            if by_class is not None or by_name is not None:
+                found = max(rule for rule in (by_class, by_name) if rule is not None)[1]
                 break
         with self._lock:
             if len(self._cache) < 4096:
                 self._cache[cls] = found
         return found
 
-    def _match_name(self, klass: type) -> str | None:
+    def _match_name(self, klass: type) -> tuple[int, str] | None:
         entries = self._by_name.get(klass.__qualname__)
         if not entries:
             return None
         module = klass.__module__
-        for prefix, category in entries:
+        for prefix, added, category in entries:
             if module == prefix or module.startswith(prefix + "."):
-                return category
+                return added, category
         return None
 
 

@@ -6,6 +6,7 @@
 | an ``Exception``                      | observed, outcome error     | once per metric  | unchanged |
 | cancellation (asyncio / anyio / trio) | observed, outcome cancelled | no               | unchanged |
 | ``GeneratorExit`` (stream closed)     | observed, outcome success   | no               | unchanged |
+| ``StopIteration``, ``StopAsyncIteration`` (an iterator's end) | observed, outcome success | no | unchanged |
 | ``KeyboardInterrupt``/``SystemExit``  | not observed                | no               | unchanged |
 """
 
@@ -18,11 +19,13 @@ from types import TracebackType
 from typing import Any
 
 SUCCESS, ERROR, CANCELLED = "success", "error", "cancelled"
+#: Exceptions that end a stream or an iterator normally: control flow, not failures.
+NORMAL_ENDS = (GeneratorExit, StopIteration, StopAsyncIteration)
 
 
 def outcome_of(error: BaseException | None) -> str | None:
     """The outcome label for what left a block, or ``None`` when nothing is to be observed."""
-    if error is None or isinstance(error, GeneratorExit):
+    if error is None or isinstance(error, NORMAL_ENDS):
         return SUCCESS
     if isinstance(error, Exception):
         return ERROR

@@ -683,3 +683,104 @@ def test_any_stack_of_decorators_counts_one_exception_at_most_once_per_metric(
         value(registry, "external_api_duration_seconds_count", service=service, endpoint="call", outcome="error")
         for service in ("x", "y")
     ) == timing_layers
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_a_plain_wrapper_coroutine_never_awaited_or_cancelled_first_leaves_the_session_gauge_at_zero(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    async def chat() -> str:
+        await asyncio.sleep(0)
+        return "answer"
+
+    @tracked_session("free", instrumentation=instrumentation)
+    @functools.wraps(chat)
+    def facade() -> Coroutine[Any, Any, str]:
+        return chat()
+
+    async def scenario() -> str:
+        task = asyncio.ensure_future(facade())
+        task.cancel()  # before its first step: no code of the wrapper ever runs
+        await asyncio.gather(task, return_exceptions=True)
+        never_awaited = facade()
+        never_awaited.close()
+        return await facade()
+
+    assert asyncio.run(scenario()) == "answer"
+    assert value(registry, "active_sessions_current", user_type="free") == 0
+
+
+@pytest.mark.parametrize("stack", ["alone", "under tracked_errors"])
+def test_a_wrong_argument_to_a_decorated_coroutine_function_is_not_a_failure(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation, stack: str
+) -> None:
+    async def fetch(url: str) -> str:
+        return url
+
+    decorated = tracked_external("llm", endpoint="complete", instrumentation=instrumentation)(fetch)
+    if stack != "alone":
+        decorated = tracked_errors(component="rag_system", instrumentation=instrumentation)(decorated)
+    bare = tracked_errors(component="rag_system", instrumentation=instrumentation)(fetch)
+
+    for function in (decorated, bare):
+        with pytest.raises(TypeError, match="takes 1 positional argument but 3 were given"):
+            asyncio.run(function(1, 2, 3))
+
+    assert all_durations(registry) == 0
+    assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="TypeError") == 0
+    # Only the outer decorator of a stack sees the inner wrapper's coroutine fail: it counts it.
+    expected = 0 if stack == "alone" else 1
+    assert value(registry, "application_errors_total", error_type="system", component="rag_system", user_type="unknown") == expected
+
+
+def test_the_end_of_an_iterator_is_not_a_failure(registry: CollectorRegistry, instrumentation: PrometheusInstrumentation) -> None:
+    class Tokens:
+        def __init__(self) -> None:
+            self.left = ["a", "b"]
+
+        def __aiter__(self) -> Tokens:
+            return self
+
+        @tracked_errors(component="llm", instrumentation=instrumentation)
+        @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+        async def __anext__(self) -> str:
+            if not self.left:
+                raise StopAsyncIteration
+            return self.left.pop(0)
+
+        def __iter__(self) -> Tokens:
+            return self
+
+        @tracked_errors(component="llm", instrumentation=instrumentation)
+        @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+        def __next__(self) -> str:
+            if not self.left:
+                raise StopIteration
+            return self.left.pop(0)
+
+    async def consume() -> list[str]:
+        return [token async for token in Tokens()]
+
+    assert asyncio.run(consume()) == ["a", "b"]
+    assert list(Tokens()) == ["a", "b"]
+    assert durations(registry, "success") == 6
+    assert durations(registry, "error") == 0
+    assert value(registry, "application_errors_total", error_type="system", component="llm", user_type="unknown") == 0
+
+
+def test_a_partial_is_labelled_by_the_function_it_calls(registry: CollectorRegistry, instrumentation: PrometheusInstrumentation) -> None:
+    def get_user(client: str, user_id: int) -> int:
+        return user_id
+
+    def get_order(client: str, order_id: int) -> int:
+        raise LookupError(order_id)
+
+    user = tracked_external("crm", instrumentation=instrumentation)(functools.partial(get_user, "crm-client"))
+    order = tracked_errors(component="crm", instrumentation=instrumentation)(functools.partial(functools.partial(get_order, "crm-client")))
+    assert user(7) == 7
+    with pytest.raises(LookupError):
+        order(8)
+
+    assert value(registry, "external_api_duration_seconds_count", service="crm", endpoint="get_user", outcome="success") == 1
+    details = {"component": "crm", "function": "get_order", "exception": "LookupError", "endpoint": "unknown"}
+    assert value(registry, "application_error_details_total", error_type="system", **details) == 1

@@ -167,3 +167,18 @@ def test_exception_class_names_are_bounded_by_the_cardinality_guard() -> None:
     assert instrumentation.guard.distinct_values("database_errors_total", "exception") == 3
     assert value(registry, "database_errors_total", component="db", exception="<other>") == 7
     assert value(registry, "crowdmon_label_overflow_total", metric="database_errors_total", label="exception") == 7
+
+
+@pytest.mark.parametrize("rule", [ValueError, "builtins.ValueError"])
+def test_a_user_rule_beats_a_default_for_the_same_class_however_either_is_given(rule: object) -> None:
+    # The defaults classify ValueError as a class and TimeoutError by name or class; the user's
+    # rule for the same class wins, given as a class or as a dotted name.
+    assert ErrorTaxonomy().classify(ValueError()) == "validation"
+    assert ErrorTaxonomy({rule: "system"}).classify(ValueError("bad")) == "system"
+    assert ErrorTaxonomy({"builtins.TimeoutError": "ai_system"}).classify(TimeoutError()) == "ai_system"
+    # A later rule replaces an earlier one for the same target; a rule for a base class still
+    # loses to a rule for the class itself.
+    taxonomy = ErrorTaxonomy({"builtins.ValueError": "system"})
+    taxonomy.add_rule(ValueError, "database")
+    assert taxonomy.classify(ValueError()) == "database"
+    assert ErrorTaxonomy({Exception: "database"}).classify(ValueError()) == "validation"

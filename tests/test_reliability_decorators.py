@@ -238,8 +238,9 @@ async def test_a_failing_user_type_resolver_changes_no_response(
     with caplog.at_level(logging.ERROR, logger="crowdmon"):
         assert await converse(app) == expected_answers()
 
-    # Every read of the user type fails (session, memory, errors and chat each read it once).
-    assert value(registry, INTERNAL_ERRORS, site="user_type_resolver") == 4 * 6
+    # The resolver is asked once per request, and fails once: each of the 6 requests reads the
+    # user type four times (session, memory, errors and chat), as "unknown" after the failure.
+    assert value(registry, INTERNAL_ERRORS, site="user_type_resolver") == 6
     assert len([r for r in caplog.records if "'user_type_resolver'" in r.getMessage()]) == 1
     assert value(registry, "chat_processing_duration_seconds_count", endpoint="/chat/{conversation}", user_type="unknown") == 6
     assert value(registry, "application_errors_total", error_type="system", component="rag_system", user_type="unknown") == 6
