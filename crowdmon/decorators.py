@@ -136,7 +136,7 @@ def tracked_database_query(
 
 def tracked_memory_operation(
     operation: str,
-    memory_type: str,
+    memory_type: str | None = None,
     user_type: str | None = None,
     *,
     instrumentation: PrometheusInstrumentation | None = None,
@@ -144,7 +144,7 @@ def tracked_memory_operation(
 ) -> Callable[[F], F]:
     """Count each call that succeeds in ``memory_operations_total{operation,memory_type,user_type}``."""
     operation = _static_label("tracked_memory_operation", "operation", operation)
-    memory_type = _static_label("tracked_memory_operation", "memory_type", memory_type)
+    memory_type = _static_label("tracked_memory_operation", "memory_type", _required("tracked_memory_operation", "memory_type", memory_type))
     user_type = _optional_label("tracked_memory_operation", "user_type", user_type)
     return _decorator(
         "tracked_memory_operation",
@@ -155,7 +155,7 @@ def tracked_memory_operation(
 
 def tracked_document_operation(
     operation: str,
-    document_type: str,
+    document_type: str | None = None,
     *,
     instrumentation: PrometheusInstrumentation | None = None,
     enabled: bool | None = None,
@@ -163,7 +163,7 @@ def tracked_document_operation(
     """Count each call in ``document_operations_total{operation,document_type,status}`` with
     ``status`` the call's outcome: ``success``, ``error`` or ``cancelled``."""
     operation = _static_label("tracked_document_operation", "operation", operation)
-    document_type = _static_label("tracked_document_operation", "document_type", document_type)
+    document_type = _static_label("tracked_document_operation", "document_type", _required("tracked_document_operation", "document_type", document_type))
     return _decorator(
         "tracked_document_operation",
         lambda name: _DocumentProbe(instrumentation, operation, document_type),
@@ -315,6 +315,14 @@ def _static_label(decorator: str, parameter: str, value: object) -> str:
         )
     if not value:
         raise CrowdmonSetupError(f"@{decorator}({parameter}='') needs a non-empty label value")
+    return value
+
+
+def _required(decorator: str, parameter: str, value: object) -> object:
+    """A label every call of the decorator needs (checked after the first argument, so that a bare
+    ``@decorator`` gets the message saying so)."""
+    if value is None:
+        raise CrowdmonSetupError(f"@{decorator} needs {parameter}=...: write @{decorator}(operation=..., {parameter}=...)")
     return value
 
 
@@ -578,6 +586,11 @@ class _Probe:
     begin: Callable[[], Any] = staticmethod(perf_counter)
 
     def __init__(self, instrumentation: PrometheusInstrumentation | None) -> None:
+        if instrumentation is not None and not isinstance(instrumentation, PrometheusInstrumentation):
+            raise CrowdmonSetupError(
+                f"instrumentation= takes a PrometheusInstrumentation (or None for the default one), "
+                f"got {instrumentation!r}"
+            )
         self._fixed = instrumentation
         self._bound: object = _UNBOUND
 

@@ -275,8 +275,11 @@ def test_enum_label_values_are_accepted(registry: CollectorRegistry, instrumenta
         (lambda: tracked_vector_search(""), CrowdmonSetupError, "non-empty"),
         (lambda: tracked_session(enabled="yes"), CrowdmonSetupError, "True, False or None"),  # type: ignore[arg-type]
         (lambda: tracked_errors(component="rag", taxonomy={"x": "auth"}), CrowdmonSetupError, "ErrorTaxonomy"),  # type: ignore[arg-type]
+        (lambda: tracked_memory_operation(lambda: None), CrowdmonSetupError, "write @tracked_memory_operation(operation=...) above the function, not a bare @tracked_memory_operation"),  # type: ignore[arg-type]
+        (lambda: tracked_document_operation("add"), CrowdmonSetupError, "@tracked_document_operation needs document_type=...: write @tracked_document_operation(operation=..., document_type=...)"),
+        (lambda: tracked_external("openai", instrumentation="default")(lambda: None), CrowdmonSetupError, "instrumentation= takes a PrometheusInstrumentation (or None for the default one), got 'default'"),  # type: ignore[arg-type]
     ],
-    ids=["not-callable", "class", "bare-decorator", "unknown-category", "int-label", "empty-label", "enabled-type", "taxonomy-type"],
+    ids=["not-callable", "class", "bare-decorator", "unknown-category", "int-label", "empty-label", "enabled-type", "taxonomy-type", "bare-with-two-labels", "missing-label", "instrumentation-type"],
 )
 def test_mistakes_fail_at_decoration_time_with_the_fix(apply: Any, error: type[Exception], message: str) -> None:
     with pytest.raises(error) as raised:
