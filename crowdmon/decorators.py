@@ -37,7 +37,7 @@ from crowdmon.instrumentation import (
     PrometheusInstrumentation,
     default_instrumentation,
 )
-from crowdmon.timing import CANCELLED, ERROR, NORMAL_ENDS, SUCCESS, outcome_of
+from crowdmon.timing import CANCELLED, ERROR, ITERATION_ENDS, SUCCESS, outcome_of
 
 F = TypeVar("F", bound="Callable[..., Any] | classmethod[Any, Any, Any] | staticmethod[Any, Any]")
 
@@ -231,6 +231,7 @@ def _decorator(name: str, make_probe: Callable[[str], _Probe], enabled: bool | N
             return func
         target = _callable_target(name, func)
         probe = make_probe(_function_label(target))
+        probe.iterator = getattr(target, "__name__", None) in ("__next__", "__anext__")
         shape = _shape(target)
         if isinstance(func, FunctionType) and shape in ("sync", "coroutine"):
             return cast(F, _plain_function_wrapper(func, probe, shape == "coroutine"))
@@ -584,6 +585,9 @@ class _Probe:
     errors_only = False
     #: ``state`` is the start time; a builtin, so the hot path makes no Python call for it.
     begin: Callable[[], Any] = staticmethod(perf_counter)
+    #: The decorated function is an iterator's ``__next__`` or ``__anext__``: its
+    #: ``StopIteration`` or ``StopAsyncIteration`` is its end, not a failure.
+    iterator = False
 
     def __init__(self, instrumentation: PrometheusInstrumentation | None) -> None:
         if instrumentation is not None and not isinstance(instrumentation, PrometheusInstrumentation):
@@ -619,7 +623,7 @@ class _Probe:
     def finish(self, state: Any, error: BaseException | None) -> None:
         elapsed = perf_counter() - state
         try:
-            outcome = outcome_of(error)
+            outcome = outcome_of(error, iterator=self.iterator)
             if outcome is not None:
                 self.record(self.bind(), elapsed, outcome, error, state)
         except Exception as failure:
@@ -693,7 +697,7 @@ class _ErrorsProbe(_Probe):
         pass
 
     def finish(self, state: Any, error: BaseException | None) -> None:
-        if error is None or not isinstance(error, Exception) or isinstance(error, NORMAL_ENDS):
+        if error is None or not isinstance(error, Exception) or (self.iterator and isinstance(error, ITERATION_ENDS)):
             return
         try:
             target = self.bind()

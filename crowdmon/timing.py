@@ -6,7 +6,7 @@
 | an ``Exception``                      | observed, outcome error     | once per metric  | unchanged |
 | cancellation (asyncio / anyio / trio) | observed, outcome cancelled | no               | unchanged |
 | ``GeneratorExit`` (stream closed)     | observed, outcome success   | no               | unchanged |
-| ``StopIteration``, ``StopAsyncIteration`` (an iterator's end) | observed, outcome success | no | unchanged |
+| ``StopIteration``, ``StopAsyncIteration`` leaving a ``__next__`` or ``__anext__`` (its end) | observed, outcome success | no | unchanged |
 | ``KeyboardInterrupt``/``SystemExit``  | not observed                | no               | unchanged |
 """
 
@@ -19,13 +19,15 @@ from types import TracebackType
 from typing import Any
 
 SUCCESS, ERROR, CANCELLED = "success", "error", "cancelled"
-#: Exceptions that end a stream or an iterator normally: control flow, not failures.
-NORMAL_ENDS = (GeneratorExit, StopIteration, StopAsyncIteration)
+#: What ends an iterator: control flow when it leaves a ``__next__`` or ``__anext__``, a bug
+#: anywhere else (a ``next()`` on an empty iterator that leaked out of a function).
+ITERATION_ENDS = (StopIteration, StopAsyncIteration)
 
 
-def outcome_of(error: BaseException | None) -> str | None:
-    """The outcome label for what left a block, or ``None`` when nothing is to be observed."""
-    if error is None or isinstance(error, NORMAL_ENDS):
+def outcome_of(error: BaseException | None, *, iterator: bool = False) -> str | None:
+    """The outcome label for what left a block (``iterator``: the block is an iterator's
+    ``__next__`` or ``__anext__``), or ``None`` when nothing is to be observed."""
+    if error is None or isinstance(error, GeneratorExit) or (iterator and isinstance(error, ITERATION_ENDS)):
         return SUCCESS
     if isinstance(error, Exception):
         return ERROR

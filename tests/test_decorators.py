@@ -784,3 +784,20 @@ def test_a_partial_is_labelled_by_the_function_it_calls(registry: CollectorRegis
     assert value(registry, "external_api_duration_seconds_count", service="crm", endpoint="get_user", outcome="success") == 1
     details = {"component": "crm", "function": "get_order", "exception": "LookupError", "endpoint": "unknown"}
     assert value(registry, "application_error_details_total", error_type="system", **details) == 1
+
+
+def test_a_stop_iteration_leaking_from_an_ordinary_function_is_a_failure(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    @tracked_errors(component="llm", instrumentation=instrumentation)
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    def first_row(rows: list[str]) -> str:
+        return next(iter(rows))  # a bug on an empty list
+
+    with pytest.raises(StopIteration):
+        first_row([])
+
+    assert durations(registry, "error") == 1
+    assert durations(registry, "success") == 0
+    assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="StopIteration") == 1
+    assert value(registry, "application_errors_total", error_type="system", component="llm", user_type="unknown") == 1

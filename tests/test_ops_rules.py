@@ -425,7 +425,7 @@ def test_a_malformed_scrape_interval_is_refused_for_the_rules() -> None:
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("1h30m", 5400), ("90s", 90), ("0", 0), ("0s", 0), ("5ms", 0.005), ("1y2w", 365 * 86400 + 14 * 86400),
-     ("30s1m", None), ("1m1m", None), ("1.5m", None), ("", None), ("5", None), ("1M", None)],
+     ("30s1m", None), ("1m1m", None), ("1.5m", None), ("", None), ("5", None), ("1M", None), ("292y", 292 * 365 * 86400), ("300y", None)],
 )
 def test_durations_are_read_as_prometheus_reads_them(text: str, seconds: float | None) -> None:
     assert duration_seconds(text) == seconds

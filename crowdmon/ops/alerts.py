@@ -283,7 +283,8 @@ def duration_seconds(text: object) -> float | None:
     match = _DURATION.fullmatch(text) if isinstance(text, str) else None
     if match is None or not any(match.groups()):
         return None
-    return sum(int(count) * unit for count, unit in zip(match.groups(), _UNIT_SECONDS, strict=True) if count)
+    seconds = sum(int(count) * unit for count, unit in zip(match.groups(), _UNIT_SECONDS, strict=True) if count)
+    return seconds if seconds * 1e9 <= 2**63 - 1 else None  # Prometheus holds durations in int64 ns
 
 
 def _duration(seconds: float) -> str:
