@@ -32,6 +32,8 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str) -> 
     """
     route = scope.get("route")
     if route is None:
+        if "endpoint" not in scope:
+            return UNMATCHED_HANDLER  # no route matched: every route's matches() names its endpoint
         route = _route_by_matching(scope, entry_root_path)
         if route is None:
             return UNMATCHED_HANDLER
@@ -191,6 +193,8 @@ def _route_by_matching(scope: Scope, entry_root_path: str) -> object | None:
                     break
                 if match is Match.PARTIAL and chosen is None:
                     chosen, chosen_scope = candidate, child
+            if _included(chosen):
+                return _route_in_included(chosen, probe)
             if not isinstance(chosen, (Mount, Host)):
                 return chosen
             beneath = chosen.routes or _routes_beneath(chosen.app)
@@ -200,6 +204,26 @@ def _route_by_matching(scope: Scope, entry_root_path: str) -> object | None:
             routes = beneath
     except Exception:
         pass
+    return None
+
+
+def _included(route: object) -> bool:
+    """Whether ``route`` is FastAPI's included router (from 0.137), which routes by ``_match``."""
+    return callable(getattr(route, "_match", None))
+
+
+def _route_in_included(included: Any, probe: dict[str, Any]) -> object | None:
+    """The route an included router (and the routers included in it) chose: FastAPI's effective
+    route, whose ``starlette_route`` carries the whole prefixed template."""
+    for _ in range(_MOUNT_DEPTH):
+        match, _child, inner, context = included._match(probe)
+        if match is Match.NONE:
+            return None
+        if context is not None:
+            return getattr(context, "starlette_route", None) or getattr(context, "original_route", None)
+        if not _included(inner):
+            return inner  # type: ignore[no-any-return]
+        included = inner
     return None
 
 

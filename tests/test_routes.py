@@ -229,14 +229,20 @@ async def test_fastapi_plain_routes_and_the_health_route_get_their_templates(reg
     app = FastAPI()
     app.add_route("/plain/{x}", ok)
     app.mount("/sub", Starlette(routes=[Mount("/deeper", routes=[Route("/items/{i}", ok)])]))
-    router = APIRouter()
+    router, nested = APIRouter(), APIRouter()
     router.add_api_route("/orders/{order_id}", lambda order_id: {"order_id": order_id})
+    router.add_route("/receipts/{receipt_id}", ok)  # a plain route in an included router
+    nested.add_route("/lines/{line}", ok)
+    router.include_router(nested, prefix="/nested")
     app.include_router(router, prefix="/api")
     setup_monitoring(app, instrumentation=PrometheusInstrumentation(registry))
 
-    statuses = await get_all(app, "/plain/1", "/plain/2", "/sub/deeper/items/5", "/api/orders/7", "/health", "/metrics", "/nope")
+    paths = ("/plain/1", "/plain/2", "/sub/deeper/items/5", "/api/orders/7", "/api/receipts/8", "/api/nested/lines/9", "/health", "/metrics", "/nope")
+    statuses = await get_all(app, *paths)
 
-    assert statuses == [200, 200, 200, 200, 200, 200, 404]
+    assert statuses == [200, 200, 200, 200, 200, 200, 200, 200, 404]
+    assert value(registry, REQUESTS, method="GET", handler="/api/receipts/{receipt_id}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/api/nested/lines/{line}", status="200") == 1
     assert value(registry, REQUESTS, method="GET", handler="/plain/{x}", status="200") == 2
     assert value(registry, REQUESTS, method="GET", handler="/sub/deeper/items/{i}", status="200") == 1
     assert value(registry, REQUESTS, method="GET", handler="/api/orders/{order_id}", status="200") == 1
@@ -284,3 +290,30 @@ async def test_handler_label_through_a_real_client_with_query_strings(registry: 
             await client.get(f"/search?q=secret-{n}")
 
     assert value(registry, REQUESTS, method="GET", handler="/search", status="200") == 3
+
+
+async def test_a_request_no_route_matched_is_not_routed_again(registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routing again costs what routing costs: only a request some route matched (its scope names
+    the route's endpoint) but whose router did not record the route is asked again."""
+    from fastapi import FastAPI
+
+    import crowdmon.routes
+
+    asked: list[str] = []
+    route_by_matching = crowdmon.routes._route_by_matching
+
+    def counting(scope: Scope, entry_root_path: str) -> object | None:
+        asked.append(scope["path"])
+        return route_by_matching(scope, entry_root_path)
+
+    monkeypatch.setattr(crowdmon.routes, "_route_by_matching", counting)
+    app = FastAPI()
+    app.add_route("/plain/{x}", ok)
+    app.add_middleware(PrometheusMiddleware, registry=registry)
+
+    statuses = await get_all(app, *[f"/random/{n}" for n in range(20)], "/plain/1", "/plain/1/")
+
+    assert statuses == [404] * 20 + [200, 307]
+    assert asked == ["/plain/1"]
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="404") == 20
+    assert value(registry, REQUESTS, method="GET", handler="/plain/{x}", status="200") == 1
