@@ -135,6 +135,14 @@ class _MetricSet:
             ) from error
         guard.on_overflow = self._count_overflow
         self.internal_errors = self.metrics["crowdmon_internal_errors_total"]
+        # Every series of the self-counters starts at 0: one born at its first increment reads as
+        # no change to increase(), and an alert on a first contained failure would never fire.
+        for site in INTERNAL_ERROR_SITES:
+            self.internal_errors.metric.labels(site)
+        overflow = self.metrics["crowdmon_label_overflow_total"].metric
+        for item in CATALOGUE:
+            for name in item.labels:
+                overflow.labels(item.name, name)
         self._logged_sites: set[str] = set()
         self.health: dict[str, str] = {}
         self.health_lock = threading.Lock()
@@ -161,6 +169,18 @@ class _MetricSet:
                 )
         except Exception:  # pragma: no cover - the last line of defence must not raise
             pass
+
+
+#: Every ``site`` of ``crowdmon_internal_errors_total``: where crowdmon contains a failure of its own.
+INTERNAL_ERROR_SITES = (
+    "middleware.start", "middleware.context", "middleware.receive", "middleware.send",
+    "middleware.handler", "middleware.record", "middleware.exemplar",
+    "metrics.render", "metrics.prune", "health", "timing", "session", "user_type_resolver",
+    "track_application_error", "track_chat_message", "track_memory_operation", "track_document_operation",
+    "tracked_external", "tracked_errors", "tracked_chat", "tracked_memory_operation",
+    "tracked_document_operation", "tracked_session",
+    "vector_search_duration_seconds", "database_query_duration_seconds",
+)  # fmt: skip
 
 
 def _build(item: MetricSpec, registry: CollectorRegistry | None, multiprocess: bool) -> PrometheusMetric:

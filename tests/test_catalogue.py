@@ -3,6 +3,7 @@ scrape passes ``promtool check metrics`` without findings."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import httpx
@@ -12,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from crowdmon import CATALOGUE, PrometheusInstrumentation, setup_monitoring
 from crowdmon.catalogue import SEED_METRICS
 from crowdmon.demo import build_demo_app
+from crowdmon.instrumentation import INTERNAL_ERROR_SITES
+from tests.support import REPO_ROOT
 
 # name -> (type, labels): the released catalogue. Changing a line here breaks dashboards.
 SNAPSHOT = {
@@ -111,3 +114,27 @@ def test_setup_monitoring_returns_one_instrumentation_per_registry(registry: Col
     second = setup_monitoring(Starlette(), registry=registry)
 
     assert first.metric("chat_messages_total").metric is second.metric("chat_messages_total").metric
+
+
+def test_every_self_counter_series_starts_at_zero_so_a_first_failure_is_an_increase() -> None:
+    """A series born at its first increment reads as no change to PromQL's increase()."""
+    registry = CollectorRegistry()
+    instrumentation = PrometheusInstrumentation(registry)
+    for site in INTERNAL_ERROR_SITES:
+        assert registry.get_sample_value("crowdmon_internal_errors_total", {"site": site}) == 0
+    for item in CATALOGUE:
+        for label in item.labels:
+            assert registry.get_sample_value("crowdmon_label_overflow_total", {"metric": item.name, "label": label}) == 0
+    instrumentation.report_internal_error("metrics.render", RuntimeError("first"))
+    assert registry.get_sample_value("crowdmon_internal_errors_total", {"site": "metrics.render"}) == 1
+
+
+def test_every_site_crowdmon_reports_a_failure_at_is_known() -> None:
+    """Each literal site in the source (report("..."), report_internal_error("..."), site = "...",
+    the duration decorators' metrics) is one the counter starts at 0."""
+    source = "\n".join(path.read_text() for path in (REPO_ROOT / "crowdmon").glob("*.py"))
+    sites = set(re.findall(r"""report(?:_internal_error)?\(\s*"([^"]+)\"""", source))
+    sites |= set(re.findall(r'^\s+site = "([^"]+)"', source, flags=re.MULTILINE)) - {"decorator"}
+    sites |= set(re.findall(r'_DurationProbe\(instrumentation, "([^"]+)"', source))
+    assert len(sites) > 20
+    assert sites <= set(INTERNAL_ERROR_SITES), sites - set(INTERNAL_ERROR_SITES)

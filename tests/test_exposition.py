@@ -68,7 +68,7 @@ async def test_the_format_is_the_one_the_scraper_prefers_and_never_a_failure(reg
 
     assert response.status_code == 200
     assert response.headers["content-type"].startswith(content_type)
-    assert registry.get_sample_value("crowdmon_internal_errors_total", {"site": "metrics.render"}) is None
+    assert registry.get_sample_value("crowdmon_internal_errors_total", {"site": "metrics.render"}) == 0
 
 
 @pytest.mark.parametrize(("accept_encoding", "gzipped"), [("gzip;q=0, identity", False), ("x-gzip-not", False), ("br, gzip;q=0.5", True), ("*", True)])

@@ -198,19 +198,3 @@ def test_health_stat_panels_count_components_not_replicas(tmp_path: Path) -> Non
     result = evaluate_with_promtool(tmp_path, input_series, checks)
     assert result.returncode == 0, result.stdout + result.stderr
 
-
-def test_contained_failure_panels_show_a_first_failure(tmp_path: Path) -> None:
-    """crowdmon creates a labelled series at its first increment, already at 1."""
-    input_series = [
-        {"series": 'crowdmon_internal_errors_total{job="crowdmon", instance="app:8000", site="middleware.record"}', "values": "_x20 1x10"},
-        {"series": 'crowdmon_internal_errors_total{job="crowdmon", instance="app:8000", site="health"}', "values": "4x30"},
-    ]
-    checks = [
-        {
-            "expr": panel_query("crowdmon-system-health", "Contained internal errors"),
-            "eval_time": "20m",  # the first scrape that shows the new series
-            "exp_samples": [{"labels": '{site="middleware.record"}', "value": 1}, {"labels": '{site="health"}', "value": 0}],
-        },
-    ]
-    result = evaluate_with_promtool(tmp_path, input_series, checks)
-    assert result.returncode == 0, result.stdout + result.stderr

@@ -138,11 +138,10 @@ CASES = [
         fired("external_error_ratio", {"service": "openai"}, "16.67% of calls to openai fail",
               "16.67% of calls to external service openai ended in an error over 5 minutes, above 10%."),
     ),
-    # crowdmon creates a labelled series at its first increment: a first failure is a new series
-    # already at 1 (middleware), which increase() alone reads as no change.  One that existed
-    # grows (metrics.render); one that stopped growing long ago stays silent (exposition).
+    # crowdmon starts every site at 0: a first failure (middleware) and more failures
+    # (metrics.render) fire; failures long ago (exposition) stay silent.
     Case("CrowdmonInternalErrors", [
-        series("crowdmon_internal_errors_total", "_x18 1x30", site="middleware"),
+        series("crowdmon_internal_errors_total", "0x18 1x30", site="middleware"),
         series("crowdmon_internal_errors_total", "0x20 2x30", site="metrics.render"),
         series("crowdmon_internal_errors_total", "5x50", site="exposition"),
     ]).expect("17m", "CrowdmonInternalErrors").expect(
@@ -153,7 +152,7 @@ CASES = [
               "crowdmon's own code failed at middleware in the last 15 minutes; requests were not affected, but some metrics may be missing."),
     ).expect("45m", "CrowdmonInternalErrors"),
     Case("CrowdmonLabelOverflow", [
-        series("crowdmon_label_overflow_total", "_x18 4x30", metric="document_operations_total", label="document_type"),
+        series("crowdmon_label_overflow_total", "0x18 4x30", metric="document_operations_total", label="document_type"),
         series("crowdmon_label_overflow_total", "3x50", metric="chat_messages_total", label="user_type"),
     ]).expect("17m", "CrowdmonLabelOverflow").expect(
         "22m", "CrowdmonLabelOverflow",

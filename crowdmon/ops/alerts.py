@@ -19,7 +19,6 @@ from crowdmon.ops.queries import (
     Scope,
     counter_rate,
     gauge_sum,
-    increase_or_new,
     matcher,
     quantile,
     ratio,
@@ -161,7 +160,8 @@ def _sessions_drop(s: Scope, t: Thresholds) -> str:
 
 def _increase_alert(key: str, alert: str, severity: str, metric: str, by: tuple[str, ...], texts: tuple[str, str, str]) -> AlertSpec:
     def expr(s: Scope, t: Thresholds) -> str:
-        return f"{increase_or_new(metric, s, by)} > {_fmt(t[key])}"
+        # crowdmon starts every series of its self-counters at 0, so increase() sees a first failure.
+        return f"{counter_rate(metric, s, by, window=s.long_window, function='increase')} > {_fmt(t[key])}"
 
     return AlertSpec(key, alert, "errors", severity, "0s", expr, *texts, threshold_key=key)
 
@@ -395,14 +395,14 @@ WHEN: dict[str, str] = {
     "http_error_ratio": "a handler's 5xx share over the rule window is above the threshold",
     **{f"error_rate_{kind}": f"`{kind}` errors per second of a component are above the threshold" for kind in ERROR_TYPES},
     "external_error_ratio": "an external service's share of calls with `outcome=\"error\"` is above the threshold",
-    "crowdmon_internal_errors": "crowdmon contained failures of its own code over the long rule window (a first failure included)",
+    "crowdmon_internal_errors": "crowdmon contained failures of its own code over the long rule window",
     "crowdmon_label_overflow": "a label reached its cardinality cap and values were folded into `<other>`",
     "http_latency": "p95 request latency of a handler is above the threshold",
     "chat_latency": "p95 chat processing time of an endpoint is above the threshold",
     "external_latency": "p95 latency of an external service is above the threshold",
     "vector_search_latency": "p95 vector search time of an operation is above the threshold",
     "database_latency": "p95 database query time of an operation is above the threshold",
-    "chat_stopped": "no chat message over the long rule window while the API serves requests other than probes, and chat messages were seen in the last day",
+    "chat_stopped": "no chat message over the long rule window while the API serves requests other than probes, in an app with chat (a chat series was scraped in the last day)",
     "cache_hit_ratio_min": "the chat cache hit ratio is below the threshold",
     "document_failure_ratio": "an operation's share of document operations not ending in `success` is above the threshold",
     "sessions_drop": "active sessions fell by more than the threshold share against one hour earlier (with at least `sessions_drop_min_sessions` then)",

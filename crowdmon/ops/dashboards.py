@@ -32,7 +32,6 @@ from crowdmon.ops.queries import (
     counter_rate,
     gauge_sum,
     health_code,
-    increase_or_new,
     quantile,
     rate_or_zero,
     ratio,
@@ -113,8 +112,8 @@ SYSTEM_HEALTH = DashboardSpec(
         (
             "crowdmon itself",
             (
-                PanelSpec("Label values folded", "Label values folded into <other> because a label reached its cap; raise the cap or fix the label source.", (Target(increase_or_new("crowdmon_label_overflow_total", S, ("metric", "label"), window=S.window), "{{metric}} {{label}}"),)),
-                PanelSpec("Contained internal errors", "Failures inside crowdmon that were contained; the application was not affected.", (Target(increase_or_new("crowdmon_internal_errors_total", S, ("site",), window=S.window), "{{site}}"),)),
+                PanelSpec("Label values folded", "Label values folded into <other> because a label reached its cap; raise the cap or fix the label source.", (Target(counter_rate("crowdmon_label_overflow_total", S, ("metric", "label"), function="increase"), "{{metric}} {{label}}"),)),
+                PanelSpec("Contained internal errors", "Failures inside crowdmon that were contained; the application was not affected.", (Target(counter_rate("crowdmon_internal_errors_total", S, ("site",), function="increase"), "{{site}}"),)),
             ),
         ),
     ),

@@ -85,20 +85,6 @@ def quantile(q: float, name: str, scope: Scope, by: Sequence[str] = (), extra: S
     return f"histogram_quantile({q}, sum by ({', '.join(('le', *by))}) (rate({selector}[{scope.window}])))"
 
 
-def increase_or_new(name: str, scope: Scope, by: Sequence[str] = (), *, window: str | None = None) -> str:
-    """How much counter ``name`` grew over ``window``, per ``by`` group: ``increase()`` for a
-    series older than the window, and its whole value for one born within it.  crowdmon creates
-    a series at its first increment, so a first failure appears as a new series already at 1,
-    which ``increase()`` alone reads as no change."""
-    metric = spec(name)
-    if metric.kind != MetricKind.COUNTER:
-        raise ValueError(f"{name} is a {metric.kind.value}, not a counter")
-    _require_labels(metric, by)
-    window = window or scope.long_window
-    selector = scope.selector(metric, name)
-    return f"sum{_by(by)} (({selector} unless {selector} offset {window}) or increase({selector}[{window}]))"
-
-
 def rate_or_zero(name: str, scope: Scope, by: Sequence[str], extra: Sequence[str]) -> str:
     """``counter_rate`` of the series matching ``extra``, and 0 for ``by`` groups that have
     traffic but no such series (a panel of errors then reads 0, not "no data")."""
