@@ -131,6 +131,12 @@ _RECEIVED: Callable[[RequestEntry], int] = itemgetter(4)
 _SENT: Callable[[RequestEntry], int] = itemgetter(5)
 
 
+def sends_no_body(method: object, status: object) -> bool:
+    """Whether the server sends no response body whatever the app hands it: a ``HEAD`` request,
+    or a 1xx, 204 or 304 response (Starlette's ``Response`` still hands over the body)."""
+    return method == "HEAD" or (status.__class__ is int and (100 <= status < 200 or status in (204, 304)))
+
+
 def _add_observations(cells: list[float], first: int, bounds: Sequence[float], ordered: Sequence[float]) -> None:
     """Histogram cells from ``first`` on (buckets, ``+Inf``, sum) take the ``ordered`` values:
     one bisection per bucket, not one per value."""
@@ -261,7 +267,9 @@ class BufferedRequestRecorder:
             cells[0] += stop - start
             _add_observations(cells, layout.duration, layout.duration_bounds, sorted(map(_DURATION, entries)))
             _add_observations(cells, layout.request, layout.size_bounds, sorted(map(_RECEIVED, entries)))
-            _add_observations(cells, layout.response, layout.size_bounds, sorted(map(_SENT, entries)))
+            # Per label set, not per request: the method and the status are part of the key.
+            sent = [0] * (stop - start) if sends_no_body(raw_key[0], raw_key[2]) else sorted(map(_SENT, entries))
+            _add_observations(cells, layout.response, layout.size_bounds, sent)
 
     def _new_series(self, key: RequestKey, requests: int) -> list[float]:
         folded = _fold(self._guard, key, requests)
@@ -382,4 +390,4 @@ class ClientRequestRecorder:
         requests.inc()
         duration_child.observe(duration)
         request_child.observe(request_bytes)
-        response_child.observe(response_bytes)
+        response_child.observe(0 if sends_no_body(raw_method, raw_status) else response_bytes)

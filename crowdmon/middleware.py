@@ -268,9 +268,13 @@ class _Exchange(RequestContext):
                 self.request_bytes += len(message.get("body", b""))
                 if not message.get("more_body", False):
                     self.body_complete = True
-            elif kind == "http.disconnect" and not self.status:
-                # Gone before any response was started; a response started later wins.
-                self.status = CLIENT_CLOSED_REQUEST
+            elif kind == "http.disconnect":
+                # No more body will come: the request's size is what arrived (not what its
+                # Content-Length promised).  Gone before any response was started is a 499; a
+                # response started later wins.
+                self.body_complete = True
+                if not self.status:
+                    self.status = CLIENT_CLOSED_REQUEST
         except Exception as error:
             self.middleware._report("middleware.receive", error)
         return message

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -86,3 +88,61 @@ def test_demo_app_serves_metrics_and_health(registry: CollectorRegistry) -> None
     assert set(health.json()["components"]) >= {"rag_system", "openai"}
     for status, count in statuses.items():
         assert scraped(scrape, "crowdfunding_api_requests_total", method="POST", handler="/chat", status=str(status)) == count
+
+
+def test_sizes_are_what_the_server_sends_and_receives(registry: CollectorRegistry) -> None:
+    """Starlette hands the body of a HEAD response to the server, and an app may hand one with a
+    204; the server sends neither, and 0 bytes are recorded.  An upload the client abandons is
+    the bytes that arrived, not its Content-Length."""
+    from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    received: list[int] = []
+
+    async def text(request: Request) -> Response:
+        return PlainTextResponse("x" * 1000)
+
+    async def no_content(request: Request) -> Response:
+        return Response(b"ignored by the server", status_code=204)
+
+    async def upload(request: Request) -> Response:
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+        except ClientDisconnect:
+            received.append(size)
+            raise
+        return PlainTextResponse("the whole body")
+
+    app = Starlette(routes=[Route("/text", text, methods=["GET", "HEAD"]), Route("/none", no_content), Route("/upload", upload, methods=["POST"])])
+    setup_monitoring(app, registry=registry)
+    with uvicorn_in_thread(app) as base_url:
+        with httpx.Client(base_url=base_url) as client:
+            assert [len(client.get("/text").content), len(client.head("/text").content)] == [1000, 0]
+            none = client.get("/none")
+            assert (none.status_code, none.content) == (204, b"")
+        port = int(base_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 10000\r\n\r\n" + b"a" * 100)
+            deadline = time.monotonic() + 5
+            while registry.get_sample_value("crowdfunding_api_requests_in_progress", {"method": "POST"}) != 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while not received:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        text = httpx.get(f"{base_url}/metrics").text
+
+    def size(kind: str, method: str, handler: str) -> float:
+        return scraped(text, f"crowdfunding_api_{kind}_size_bytes_sum", method=method, handler=handler)
+
+    assert (size("response", "GET", "/text"), size("response", "HEAD", "/text"), size("response", "GET", "/none")) == (1000, 0, 0)
+    assert scraped(text, "crowdfunding_api_requests_total", method="HEAD", handler="/text", status="200") == 1
+    assert received == [100]
+    assert scraped(text, "crowdfunding_api_requests_total", method="POST", handler="/upload", status="499") == 1
+    assert size("request", "POST", "/upload") == 100
+    assert scraped(text, "crowdfunding_api_requests_in_progress", method="POST") == 0
