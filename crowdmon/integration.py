@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from crowdmon._types import ASGIApp, Receive, Scope, Send
 from crowdmon.exposition import MetricsApp
 from crowdmon.health import HealthApp
 from crowdmon.instrumentation import (
@@ -17,6 +18,13 @@ from crowdmon.instrumentation import (
     default_instrumentation,
 )
 from crowdmon.middleware import PrometheusMiddleware, excluded_paths
+
+#: Marks an app's ``build_middleware_stack`` that ``setup_monitoring`` wrapped.
+_SET_UP = "_crowdmon_set_up"
+
+
+async def _never_called(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
+    raise RuntimeError("only checks the middleware's options")
 
 
 def setup_monitoring(
@@ -31,6 +39,10 @@ def setup_monitoring(
     **middleware_options: Any,
 ) -> PrometheusInstrumentation:
     """Add :class:`PrometheusMiddleware` and the ``/metrics`` and ``/health`` routes to ``app``.
+
+    The middleware wraps the app's whole middleware stack, Starlette's ``ServerErrorMiddleware``
+    included, so it records what the client gets: the response of an exception handler, the
+    bytes behind a compressing middleware, the time every middleware takes.
 
     Returns the instrumentation everything records into: the process-wide default one unless a
     ``registry`` or ``instrumentation`` is given.  ``None`` for a path leaves that route out.
@@ -60,7 +72,9 @@ def setup_monitoring(
         if path is not None and not path.startswith("/"):
             raise CrowdmonSetupError(f"paths must start with '/', got {path!r}")
     excluded = excluded_paths(exclude_paths)
-    if any(getattr(middleware, "cls", None) is PrometheusMiddleware for middleware in app.user_middleware):
+    if getattr(app.build_middleware_stack, _SET_UP, False) or any(
+        getattr(middleware, "cls", None) is PrometheusMiddleware for middleware in app.user_middleware
+    ):
         raise CrowdmonSetupError(
             "this app already has PrometheusMiddleware (setup_monitoring was called on it before, or "
             "app.add_middleware(PrometheusMiddleware) was); every request would be recorded twice. "
@@ -68,13 +82,21 @@ def setup_monitoring(
         )
     if metrics_path is not None:
         excluded |= {metrics_path}
+    if app.middleware_stack is not None:
+        raise CrowdmonSetupError(
+            "this app has already served requests, so its middleware stack is built; call "
+            "setup_monitoring(app) where the app is created, before it starts"
+        )
     recording_into = None if follows_default else instrumentation
-    app.add_middleware(
-        PrometheusMiddleware,
-        instrumentation=recording_into,
-        exclude_paths=excluded,
-        **middleware_options,
-    )
+    # Built now, so a bad option fails here; the app's stack is wrapped when Starlette builds it.
+    PrometheusMiddleware(_never_called, instrumentation=recording_into, exclude_paths=excluded, **middleware_options)
+    build_stack = app.build_middleware_stack
+
+    def build_middleware_stack() -> ASGIApp:
+        return PrometheusMiddleware(build_stack(), instrumentation=recording_into, exclude_paths=excluded, **middleware_options)
+
+    setattr(build_middleware_stack, _SET_UP, True)
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
     # Inserted first, so a catch-all route or mount of the app cannot shadow them.
     routes = []
     if metrics_path is not None:

@@ -149,7 +149,7 @@ class PrometheusMiddleware:
             if not exchange.status:
                 if _is_cancellation(error):
                     exchange.status = CLIENT_CLOSED_REQUEST
-                elif isinstance(error, Exception):
+                elif not isinstance(error, GeneratorExit):  # a coroutine being closed may not await
                     exchange.status = await exchange.unanswered()
             raise
         else:
@@ -270,8 +270,9 @@ class _Exchange(RequestContext):
                     self.body_complete = True
             elif kind == "http.disconnect":
                 # No more body will come: the request's size is what arrived (not what its
-                # Content-Length promised).  Gone before any response was started is a 499; a
-                # response started later wins.
+                # Content-Length promised).  Gone before any response was started is a 499,
+                # whatever response is started later (an error middleware's 500): the client
+                # never gets it.
                 self.body_complete = True
                 if not self.status:
                     self.status = CLIENT_CLOSED_REQUEST
@@ -311,8 +312,9 @@ class _Exchange(RequestContext):
                     if not message.get("more_body", False) and not self.finished:
                         self.finish(perf_counter())
             elif kind == "http.response.start":
-                status = message["status"]
-                self.status = status if status.__class__ is int else _odd_status(status)
+                if not self.status:  # else the client left before it: 499
+                    status = message["status"]
+                    self.status = status if status.__class__ is int else _odd_status(status)
             elif kind == "http.response.pathsend" and self.status and not self.finished:
                 # The ASGI path-send extension (Starlette's FileResponse, when the server offers
                 # it): the whole file, and the last message of the response.

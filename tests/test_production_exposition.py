@@ -164,6 +164,70 @@ async def test_setup_monitoring_twice_on_one_app_fails_rather_than_recording_eve
     ) == 1
 
 
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+async def test_setup_monitoring_records_what_the_client_gets_whatever_the_middleware_order(registry: CollectorRegistry, framework: str) -> None:
+    """crowdmon wraps the whole stack, Starlette's ServerErrorMiddleware included: an exception
+    handler's response is what it records, and a compressing middleware added afterwards is
+    inside it."""
+    from fastapi import FastAPI
+    from starlette.middleware.gzip import GZipMiddleware
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    class Outage(Exception):
+        pass
+
+    async def fail(request: Request) -> Response:
+        raise Outage("the database is down")
+
+    async def crash(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    async def big(request: Request) -> Response:
+        return PlainTextResponse("a" * 5000)
+
+    async def on_error(request: Request, error: Exception) -> Response:
+        # A handler for Exception runs in Starlette's ServerErrorMiddleware, outside the
+        # middleware the app adds.
+        if isinstance(error, Outage):
+            return PlainTextResponse("try again later", status_code=503)
+        return PlainTextResponse("Internal Server Error", status_code=500)
+
+    routes = [Route("/fail", fail), Route("/crash", crash), Route("/big", big)]
+    handlers = {Exception: on_error}
+    app = Starlette(routes=routes, exception_handlers=handlers) if framework == "starlette" else FastAPI(routes=routes, exception_handlers=handlers)
+    setup_monitoring(app, registry=registry)
+    app.add_middleware(GZipMiddleware, minimum_size=100)  # added after: still inside crowdmon
+
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        failed = await client.get("/fail")
+        crashed = await client.get("/crash")
+        compressed = await client.get("/big", headers={"accept-encoding": "gzip"})
+    assert (failed.status_code, failed.text) == (503, "try again later")
+    assert (crashed.status_code, crashed.text) == (500, "Internal Server Error")
+    assert compressed.headers["content-encoding"] == "gzip"
+    wire_bytes = int(compressed.headers["content-length"])
+    assert wire_bytes < 100
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, {"method": "GET", **labels})
+
+    assert sample("crowdfunding_api_requests_total", handler="/fail", status="503") == 1
+    assert sample("crowdfunding_api_response_size_bytes_sum", handler="/fail") == len("try again later")
+    assert sample("crowdfunding_api_requests_total", handler="/crash", status="500") == 1
+    assert sample("crowdfunding_api_response_size_bytes_sum", handler="/crash") == len("Internal Server Error")
+    assert sample("crowdfunding_api_response_size_bytes_sum", handler="/big") == wire_bytes
+
+
+async def test_setup_monitoring_after_the_app_served_a_request_is_refused(registry: CollectorRegistry) -> None:
+    app = Starlette(routes=[Route("/work", lambda request: PlainTextResponse("done"))])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+        assert (await client.get("/work")).status_code == 200
+    with pytest.raises(CrowdmonSetupError, match=r"already served requests, so its middleware stack is built; call setup_monitoring\(app\) where the app is created"):
+        setup_monitoring(app, registry=registry)
+
+
 def test_setup_monitoring_refuses_a_string_for_exclude_paths(registry: CollectorRegistry) -> None:
     with pytest.raises(CrowdmonSetupError, match=r"got the string '/internal'; write exclude_paths=\['/internal'\]"):
         setup_monitoring(Starlette(), registry=registry, exclude_paths="/internal")
