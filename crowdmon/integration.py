@@ -23,8 +23,8 @@ from crowdmon.middleware import PrometheusMiddleware, excluded_paths
 _SET_UP = "_crowdmon_set_up"
 
 
-async def _never_called(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
-    raise RuntimeError("only checks the middleware's options")
+async def _not_built_yet(scope: Scope, receive: Receive, send: Send) -> None:  # pragma: no cover
+    raise RuntimeError("the app's middleware stack is not built yet")
 
 
 def setup_monitoring(
@@ -88,12 +88,13 @@ def setup_monitoring(
             "setup_monitoring(app) where the app is created, before it starts"
         )
     recording_into = None if follows_default else instrumentation
-    # Built now, so a bad option fails here; the app's stack is wrapped when Starlette builds it.
-    PrometheusMiddleware(_never_called, instrumentation=recording_into, exclude_paths=excluded, **middleware_options)
+    # Built now, so a bad option fails here; it wraps the app's stack when Starlette builds it.
+    middleware = PrometheusMiddleware(_not_built_yet, instrumentation=recording_into, exclude_paths=excluded, **middleware_options)
     build_stack = app.build_middleware_stack
 
     def build_middleware_stack() -> ASGIApp:
-        return PrometheusMiddleware(build_stack(), instrumentation=recording_into, exclude_paths=excluded, **middleware_options)
+        middleware.app = build_stack()
+        return middleware
 
     setattr(build_middleware_stack, _SET_UP, True)
     app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]

@@ -315,6 +315,8 @@ class _Exchange(RequestContext):
                 if not self.status:  # else the client left before it: 499
                     status = message["status"]
                     self.status = status if status.__class__ is int else _odd_status(status)
+                    if self.status.__class__ is int and self.status >= 500 and self.body_complete:
+                        return self._start_error(message)
             elif kind == "http.response.pathsend" and self.status and not self.finished:
                 # The ASGI path-send extension (Starlette's FileResponse, when the server offers
                 # it): the whole file, and the last message of the response.
@@ -324,6 +326,17 @@ class _Exchange(RequestContext):
             self.middleware._report("middleware.send", error)
         server_send = self.server_send
         return server_send(message)
+
+    async def _start_error(self, message: Message) -> None:
+        """Start a 5xx response, once it is known whether the client is still there: an error
+        middleware (Starlette's ``ServerErrorMiddleware``, inside ``setup_monitoring``'s
+        middleware) answers an exception the app raised after its client left, and that client
+        never gets the answer: a 499.  Asked only for 5xx responses, before they start, so a
+        client that leaves once it has its answer cannot be mistaken for one that left before."""
+        if await self.unanswered() == CLIENT_CLOSED_REQUEST:
+            self.status = CLIENT_CLOSED_REQUEST
+        server_send = self.server_send
+        await server_send(message)
 
     def finish(self, ended_at: float) -> None:
         """Record the request: its handler label, then its entry for the recorder.  Runs once."""

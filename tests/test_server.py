@@ -146,3 +146,45 @@ def test_sizes_are_what_the_server_sends_and_receives(registry: CollectorRegistr
     assert scraped(text, "crowdfunding_api_requests_total", method="POST", handler="/upload", status="499") == 1
     assert size("request", "POST", "/upload") == 100
     assert scraped(text, "crowdfunding_api_requests_in_progress", method="POST") == 0
+
+
+def test_an_exception_after_the_client_left_is_499_though_starlette_answers_it(registry: CollectorRegistry) -> None:
+    """setup_monitoring wraps ServerErrorMiddleware, which starts a 500 for an unhandled
+    exception and raises it again: the client that left never gets it, so it is a 499.  The
+    same exception with the client still there is the 500 it receives."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    raised: list[str] = []
+
+    async def work(request: Request) -> Response:
+        await request.body()
+        if request.query_params.get("wait") == "gone":
+            deadline = time.monotonic() + 5
+            while not await request.is_disconnected():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+        raised.append(request.query_params.get("wait", ""))
+        raise RuntimeError("the work failed")
+
+    app = Starlette(routes=[Route("/work", work, methods=["POST"])])
+    setup_monitoring(app, registry=registry)
+    with uvicorn_in_thread(app) as base_url:
+        port = int(base_url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(b"POST /work?wait=gone HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
+        deadline = time.monotonic() + 5
+        while not raised:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        answered = httpx.post(f"{base_url}/work", content=b"hello")
+        text = httpx.get(f"{base_url}/metrics").text
+
+    assert (answered.status_code, answered.text) == (500, "Internal Server Error")
+    assert raised == ["gone", ""]
+    assert scraped(text, "crowdfunding_api_requests_total", method="POST", handler="/work", status="499") == 1
+    assert scraped(text, "crowdfunding_api_requests_total", method="POST", handler="/work", status="500") == 1
+    assert scraped(text, "crowdfunding_api_request_size_bytes_sum", method="POST", handler="/work") == 10
+    assert scraped(text, "crowdfunding_api_requests_in_progress", method="POST") == 0
