@@ -72,16 +72,21 @@ def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
 
 def assert_every_worker_reports(server: Server, workers: int, expected: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> int:
     """Scrape over fresh connections until ``workers`` distinct workers answered; every scrape
-    must show exactly ``expected``.  Returns the number of scrapes."""
+    must show exactly ``expected``.  Returns the number of scrapes.
+
+    The workers share one listening socket and the kernel hands each connection to whichever
+    accepts first, so one scrape at a time can keep landing on the same idle worker: scrapes
+    go out in pairs, and a worker busy with one leaves the other to another worker."""
     answered: set[int] = set()
     scrapes = 0
-    while len(answered) < workers or scrapes < 3:
-        samples, pid = server.scrape()
-        answered.add(pid)
-        scrapes += 1
-        got = {key: samples.get(key, 0.0) for key in expected}
-        assert got == expected, f"scrape {scrapes} answered by worker {pid}"
-        assert scrapes < 60, f"only workers {answered} answered 60 scrapes"
+    with ThreadPoolExecutor(2) as pool:
+        while len(answered) < workers or scrapes < 3:
+            for samples, pid in pool.map(lambda _: server.scrape(), range(2)):
+                answered.add(pid)
+                scrapes += 1
+                got = {key: samples.get(key, 0.0) for key in expected}
+                assert got == expected, f"scrape {scrapes} answered by worker {pid}"
+            assert scrapes < 200, f"only workers {answered} answered 200 scrapes"
     return scrapes
 
 
