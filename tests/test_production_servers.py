@@ -151,10 +151,11 @@ def run_multiworker_matrix(server: Server, tmp_path: Path, prometheus: Prometheu
 
     # 2. Every worker says the database is healthy; then one of them, the victim, says unhealthy.
     healthy: set[int] = set()
-    for _ in range(60):
-        healthy.add(put_component(server, "healthy"))
-        if healthy == workers:
-            break
+    with ThreadPoolExecutor(2) as pairs:  # in pairs, as assert_every_worker_reports scrapes
+        for _ in range(100):
+            healthy.update(pairs.map(lambda _: put_component(server, "healthy"), range(2)))
+            if healthy == workers:
+                break
     assert healthy == workers
     victim = put_component(server, "unhealthy")
 
