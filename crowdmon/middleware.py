@@ -294,6 +294,8 @@ class _Exchange(RequestContext):
                 scope.cancel()
                 message = await self.server_receive()
                 if message["type"] == "http.disconnect":
+                    # The app's later receives get it too: a server may deliver it only once.
+                    self.server_receive = _receive_after_the_end
                     return CLIENT_CLOSED_REQUEST
         except Exception:
             pass

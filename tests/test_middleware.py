@@ -464,3 +464,45 @@ def test_setup_mistakes_raise_with_a_fix(registry: CollectorRegistry) -> None:
         PrometheusMiddleware(app, registry=registry, handler_resolver="/x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not both"):
         PrometheusMiddleware(app, registry=registry, instrumentation=PrometheusInstrumentation(registry))
+
+
+def client_gone_once(body: bytes = b"") -> tuple[Receive, list[Message]]:
+    """A server's ``receive`` for a client that left after sending ``body``, delivering
+    ``http.disconnect`` once and then waiting forever (as hypercorn does)."""
+    delivered: list[Message] = []
+
+    async def receive() -> Message:
+        if len(delivered) < 2:
+            delivered.append({"type": "http.request", "body": body, "more_body": False} if not delivered else {"type": "http.disconnect"})
+            return delivered[-1]
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return receive, delivered
+
+
+@pytest.mark.parametrize("status", [503, 200])
+async def test_a_5xx_to_a_client_already_gone_is_499_and_the_app_still_hears_of_it(registry: CollectorRegistry, status: int) -> None:
+    """Before a 5xx starts, the middleware asks the server whether the client is still there;
+    a server that says so only once must not leave the app waiting for it forever."""
+    heard: list[str] = []
+
+    async def proxy(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()  # the whole body
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        heard.append((await receive())["type"])  # waits for the client to go, as a proxy would
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    receive, delivered = client_gone_once(b"abc")
+    with anyio.fail_after(5):
+        await PrometheusMiddleware(proxy, registry=registry)(http_scope("/upstream", "POST"), receive, send)
+
+    assert heard == ["http.disconnect"]
+    assert [message["status"] for message in sent] == [status]
+    expected = "499" if status == 503 else "200"
+    assert value(registry, REQUESTS, method="POST", handler="<unmatched>", status=expected) == 1
+    assert len(delivered) == 2
