@@ -155,14 +155,7 @@ def _walk(start: dict[str, Any], route: object) -> _Chain | None:
     probe = dict(start)
     chain: list[Mount | Host] = []
     for _ in range(_MOUNT_DEPTH):
-        chosen, chosen_scope = None, {}
-        for candidate in routes or ():
-            match, child = candidate.matches(probe)
-            if match is Match.FULL:
-                chosen, chosen_scope = candidate, child
-                break
-            if match is Match.PARTIAL and chosen is None:
-                chosen, chosen_scope = candidate, child
+        chosen, chosen_scope = _choose(routes, probe)
         if chosen is None:
             return None
         if isinstance(chosen, (Mount, Host)) and chosen is not route:
@@ -176,6 +169,19 @@ def _walk(start: dict[str, Any], route: object) -> _Chain | None:
     return None
 
 
+def _choose(routes: Any, probe: dict[str, Any]) -> tuple[object, dict[str, Any]]:
+    """The route a Starlette router chooses among ``routes`` for ``probe``, and its child scope:
+    the first full match, else the first partial one; ``(None, {})`` if none matches."""
+    chosen, chosen_scope = None, {}
+    for candidate in routes or ():
+        match, child = candidate.matches(probe)
+        if match is Match.FULL:
+            return candidate, child
+        if match is Match.PARTIAL and chosen is None:
+            chosen, chosen_scope = candidate, child
+    return chosen, chosen_scope
+
+
 def _route_by_matching(scope: Scope, entry_root_path: str) -> object | None:
     """The route the app's routers chose for a request whose router did not record it in the
     scope, found again with the routes' own ``matches()`` from the outermost router (the first
@@ -185,14 +191,7 @@ def _route_by_matching(scope: Scope, entry_root_path: str) -> object | None:
         probe = _start(scope, entry_root_path)
         routes = getattr(probe["router"], "routes", None)
         for _ in range(_MOUNT_DEPTH):
-            chosen, chosen_scope = None, {}
-            for candidate in routes or ():
-                match, child = candidate.matches(probe)
-                if match is Match.FULL:
-                    chosen, chosen_scope = candidate, child
-                    break
-                if match is Match.PARTIAL and chosen is None:
-                    chosen, chosen_scope = candidate, child
+            chosen, chosen_scope = _choose(routes, probe)
             if _included(chosen):
                 return _route_in_included(chosen, probe)
             if not isinstance(chosen, (Mount, Host)):

@@ -90,6 +90,17 @@ def error_rate_case(kind: str) -> Case:
     )
 
 
+def chat_series(values: str) -> dict[str, str]:
+    return series("chat_messages_total", values, user_type="authenticated", message_type="user", cache_hit="false", rag_used="true")
+
+
+def chat_stopped_fired() -> dict[str, Any]:
+    return fired(
+        "chat_stopped", {}, "No chat messages while the API serves requests",
+        "The API keeps answering requests (other than probes and scrapes) but no chat message was processed in the last 15 minutes.",
+    )
+
+
 CASES = [
     Case("ComponentUnhealthy", [
         series("component_health_status", "0 0 1x10", component="database", status="unhealthy"),
@@ -201,29 +212,27 @@ CASES = [
               "The 95th percentile of database query time for select is 975ms over 5 minutes, above 0.5s (database_query_duration_seconds)."),
     ),
     Case("ChatMessagesStopped", [
-        series("chat_messages_total", "0+10x5 50x45", user_type="authenticated", message_type="user", cache_hit="false", rag_used="true"),
+        chat_series("0+10x5 50x45"),
         series("crowdfunding_api_requests_total", "0+60x50", method="GET", handler="/documents/{doc_id}", status="200"),
     ]).expect("30m", "ChatMessagesStopped").expect(
         "40m", "ChatMessagesStopped",
-        fired("chat_stopped", {}, "No chat messages while the API serves requests",
-              "The API keeps answering requests (other than probes and scrapes) but no chat message was processed in the last 15 minutes."),
+        chat_stopped_fired(),
     ),
     Case("ChatMessagesStopped, the whole API idle", [
-        series("chat_messages_total", "0+10x5 50x45", user_type="authenticated", message_type="user", cache_hit="false", rag_used="true"),
+        chat_series("0+10x5 50x45"),
         series("crowdfunding_api_requests_total", "0+60x5 300x45", method="GET", handler="/documents/{doc_id}", status="200"),
     ]).expect("40m", "ChatMessagesStopped"),
     # A restart at 10m: the new process has no chat series until its first chat message.
     Case("ChatMessagesStopped, no chat since a restart", [
-        series("chat_messages_total", "0+10x10", user_type="authenticated", message_type="user", cache_hit="false", rag_used="true"),
+        chat_series("0+10x10"),
         series("crowdfunding_api_requests_total", "0+60x60", method="GET", handler="/documents/{doc_id}", status="200"),
     ]).expect("20m", "ChatMessagesStopped").expect(
         "40m", "ChatMessagesStopped",
-        fired("chat_stopped", {}, "No chat messages while the API serves requests",
-              "The API keeps answering requests (other than probes and scrapes) but no chat message was processed in the last 15 minutes."),
+        chat_stopped_fired(),
     ),
     # Only a load balancer's probes and Prometheus's scrapes reach the API at night.
     Case("ChatMessagesStopped, only probes and scrapes", [
-        series("chat_messages_total", "0+10x5 50x45", user_type="authenticated", message_type="user", cache_hit="false", rag_used="true"),
+        chat_series("0+10x5 50x45"),
         series("crowdfunding_api_requests_total", "0+6x50", method="GET", handler="/health", status="200"),
         series("crowdfunding_api_requests_total", "0+4x50", method="GET", handler="/metrics", status="200"),
     ]).expect("40m", "ChatMessagesStopped"),
