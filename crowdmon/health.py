@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 
 from crowdmon._types import Receive, Scope, Send
@@ -53,7 +54,12 @@ class _SyncRun:
                 return
             self.state = "running"
         try:
-            self.answer = check()
+            answer = check()
+            if inspect.isawaitable(answer):
+                # A sync callable returning a coroutine (``lambda: ping()``): awaited once, on
+                # the event loop, for every request waiting on this run.
+                answer = anyio.from_thread.run(_awaited, answer)
+            self.answer = answer
         except Exception as error:
             self.error = error
         finally:
@@ -76,33 +82,40 @@ class _SyncRun:
 _sync_runs: dict[tuple[int, str], _SyncRun] = {}
 
 
-async def run_health_checks(instrumentation: PrometheusInstrumentation) -> dict[str, str]:
-    """Run every registered check and record its state; returns a reason for each failed check."""
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+async def run_health_checks(instrumentation: PrometheusInstrumentation) -> tuple[dict[str, str], dict[str, str]]:
+    """Run every registered check and record its state; returns the states this run found and a
+    reason for each failed check."""
+    states: dict[str, str] = {}
     failures: dict[str, str] = {}
 
     async def run(check: HealthCheck) -> None:
         state, reason = await _run_one(check, (id(instrumentation.registry), check.component))
         instrumentation.set_component_health(check.component, state)
+        states[check.component] = state
         if reason:
             failures[check.component] = reason
 
     async with anyio.create_task_group() as group:
         for check in instrumentation.health_checks():
             group.start_soon(run, check)
-    return failures
+    return states, failures
 
 
 async def _run_one(check: HealthCheck, key: tuple[int, str]) -> tuple[str, str]:
+    answer: Any = None
     try:
-        with anyio.fail_after(check.timeout):
+        # move_on_after, not fail_after: a TimeoutError the check raises itself is its failure.
+        with anyio.move_on_after(check.timeout) as deadline:
             if inspect.iscoroutinefunction(check.check):
                 answer = await check.check()
             else:
                 answer = await _run_in_thread(check, key)
-                if inspect.isawaitable(answer):
-                    answer = await answer
-    except TimeoutError:
-        return "unhealthy", f"timed out after {check.timeout:g} s"
+        if deadline.cancelled_caught:
+            return "unhealthy", f"timed out after {check.timeout:g} s"
     except anyio.get_cancelled_exc_class() as error:
         if _being_cancelled():
             raise
@@ -173,11 +186,13 @@ class HealthApp:
         if scope["type"] != "http":
             return
         try:
-            failures = await run_health_checks(self.instrumentation)
+            found, failures = await run_health_checks(self.instrumentation)
         except Exception as error:
             self.instrumentation.report_internal_error("health", error)
-            failures = {}
-        components = self.instrumentation.component_health()
+            found, failures = {}, {}
+        # What this request's checks found, over the states the others last set: the answer
+        # agrees with its own failures though a concurrent probe finished after it.
+        components = {**self.instrumentation.component_health(), **found}
         status = overall_status(components)
         document: dict[str, Any] = {"status": status, "components": components}
         if failures:

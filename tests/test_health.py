@@ -246,3 +246,65 @@ async def test_a_check_raising_a_cancellation_of_its_own_has_failed(registry: Co
     assert status == 503
     assert document["failures"] == {"cache": "raised CancelledError", "database": "check returned False"}
     assert status_of(registry, "database") == "unhealthy"
+
+
+async def test_a_sync_check_returning_a_coroutine_is_awaited_once_for_every_probe(registry: CollectorRegistry) -> None:
+    monitoring = PrometheusInstrumentation(registry)
+    pings = [0]
+
+    async def ping() -> bool:
+        pings[0] += 1
+        await asyncio.sleep(0.2)  # slow enough for the probes to overlap
+        return True
+
+    monitoring.register_health_check("database", lambda: ping())
+    app = HealthApp(monitoring)
+
+    answers = await asyncio.gather(health(app), health(app), health(app))
+
+    assert answers == [(200, {"status": "healthy", "components": {"database": "healthy"}})] * 3
+    assert pings == [1]
+
+
+async def test_a_timeout_error_the_check_raises_is_its_own_failure_not_the_deadline(registry: CollectorRegistry) -> None:
+    monitoring = PrometheusInstrumentation(registry)
+
+    async def database() -> bool:
+        raise TimeoutError("socket timed out")
+
+    monitoring.register_health_check("database", database, timeout=5)
+
+    assert await health(HealthApp(monitoring)) == (
+        503, {"status": "unhealthy", "components": {"database": "unhealthy"}, "failures": {"database": "raised TimeoutError"}},
+    )
+
+
+async def test_an_answer_agrees_with_its_own_failures_when_a_later_probe_finishes_first(registry: CollectorRegistry) -> None:
+    """Probe 1 finds the API down and waits for a slow check; meanwhile probe 2 finds it up.
+    Probe 1 answers with what it found, not with the state probe 2 set."""
+    monitoring = PrometheusInstrumentation(registry)
+    api_answers = [False, True]
+    slow_release = asyncio.Event()
+    api_checked = [asyncio.Event(), asyncio.Event()]
+
+    async def api() -> bool:
+        answer = api_answers.pop(0)
+        api_checked[0 if not answer else 1].set()
+        return answer
+
+    async def slow() -> bool:
+        await slow_release.wait()
+        return True
+
+    monitoring.register_health_check("api", api)
+    monitoring.register_health_check("slow", slow)
+    app = HealthApp(monitoring)
+
+    first = asyncio.ensure_future(health(app))
+    await api_checked[0].wait()
+    second = asyncio.ensure_future(health(app))
+    await api_checked[1].wait()
+    slow_release.set()
+
+    assert await first == (503, {"status": "unhealthy", "components": {"api": "unhealthy", "slow": "healthy"}, "failures": {"api": "check returned False"}})
+    assert await second == (200, {"status": "healthy", "components": {"api": "healthy", "slow": "healthy"}})
