@@ -47,13 +47,38 @@ def metric_value(
     *,
     instrumentation: PrometheusInstrumentation | None = None,
 ) -> float:
-    """The current value of one sample; 0.0 when it does not exist yet.
+    """The current value of one sample; 0.0 when it does not exist yet.  Without ``labels``, the
+    samples of ``name`` under any labels, added up (as :func:`assert_metric` does).
 
     ``name`` is a sample name (``"chat_messages_total"``, ``"vector_search_duration_seconds_sum"``);
-    a histogram's family name means its ``_count``."""
+    a histogram's family name means its ``_count``.  A label the catalogue metric does not have
+    raises ``ValueError``: it could only ever read 0."""
     registry = (instrumentation or default_instrumentation()).registry
-    found = registry.get_sample_value(_sample_name(name), dict(labels or {}))
+    found = _read(registry, _sample_name(name), labels)
     return 0.0 if found is None else found
+
+
+def _read(registry: CollectorRegistry, sample: str, labels: Mapping[str, str] | None) -> float | None:
+    """The sample's value, the sum of its samples under any labels when ``labels`` is ``None``, or
+    ``None`` if there is none."""
+    if labels is None:
+        values = [s.value for family in registry.collect() for s in family.samples if s.name == sample]
+        return sum(values) if values else None
+    _check_label_names(sample, labels)
+    return registry.get_sample_value(sample, dict(labels))
+
+
+def _check_label_names(sample: str, labels: Mapping[str, str]) -> None:
+    for suffix in ("_bucket", "_count", "_sum", "_created", ""):
+        spec = BY_NAME.get(sample.removesuffix(suffix)) if suffix else BY_NAME.get(sample)
+        if spec is not None:
+            break
+    else:
+        return  # not a catalogue metric: nothing to check against
+    known = set(spec.labels) | ({"le"} if sample.endswith("_bucket") else set())
+    unknown = sorted(set(labels) - known)
+    if unknown:
+        raise ValueError(f"{spec.name} has no label {unknown[0]!r}; its labels are: {', '.join(spec.labels) or '(none)'}")
 
 
 def assert_metric(
@@ -69,14 +94,10 @@ def assert_metric(
     The failure message lists the samples the family does have, so a wrong label shows at once."""
     registry = (instrumentation or default_instrumentation()).registry
     sample = _sample_name(name)
-    if labels is None:
-        values = [s.value for family in registry.collect() for s in family.samples if s.name == sample]
-        found = sum(values) if values else None
-    else:
-        found = registry.get_sample_value(sample, dict(labels))
+    found = _read(registry, sample, labels)
     if found is None or (value is not None and found != value):
-        expected = "to exist" if value is None else f"to be {value:g}"
-        got = "it does not exist" if found is None else f"it is {found:g}"
+        expected = "to exist" if value is None else f"to be {value!r}"
+        got = "it does not exist" if found is None else f"it is {found!r}"
         raise AssertionError(
             f"expected {sample}{_format(labels)} {expected}, but {got}.\n"
             f"Samples of this family:\n{_family_listing(registry, sample)}"
@@ -89,13 +110,15 @@ class MetricDelta:
 
     def __init__(self, name: str, labels: Mapping[str, str] | None, instrumentation: PrometheusInstrumentation | None) -> None:
         self.name = _sample_name(name)
-        self.labels = dict(labels or {})
-        self._instrumentation = instrumentation
+        self.labels = None if labels is None else dict(labels)
+        # The registry of the block: the default instrumentation may be replaced after it.
+        self._registry = (instrumentation or default_instrumentation()).registry
         self.before = 0.0
         self.after: float | None = None
 
     def _read(self) -> float:
-        return metric_value(self.name, self.labels, instrumentation=self._instrumentation)
+        found = _read(self._registry, self.name, self.labels)
+        return 0.0 if found is None else found
 
     @property
     def value(self) -> float:
@@ -106,9 +129,11 @@ class MetricDelta:
     def assert_incremented(self, by: float = 1.0) -> None:
         """Assert the sample grew by exactly ``by``."""
         if self.value != by:
+            registry = self._registry
             raise AssertionError(
-                f"expected {self.name}{_format(self.labels)} to grow by {by:g}, but it changed by "
-                f"{self.value:g} (from {self.before:g})"
+                f"expected {self.name}{_format(self.labels)} to grow by {by!r}, but it changed by "
+                f"{self.value!r} (from {self.before!r}).\n"
+                f"Samples of this family:\n{_family_listing(registry, self.name)}"
             )
 
     def assert_unchanged(self) -> None:
@@ -163,7 +188,7 @@ def _family_listing(registry: CollectorRegistry, sample: str) -> str:
     for family in registry.collect():
         for item in family.samples:
             if item.name == sample:
-                lines.append(f"  {item.name}{_format(item.labels)} {item.value:g}")
+                lines.append(f"  {item.name}{_format(item.labels)} {item.value!r}")
     return "\n".join(lines[:50]) or "  (none)"
 
 

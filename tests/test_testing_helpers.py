@@ -22,6 +22,7 @@ from crowdmon.testing import (
     assert_metric,
     isolated_instrumentation,
     metric_delta,
+    metric_value,
 )
 from tests.support import REPO_ROOT, subprocess_env
 
@@ -86,8 +87,27 @@ def test_metric_delta_reports_the_change_and_fails_clearly() -> None:
 
     delta.assert_incremented(by=2)
     unchanged.assert_unchanged()
-    with pytest.raises(AssertionError, match=r"to grow by 1, but it changed by 2 \(from 0\)"):
+    with pytest.raises(AssertionError, match=r"to grow by 1.0, but it changed by 2.0 \(from 0.0\)") as raised:
         delta.assert_incremented()
+    # The family's samples, from the block's own registry, at full precision.
+    assert 'chat_messages_total{cache_hit="false",message_type="user",rag_used="false",user_type="anonymous"} 2.0' in str(raised.value)
+
+
+def test_without_labels_the_helpers_add_up_the_family_and_a_wrong_label_name_is_refused() -> None:
+    with isolated_instrumentation():
+        with metric_delta("chat_messages_total") as every:
+            crowdmon.track_chat_message("anonymous")
+            crowdmon.track_chat_message("authenticated", message_type="assistant")
+        every.assert_incremented(by=2)
+        assert metric_value("chat_messages_total") == 2
+        with pytest.raises(ValueError, match="chat_messages_total has no label 'endpoint'; its labels are: user_type, message_type, cache_hit, rag_used"):
+            metric_value("chat_messages_total", {"endpoint": "/chat"})
+        crowdmon.start_session("free")
+        crowdmon.start_session("free")
+        crowdmon.end_session("free")
+        # 1 and 1.0000001 differ: the message shows both as they are.
+        with pytest.raises(AssertionError, match=r"to be 1.0000001, but it is 1.0"):
+            assert_metric("active_sessions_current", {"user_type": "free"}, 1.0000001)
 
 
 def test_assert_instrumented_names_what_a_function_records() -> None:
