@@ -1158,6 +1158,9 @@ def main(args: argparse.Namespace) -> int:
         if missing is not None:
             print(f"crowdmon bench: {describe_stack(args.stack)}: {missing}", file=sys.stderr)
             return 2
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir() or not os.access(args.json.parent, os.W_OK)):
+        print(f"crowdmon bench: --json {args.json}: not a file that can be written in an existing directory", file=sys.stderr)
+        return 2
     print(environment(), flush=True)
     reports = []
     for name in chosen:

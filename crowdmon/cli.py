@@ -3,7 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1 to 65535, got {port}")
+    return port
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"a number of seconds above 0, got {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"requests per second, 0 or more, got {text}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -14,15 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo", help="serve the instrumented demo app on 127.0.0.1 and drive traffic at it"
     )
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--port", type=_port, default=8000)
     demo.add_argument(
         "--duration",
-        type=float,
+        type=_seconds,
         default=None,
         help="stop after this many seconds (default: run until Ctrl-C)",
     )
     demo.add_argument(
-        "--rate", type=float, default=20.0, help="generated requests per second (0: no traffic)"
+        "--rate", type=_rate, default=20.0, help="generated requests per second (0: no traffic)"
     )
 
     export = commands.add_parser(

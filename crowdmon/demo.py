@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import logging
 import random
+import socket
 import sqlite3
 import threading
 import time
@@ -427,12 +428,25 @@ async def _random_request(client: Any, step: int, sessions: list[int]) -> None:
         await client.get(f"/no-such-page/{random.randint(1, 10**6)}", headers=headers)
 
 
+def _check_address(host: str, port: int) -> None:
+    """One line and exit status 1, rather than uvicorn's tracebacks, when the demo cannot listen."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as error:
+        raise SystemExit(f"crowdmon demo cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
 def run_demo(host: str = "127.0.0.1", port: int = 8000, duration: float | None = None, rate: float = 20.0) -> int:
     """Serve the demo app and drive traffic at it, for ``duration`` seconds or until Ctrl-C."""
     try:
         import uvicorn
     except ImportError:  # pragma: no cover - depends on the environment
         raise SystemExit("crowdmon demo needs uvicorn and httpx: pip install 'crowdmon[demo]'") from None
+
+    _check_address(host, port)
 
     async def serve() -> None:
         server = uvicorn.Server(uvicorn.Config(build_demo_app(), host=host, port=port, log_level="warning"))
@@ -442,7 +456,7 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000, duration: float | None =
                 await serving  # startup failed: surface uvicorn's error
                 return
             await asyncio.sleep(0.05)
-        base_url = f"http://{host}:{port}"
+        base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         print(f"crowdmon demo serving {base_url}  (metrics: {base_url}/metrics, health: {base_url}/health)", flush=True)
         traffic = asyncio.create_task(generate_traffic(base_url, rate)) if rate > 0 else None
         try:

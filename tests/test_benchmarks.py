@@ -190,6 +190,13 @@ def test_benchmarks_run_script_is_the_same_command() -> None:
     assert "== scrape cost ==" in result.stdout
 
 
+def test_a_json_path_that_cannot_be_written_is_refused_before_any_benchmark_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["bench", "memory", "--quick", "--json", str(tmp_path / "no-such-dir" / "out.json")]) == 2
+    captured = capsys.readouterr()
+    assert "--json" in captured.err and "not a file that can be written in an existing directory" in captured.err
+    assert "== memory ==" not in captured.out
+
+
 def test_rounds_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "server", "--rounds", "0"]) == 2
     assert "--rounds must be at least 1, got 0" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -38,3 +39,32 @@ def test_demo_serves_metrics_and_health_with_traffic_and_stops_by_itself() -> No
     assert health.status_code == 200
     assert process.returncode == 0, stderr.decode()
     assert f"http://127.0.0.1:{port}/metrics" in stdout.decode()
+
+
+def demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "crowdmon", "demo", *args],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=30,
+    )
+
+
+def test_meaningless_demo_settings_are_usage_errors() -> None:
+    for args, message in (
+        (["--duration", "-1"], "argument --duration: a number of seconds above 0, got -1"),
+        (["--duration", "nan"], "argument --duration: a number of seconds above 0, got nan"),
+        (["--rate", "-5"], "argument --rate: requests per second, 0 or more, got -5"),
+        (["--port", "70000"], "argument --port: a TCP port is 1 to 65535, got 70000"),
+    ):
+        result = demo(*args)
+        assert (result.returncode, result.stdout) == (2, ""), args
+        assert message in result.stderr
+
+
+def test_a_port_in_use_is_one_line_not_a_traceback() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = demo("--port", str(port), "--duration", "2")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"crowdmon demo cannot listen on 127.0.0.1:{port}: Address already in use"
