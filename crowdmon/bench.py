@@ -1158,7 +1158,11 @@ def main(args: argparse.Namespace) -> int:
         if missing is not None:
             print(f"crowdmon bench: {describe_stack(args.stack)}: {missing}", file=sys.stderr)
             return 2
-    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir() or not os.access(args.json.parent, os.W_OK)):
+    if args.json is not None and not (
+        os.access(args.json, os.W_OK) and args.json.is_file()
+        if args.json.exists()
+        else args.json.parent.is_dir() and os.access(args.json.parent, os.W_OK)
+    ):
         print(f"crowdmon bench: --json {args.json}: not a file that can be written in an existing directory", file=sys.stderr)
         return 2
     print(environment(), flush=True)

@@ -429,12 +429,15 @@ async def _random_request(client: Any, step: int, sessions: list[int]) -> None:
 
 
 def _check_address(host: str, port: int) -> None:
-    """One line and exit status 1, rather than uvicorn's tracebacks, when the demo cannot listen."""
+    """One line and exit status 1, rather than uvicorn's tracebacks, when the demo cannot listen:
+    every address the host names is bound as asyncio's ``create_server`` binds it."""
     try:
-        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            probe.bind(address)
+        for family, kind, protocol, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
     except OSError as error:
         raise SystemExit(f"crowdmon demo cannot listen on {host}:{port}: {error.strerror or error}") from None
 

@@ -18,7 +18,6 @@ import threading
 from typing import Any
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 
 from crowdmon._types import Receive, Scope, Send
@@ -54,12 +53,7 @@ class _SyncRun:
                 return
             self.state = "running"
         try:
-            answer = check()
-            if inspect.isawaitable(answer):
-                # A sync callable returning a coroutine (``lambda: ping()``): awaited once, on
-                # the event loop, for every request waiting on this run.
-                answer = anyio.from_thread.run(_awaited, answer)
-            self.answer = answer
+            self.answer = check()
         except Exception as error:
             self.error = error
         finally:
@@ -80,10 +74,6 @@ class _SyncRun:
 
 #: Sync checks queued or running in a worker thread, by registry and component.
 _sync_runs: dict[tuple[int, str], _SyncRun] = {}
-
-
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
 
 
 async def run_health_checks(instrumentation: PrometheusInstrumentation) -> tuple[dict[str, str], dict[str, str]]:
@@ -114,6 +104,8 @@ async def _run_one(check: HealthCheck, key: tuple[int, str]) -> tuple[str, str]:
                 answer = await check.check()
             else:
                 answer = await _run_in_thread(check, key)
+                if inspect.isawaitable(answer):
+                    answer = await answer
         if deadline.cancelled_caught:
             return "unhealthy", f"timed out after {check.timeout:g} s"
     except anyio.get_cancelled_exc_class() as error:
@@ -142,6 +134,10 @@ async def _run_in_thread(check: HealthCheck, key: tuple[int, str]) -> Any:
     else:
         while run.state != "done":
             await anyio.sleep(0.01)
+        if run.error is None and inspect.isawaitable(run.answer):
+            # A sync callable returning a coroutine (``lambda: ping()``): one coroutine is
+            # awaited once, by the request that started the run; this one calls for its own.
+            return await anyio.to_thread.run_sync(check.check, abandon_on_cancel=True)
     if run.error is not None:
         raise run.error
     return run.answer

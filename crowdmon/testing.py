@@ -62,6 +62,8 @@ def _read(registry: CollectorRegistry, sample: str, labels: Mapping[str, str] | 
     """The sample's value, the sum of its samples under any labels when ``labels`` is ``None``, or
     ``None`` if there is none."""
     if labels is None:
+        if sample.endswith("_bucket"):
+            raise ValueError(f"{sample} needs its labels, le included: its samples are cumulative, and adding them up means nothing")
         values = [s.value for family in registry.collect() for s in family.samples if s.name == sample]
         return sum(values) if values else None
     _check_label_names(sample, labels)

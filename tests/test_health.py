@@ -248,7 +248,7 @@ async def test_a_check_raising_a_cancellation_of_its_own_has_failed(registry: Co
     assert status_of(registry, "database") == "unhealthy"
 
 
-async def test_a_sync_check_returning_a_coroutine_is_awaited_once_for_every_probe(registry: CollectorRegistry) -> None:
+async def test_a_sync_check_returning_a_coroutine_gives_each_probe_a_coroutine_of_its_own(registry: CollectorRegistry) -> None:
     monitoring = PrometheusInstrumentation(registry)
     pings = [0]
 
@@ -263,7 +263,28 @@ async def test_a_sync_check_returning_a_coroutine_is_awaited_once_for_every_prob
     answers = await asyncio.gather(health(app), health(app), health(app))
 
     assert answers == [(200, {"status": "healthy", "components": {"database": "healthy"}})] * 3
-    assert pings == [1]
+    assert pings == [3]  # a coroutine can be awaited once
+
+
+async def test_a_hung_coroutine_of_a_sync_check_fails_every_probe_it_holds_and_not_the_next(registry: CollectorRegistry) -> None:
+    monitoring = PrometheusInstrumentation(registry)
+    backend_up = [False]
+
+    async def ping() -> bool:
+        if not backend_up[0]:
+            await asyncio.Event().wait()  # hangs while the backend is down
+        return True
+
+    monitoring.register_health_check("database", lambda: ping(), timeout=0.3)
+    app = HealthApp(monitoring)
+
+    first, second = await asyncio.gather(health(app), health(app))
+    backend_up[0] = True
+    third = await health(app)
+
+    timed_out = (503, {"status": "unhealthy", "components": {"database": "unhealthy"}, "failures": {"database": "timed out after 0.3 s"}})
+    assert (first, second) == (timed_out, timed_out)
+    assert third == (200, {"status": "healthy", "components": {"database": "healthy"}})
 
 
 async def test_a_timeout_error_the_check_raises_is_its_own_failure_not_the_deadline(registry: CollectorRegistry) -> None:

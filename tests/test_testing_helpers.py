@@ -102,6 +102,8 @@ def test_without_labels_the_helpers_add_up_the_family_and_a_wrong_label_name_is_
         assert metric_value("chat_messages_total") == 2
         with pytest.raises(ValueError, match="chat_messages_total has no label 'endpoint'; its labels are: user_type, message_type, cache_hit, rag_used"):
             metric_value("chat_messages_total", {"endpoint": "/chat"})
+        with pytest.raises(ValueError, match="vector_search_duration_seconds_bucket needs its labels, le included"):
+            metric_value("vector_search_duration_seconds_bucket")
         crowdmon.start_session("free")
         crowdmon.start_session("free")
         crowdmon.end_session("free")
