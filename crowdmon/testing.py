@@ -71,11 +71,9 @@ def _read(registry: CollectorRegistry, sample: str, labels: Mapping[str, str] | 
 
 
 def _check_label_names(sample: str, labels: Mapping[str, str]) -> None:
-    for suffix in ("_bucket", "_count", "_sum", "_created", ""):
-        spec = BY_NAME.get(sample.removesuffix(suffix)) if suffix else BY_NAME.get(sample)
-        if spec is not None:
-            break
-    else:
+    specs = (BY_NAME.get(sample.removesuffix(suffix)) for suffix in ("", "_bucket", "_count", "_sum", "_created"))
+    spec = next((found for found in specs if found is not None), None)
+    if spec is None:
         return  # not a catalogue metric: nothing to check against
     known = set(spec.labels) | ({"le"} if sample.endswith("_bucket") else set())
     unknown = sorted(set(labels) - known)

@@ -16,6 +16,7 @@ from typing import Any
 
 from crowdmon.catalogue import ERROR_TYPES, spec
 from crowdmon.ops.queries import (
+    PROBE_HANDLERS,
     Scope,
     counter_rate,
     gauge_sum,
@@ -355,7 +356,7 @@ def rule_groups(
     durations: Mapping[str, str] | None = None,
     *,
     scrape_interval: str = "15s",
-    probe_handlers: Sequence[str] = ("/health", "/metrics"),
+    probe_handlers: Sequence[str] = PROBE_HANDLERS,
 ) -> dict[str, Any]:
     """The Prometheus rule file (as data): one group per category, every rule scoped to ``job``.
 

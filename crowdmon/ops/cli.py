@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from crowdmon.ops.alerts import DEFAULT_DURATIONS, THRESHOLD_DOCS
+from crowdmon.ops.queries import PROBE_HANDLERS
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +59,7 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             dashboards_path=args.dashboards_path,
             thresholds=thresholds,
             durations=_pairs(args.durations, "--for", parser),
-            probe_handlers=tuple(args.probe_handlers or ("/health", "/metrics")),
+            probe_handlers=tuple(args.probe_handlers or PROBE_HANDLERS),
         )
     except ValueError as error:
         parser.error(str(error))

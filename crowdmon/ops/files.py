@@ -16,6 +16,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from crowdmon.ops.alerts import check_job, duration_seconds, resolve, rule_groups
 from crowdmon.ops.dashboards import DASHBOARDS, dashboard_json
+from crowdmon.ops.queries import PROBE_HANDLERS
 
 RULES_FILE = "crowdmon-alerts.yml"
 
@@ -42,7 +43,7 @@ class ExportOptions:
     #: ``for:`` durations by alert key (see ``crowdmon.ops.DEFAULT_DURATIONS``).
     durations: Mapping[str, str] = field(default_factory=dict)
     #: Handlers whose requests are probes or scrapes, not users' traffic (``ChatMessagesStopped``).
-    probe_handlers: tuple[str, ...] = ("/health", "/metrics")
+    probe_handlers: tuple[str, ...] = PROBE_HANDLERS
 
     def __post_init__(self) -> None:
         check_job(self.job)

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from crowdmon.catalogue import MetricKind, MetricSpec, spec
 from crowdmon.ops.promql import TARGET_LABELS
 
+#: Handlers whose requests are probes or scrapes, not users' traffic, unless told otherwise.
+PROBE_HANDLERS = ("/health", "/metrics")
+
 
 @dataclass(frozen=True)
 class Scope:
@@ -25,7 +28,7 @@ class Scope:
     #: The range of the rules that count events over a longer span (``increase()``).
     long_window: str = "15m"
     #: Handlers whose requests are not users' traffic (probes, scrapes).
-    probe_handlers: tuple[str, ...] = ("/health", "/metrics")
+    probe_handlers: tuple[str, ...] = PROBE_HANDLERS
 
     def selector(self, metric: MetricSpec, series: str, extra: Sequence[str] = ()) -> str:
         for matcher in extra:
@@ -37,7 +40,7 @@ class Scope:
 DASHBOARD_SCOPE = Scope(('job=~"$job"', 'instance=~"$instance"'), "$__rate_interval")
 
 
-def rule_scope(job: str, window: str = "5m", long_window: str = "15m", probe_handlers: Sequence[str] = ("/health", "/metrics")) -> Scope:
+def rule_scope(job: str, window: str = "5m", long_window: str = "15m", probe_handlers: Sequence[str] = PROBE_HANDLERS) -> Scope:
     return Scope((f'job="{job}"',), window, long_window, tuple(probe_handlers))
 
 
