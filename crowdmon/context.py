@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 from crowdmon._types import Scope
 from crowdmon.catalogue import UNKNOWN_VALUE
@@ -40,7 +41,8 @@ class RequestContext:
     handler label it was recorded under, and its user type if it was resolved, else
     ``unknown``."""
 
-    __slots__ = ("_endpoint", "_user_type", "entry_root_path", "scope", "user_type_resolver")
+    if not TYPE_CHECKING:  # the middleware's exchange holds the attributes
+        __slots__ = ()
 
     scope: Scope | None
     entry_root_path: str

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import operator
 import os
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 import anyio
 from prometheus_client import CollectorRegistry
 from starlette.routing import Host, Mount
 
-from crowdmon import instrumentation as _instrumentation_module
+from crowdmon import _core
 from crowdmon._recorder import STANDARD_METHODS, method_label, status_label
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
-from crowdmon.catalogue import UNMATCHED_HANDLER
-from crowdmon.context import RequestContext, UserTypeResolver, current_request, default_user_type
+from crowdmon.context import RequestContext, UserTypeResolver, default_user_type
 from crowdmon.exemplars import ExemplarProvider, request_exemplars
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
@@ -23,6 +22,17 @@ from crowdmon.instrumentation import (
     default_instrumentation,
 )
 from crowdmon.routes import HandlerResolver, handler_label_for
+
+if TYPE_CHECKING or os.environ.get("CROWDMON_NO_EXTENSIONS"):
+    from crowdmon._core import ExchangeCore, MiddlewareCore
+else:
+    try:
+        from crowdmon._speedups import ExchangeCore, MiddlewareCore
+    except ImportError:  # installed without a C compiler
+        from crowdmon._core import ExchangeCore, MiddlewareCore
+
+#: Whether the request path runs compiled (``crowdmon._speedups``) or in Python (``crowdmon._core``).
+COMPILED = MiddlewareCore is not _core.MiddlewareCore
 
 __all__ = ["CLIENT_CLOSED_REQUEST", "STANDARD_METHODS", "PrometheusMiddleware"]
 
@@ -32,7 +42,7 @@ _ROUTE_LABELS_CAP = 1024
 CLIENT_CLOSED_REQUEST = 499
 
 
-class PrometheusMiddleware:
+class PrometheusMiddleware(MiddlewareCore):
     """Records every HTTP request into ``crowdfunding_api_*``; other scopes pass through untouched.
 
     Use it as ``app.add_middleware(PrometheusMiddleware)`` or wrap any ASGI callable:
@@ -76,6 +86,7 @@ class PrometheusMiddleware:
             raise CrowdmonSetupError(f"user_type_resolver must be a callable taking the ASGI scope, got {user_type_resolver!r}")
         self.user_type_resolver = user_type_resolver
         self._user_type_resolver = user_type_resolver or default_user_type
+        self._exchange_type = _Exchange
         self._exemplar_option = exemplars
         self._bind(instrumentation)
         # Handler labels of matched routes: id(route), or (id(route), id(FastAPI route context)).
@@ -98,50 +109,15 @@ class PrometheusMiddleware:
         self.instrumentation = instrumentation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        begin = self._begin  # compiled, or crowdmon._core's
+        exchange = begin(scope, receive, send)
+        if exchange is None:  # not HTTP, or not recorded
             await self.app(scope, receive, send)
             return
-        if self._follows_default and _instrumentation_module._default is not self.instrumentation:
-            self._follow_the_default()
-        try:
-            entry_root_path = scope.get("root_path") or ""
-            path = scope["path"]
-            if entry_root_path and path.startswith(entry_root_path):
-                path = path[len(entry_root_path) :]
-            excluded = path in self.exclude_paths
-            if not excluded:
-                # The method as the server gave it: it is made a label when the batch is absorbed.
-                method = scope["method"]
-                start = self._start  # an attribute, called: no method lookup
-                start(method)
-        except Exception as error:
-            self._report("middleware.start", error)
-            excluded = True
-        if excluded:
-            await self.app(scope, receive, send)
-            return
-
         # The request's whole state is one object, published as its context too; the app gets
         # its bound receive and send.  It is the fewest objects a request can cost: each object
         # Python allocates costs again in the garbage collector's passes, and that is most of
-        # what instrumentation costs.  Bound methods are also what the interpreter calls fastest.
-        exchange = _Exchange()
-        exchange.scope = scope
-        exchange.entry_root_path = entry_root_path
-        exchange.user_type_resolver = self._user_type_resolver
-        exchange._user_type = None
-        exchange.middleware = self
-        exchange.method = method
-        exchange.status = exchange.request_bytes = exchange.response_bytes = 0
-        exchange.body_complete = exchange.finished = False
-        exchange.server_receive = receive
-        exchange.server_send = send
-        exchange.started = perf_counter()
-        token = None
-        try:
-            token = current_request.set(exchange)
-        except Exception as error:
-            self._report("middleware.context", error)
+        # what instrumentation costs.
         app = self.app
         try:
             await app(scope, exchange.receive, exchange.send)
@@ -156,20 +132,7 @@ class PrometheusMiddleware:
             if not exchange.status:
                 exchange.status = await exchange.unanswered()
         finally:
-            if not exchange.finished:
-                if not exchange.status:
-                    exchange.status = 500
-                exchange.finish(perf_counter())
-            # The request is over; let go of it.  Copies of its context live on: a server's
-            # keep-alive timer, re-armed inside the last send, or a timeout the app cancelled,
-            # waits in the event loop's queue for seconds, and through the context held every
-            # request's scope and server channels alive.  Hundreds of requests, each kept
-            # past the garbage collector's young generation: a collection every ~50 requests.
-            exchange.scope = None
-            exchange.server_receive = _receive_after_the_end
-            exchange.server_send = _send_after_the_end
-            if token is not None:
-                current_request.reset(token)
+            exchange.end()
 
     def _follow_the_default(self) -> None:
         try:
@@ -208,32 +171,11 @@ def excluded_paths(exclude_paths: Iterable[str]) -> frozenset[str]:
     return frozenset(exclude_paths)
 
 
-class _Exchange(RequestContext):
-    """One request as the middleware follows it: the published context, then its own state."""
+class _Exchange(ExchangeCore, RequestContext):
+    """One request as the middleware follows it: its state and hot path are the core's; here are
+    the turns a request rarely takes."""
 
-    __slots__ = (
-        "body_complete",
-        "finished",
-        "method",
-        "middleware",
-        "request_bytes",
-        "response_bytes",
-        "server_receive",
-        "server_send",
-        "started",
-        "status",
-    )  # fmt: skip
-
-    middleware: PrometheusMiddleware
-    method: object
-    started: float
-    status: int | str
-    request_bytes: int
-    body_complete: bool
-    response_bytes: int
-    finished: bool
-    server_receive: Receive
-    server_send: Send
+    __slots__ = ()
 
     def endpoint(self) -> str:
         """The ``handler`` label: the one recorded once the request is finished; until then the
@@ -249,15 +191,7 @@ class _Exchange(RequestContext):
             else:
                 if label is not None:
                     return str(label)
-        return super().endpoint()
-
-    def receive(self) -> Awaitable[Message]:
-        # Once the body is complete the app's receives go straight to the server: a wait for a
-        # disconnect (Starlette's streaming responses keep one) then costs nothing when it is
-        # cancelled, and a disconnect nobody answered is found by :meth:`unanswered`.
-        if self.body_complete:
-            return self.server_receive()
-        return self._receive_body()
+        return RequestContext.endpoint(self)
 
     async def _receive_body(self) -> Message:
         server_receive = self.server_receive
@@ -295,39 +229,11 @@ class _Exchange(RequestContext):
                 message = await self.server_receive()
                 if message["type"] == "http.disconnect":
                     # The app's later receives get it too: a server may deliver it only once.
-                    self.server_receive = _receive_after_the_end
+                    self.server_receive = _core.receive_after_the_end
                     return CLIENT_CLOSED_REQUEST
         except Exception:
             pass
         return 500
-
-    def send(self, message: Message) -> Awaitable[None]:
-        # A plain method returning the server's awaitable: no coroutine of our own per message.
-        # The request is over when the app hands over its last body chunk.
-        try:
-            kind = message["type"]
-            if kind == "http.response.body":
-                # A body before any start is refused by the server; the app's error then ends the
-                # request in ``__call__``, as a 500.
-                if self.status:
-                    self.response_bytes += len(message.get("body", b""))
-                    if not message.get("more_body", False) and not self.finished:
-                        self.finish(perf_counter())
-            elif kind == "http.response.start":
-                if not self.status:  # else the client left before it: 499
-                    status = message["status"]
-                    self.status = status if status.__class__ is int else _odd_status(status)
-                    if self.status.__class__ is int and self.status >= 500 and self.body_complete:
-                        return self._start_error(message)
-            elif kind == "http.response.pathsend" and self.status and not self.finished:
-                # The ASGI path-send extension (Starlette's FileResponse, when the server offers
-                # it): the whole file, and the last message of the response.
-                self.response_bytes += os.stat(message["path"]).st_size
-                self.finish(perf_counter())
-        except Exception as error:
-            self.middleware._report("middleware.send", error)
-        server_send = self.server_send
-        return server_send(message)
 
     async def _start_error(self, message: Message) -> None:
         """Start a 5xx response, once it is known whether the client is still there: an error
@@ -340,96 +246,18 @@ class _Exchange(RequestContext):
         server_send = self.server_send
         await server_send(message)
 
-    def finish(self, ended_at: float) -> None:
-        """Record the request: its handler label, then its entry for the recorder.  Runs once."""
-        self.finished = True
-        self._endpoint = UNMATCHED_HANDLER  # until the label is known, whatever is raised meanwhile
+    def _pathsend(self, message: Message) -> None:
+        """The ASGI path-send extension (Starlette's FileResponse, when the server offers it):
+        the whole file, and the last message of the response."""
+        self.response_bytes += os.stat(message["path"]).st_size
+        self.finish(perf_counter())
+
+    def _exemplar(self, handler: str, duration: float) -> None:
         middleware = self.middleware
-        scope: Scope = self.scope  # type: ignore[assignment]  # let go of only after finishing
-        status = self.status
         try:
-            # The user's resolver if it answers, else the label stored for the matched route (and
-            # FastAPI route context), worked out on the route's first request.
-            resolver = middleware.handler_resolver
-            label = None if resolver is None else resolver(scope)
-            if label is not None:
-                handler = str(label)
-            else:
-                route = scope.get("route")
-                fastapi_scope = scope.get("fastapi")
-                context = fastapi_scope.get("effective_route_context") if fastapi_scope.__class__ is dict else None
-                key = id(route) if context is None else (id(route), id(context))
-                stored = middleware._route_labels.get(key)
-                if stored is None or (scope.get("root_path") or "") != self.entry_root_path:
-                    stored = middleware._route_label(scope, self.entry_root_path, status, route, context, key)
-                handler = stored
+            middleware._exemplars.observe(self.scope, method_label(self.method), handler, status_label(self.status), duration)  # type: ignore[union-attr,arg-type]
         except Exception as error:
-            middleware._report("middleware.handler", error)
-            handler = UNMATCHED_HANDLER
-        self._endpoint = handler
-        method = self.method
-        duration = ended_at - self.started
-        request_bytes = self.request_bytes
-        try:
-            record = middleware._record
-            record((
-                method,
-                handler,
-                status,
-                duration,
-                request_bytes if self.body_complete else _declared_size(scope, request_bytes),
-                self.response_bytes,
-            ))
-            if len(middleware._pending) >= middleware._flush_at:
-                middleware._flush()
-        except Exception as error:
-            middleware._report("middleware.record", error)
-        if middleware._exemplars is not None:
-            try:
-                middleware._exemplars.observe(scope, method_label(method), handler, status_label(status), duration)
-            except Exception as error:
-                middleware._report("middleware.exemplar", error)
-
-
-async def _receive_after_the_end() -> Message:
-    """``receive`` of a request the middleware has let go of: what the ASGI spec has a server
-    answer once the response has been sent."""
-    return {"type": "http.disconnect"}
-
-
-async def _send_after_the_end(message: Message) -> None:
-    """``send`` of a request the middleware has let go of, as servers refuse it."""
-    raise RuntimeError(f"this request has ended (its app returned), so it cannot send {message.get('type')!r}")
-
-
-def _odd_status(status: object) -> int | str:
-    """A status that is not a plain ``int``: its number if it is an integer of another type
-    (``HTTPStatus``, NumPy), else ``"0"``, which records as ``"0"`` (and is not "no response")."""
-    try:
-        return operator.index(status)  # type: ignore[arg-type]
-    except Exception:
-        return "0"
-
-
-def _declared_size(scope: Scope, received: int) -> int:
-    """``Content-Length`` for a body the app did not read to the end; never less than was read.
-    Headers no server should send (not pairs of bytes) count as no ``Content-Length``: a failure
-    here would lose the request and leave it in progress forever."""
-    try:
-        headers = scope.get("headers") or ()
-        if b"content-length" not in map(_HEADER_NAME, headers):
-            return received  # most requests: the names are compared in C
-        for name, value in headers:
-            if name == b"content-length":
-                if value.isdigit() and len(value) <= 15:
-                    return max(received, int(value))
-                break
-    except Exception:
-        pass
-    return received
-
-
-_HEADER_NAME = operator.itemgetter(0)
+            middleware._report("middleware.exemplar", error)
 
 
 def _is_cancellation(error: BaseException) -> bool:

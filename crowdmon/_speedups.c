@@ -1,0 +1,1195 @@
+/*
+ * The middleware's request path, compiled: MiddlewareCore._begin, ExchangeCore.receive, .send,
+ * .finish and .end.  crowdmon/_core.py is the same code in Python, line for line; read it first.
+ * Every branch here mirrors one there, and the test suite runs against both.
+ *
+ * What this buys is the interpreter's dispatch: a request crosses these five functions on every
+ * request, and in C they cost a fraction of their bytecode.  Everything that happens rarely (a
+ * body counted as it arrives, a 5xx answer, a route seen for the first time, an exemplar, a
+ * header list no server sends) calls back into the Python subclasses.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <time.h>
+
+/* Objects of the Python side, looked up once when the module is imported. */
+static PyObject *UNMATCHED_HANDLER;  /* crowdmon.catalogue.UNMATCHED_HANDLER */
+static PyObject *CURRENT_REQUEST;    /* crowdmon.context.current_request */
+static PyObject *RECEIVE_AFTER_THE_END, *SEND_AFTER_THE_END, *ODD_STATUS, *DECLARED_SIZE;
+static PyObject *PERF_COUNTER;       /* time.perf_counter, where the C clock is not the same */
+static PyObject *INSTRUMENTATION_MODULE;
+static PyObject *ZERO, *STATUS_500, *EMPTY_STR, *EMPTY_BYTES;
+static int PERF_COUNTER_IS_MONOTONIC;
+
+static PyObject *S_type, *S_http, *S_path, *S_root_path, *S_method, *S_body, *S_more_body,
+    *S_status, *S_route, *S_fastapi, *S_effective_route_context, *S_headers,
+    *S_response_start, *S_response_body, *S_response_pathsend, *S_default,
+    *S_follow_the_default, *S_receive_body, *S_start_error, *S_pathsend, *S_route_label,
+    *S_exemplar, *S_get, *S_site_start, *S_site_context, *S_site_send, *S_site_handler,
+    *S_site_record;
+
+/* time.perf_counter() as a double: the same clock, read without a call where it is CLOCK_MONOTONIC. */
+static int
+now(double *result)
+{
+#ifdef CLOCK_MONOTONIC
+    if (PERF_COUNTER_IS_MONOTONIC) {
+        struct timespec ts;
+        if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0) {
+            *result = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+            return 0;
+        }
+    }
+#endif
+    PyObject *value = PyObject_CallNoArgs(PERF_COUNTER);
+    if (value == NULL) {
+        return -1;
+    }
+    *result = PyFloat_AsDouble(value);
+    Py_DECREF(value);
+    return (*result == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* mapping[key] (a new reference) */
+static PyObject *
+get_item(PyObject *mapping, PyObject *key)
+{
+    if (PyDict_CheckExact(mapping)) {
+        PyObject *value = PyDict_GetItemWithError(mapping, key);
+        if (value == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetObject(PyExc_KeyError, key);
+            }
+            return NULL;
+        }
+        return Py_NewRef(value);
+    }
+    return PyObject_GetItem(mapping, key);
+}
+
+/* mapping.get(key, default) (a new reference) */
+static PyObject *
+get_or(PyObject *mapping, PyObject *key, PyObject *fallback)
+{
+    if (PyDict_CheckExact(mapping)) {
+        PyObject *value = PyDict_GetItemWithError(mapping, key);
+        if (value == NULL) {
+            return PyErr_Occurred() ? NULL : Py_NewRef(fallback);
+        }
+        return Py_NewRef(value);
+    }
+    return PyObject_CallMethodObjArgs(mapping, S_get, key, fallback, NULL);
+}
+
+/* value == constant, for a str constant: 1, 0 or -1 */
+static int
+equals(PyObject *value, PyObject *constant)
+{
+    if (value == constant) {
+        return 1;
+    }
+    if (PyUnicode_CheckExact(value)) {
+        return PyUnicode_Compare(value, constant) == 0;
+    }
+    return PyObject_RichCompareBool(value, constant, Py_EQ);
+}
+
+static void
+set_field(PyObject **field, PyObject *value)
+{
+    Py_XSETREF(*field, Py_NewRef(value));
+}
+
+/* -- MiddlewareCore ---------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *app;
+    PyObject *exclude_paths;
+    PyObject *start;
+    PyObject *record;
+    PyObject *pending;
+    Py_ssize_t flush_at;
+    PyObject *flush;
+    PyObject *report;
+    PyObject *exemplars;
+    PyObject *route_labels;
+    PyObject *handler_resolver;
+    PyObject *user_type_resolver;
+    PyObject *exchange_type;
+    PyObject *instrumentation;
+    char follows_default;
+    PyObject *dict;
+    PyObject *weakrefs;
+} Core;
+
+typedef struct {
+    PyObject_HEAD
+    /* The request context, as crowdmon.context.RequestContext reads it. */
+    PyObject *scope;
+    PyObject *entry_root_path;
+    PyObject *user_type_resolver;
+    PyObject *user_type;
+    PyObject *endpoint;
+    /* The middleware's own state. */
+    PyObject *middleware;
+    PyObject *method;
+    PyObject *status;
+    Py_ssize_t request_bytes;
+    Py_ssize_t response_bytes;
+    char body_complete;
+    char finished;
+    PyObject *server_receive;
+    PyObject *server_send;
+    double started;
+    PyObject *token;
+} Exchange;
+
+static PyTypeObject CoreType;
+static PyTypeObject ExchangeType;
+
+/* With an exception set: an Exception is reported to the middleware's ``_report(site, error)``
+   and cleared (0); anything else, or a report that raises, stays set (-1). */
+static int
+contain(PyObject *middleware, PyObject *site)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        return -1;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL && value != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    PyObject *report = NULL;
+    if (middleware != NULL && PyObject_TypeCheck(middleware, &CoreType)) {
+        report = ((Core *)middleware)->report;
+    }
+    if (report == NULL || report == Py_None) {
+        Py_XDECREF(value);
+        return 0;
+    }
+    Py_INCREF(report);
+    PyObject *result = PyObject_CallFunctionObjArgs(report, site, value ? value : Py_None, NULL);
+    Py_DECREF(report);
+    Py_XDECREF(value);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+static int
+core_traverse(Core *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->app);
+    Py_VISIT(self->exclude_paths);
+    Py_VISIT(self->start);
+    Py_VISIT(self->record);
+    Py_VISIT(self->pending);
+    Py_VISIT(self->flush);
+    Py_VISIT(self->report);
+    Py_VISIT(self->exemplars);
+    Py_VISIT(self->route_labels);
+    Py_VISIT(self->handler_resolver);
+    Py_VISIT(self->user_type_resolver);
+    Py_VISIT(self->exchange_type);
+    Py_VISIT(self->instrumentation);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+core_clear(Core *self)
+{
+    Py_CLEAR(self->app);
+    Py_CLEAR(self->exclude_paths);
+    Py_CLEAR(self->start);
+    Py_CLEAR(self->record);
+    Py_CLEAR(self->pending);
+    Py_CLEAR(self->flush);
+    Py_CLEAR(self->report);
+    Py_CLEAR(self->exemplars);
+    Py_CLEAR(self->route_labels);
+    Py_CLEAR(self->handler_resolver);
+    Py_CLEAR(self->user_type_resolver);
+    Py_CLEAR(self->exchange_type);
+    Py_CLEAR(self->instrumentation);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+core_dealloc(Core *self)
+{
+    PyObject_GC_UnTrack(self);
+    if (self->weakrefs != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    core_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The part of ``_begin`` inside its ``try``: 1 if the request is recorded (``*method`` and
+   ``*entry_root_path`` set), 0 if its path is excluded, -1 with an exception set. */
+static int
+begin_request(Core *self, PyObject *scope, PyObject **entry_root_path, PyObject **method)
+{
+    PyObject *root = get_or(scope, S_root_path, Py_None);
+    if (root == NULL) {
+        return -1;
+    }
+    int truth = PyObject_IsTrue(root);
+    if (truth < 0) {
+        Py_DECREF(root);
+        return -1;
+    }
+    if (!truth) {
+        Py_SETREF(root, Py_NewRef(EMPTY_STR));
+    }
+    PyObject *path = get_item(scope, S_path);
+    if (path == NULL) {
+        Py_DECREF(root);
+        return -1;
+    }
+    if (truth) {
+        int starts;
+        if (PyUnicode_Check(path) && PyUnicode_Check(root)) {
+            Py_ssize_t found = PyUnicode_Tailmatch(path, root, 0, PY_SSIZE_T_MAX, -1);
+            starts = found < 0 ? -1 : (int)found;
+        }
+        else {
+            PyObject *answer = PyObject_CallMethod(path, "startswith", "O", root);
+            starts = answer == NULL ? -1 : PyObject_IsTrue(answer);
+            Py_XDECREF(answer);
+        }
+        if (starts > 0) {
+            Py_ssize_t length = PyObject_Size(root);
+            PyObject *rest = length < 0 ? NULL : PySequence_GetSlice(path, length, PY_SSIZE_T_MAX);
+            Py_SETREF(path, rest);
+        }
+        if (starts < 0 || path == NULL) {
+            Py_XDECREF(path);
+            Py_DECREF(root);
+            return -1;
+        }
+    }
+    if (self->exclude_paths == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "exclude_paths");
+        Py_DECREF(path);
+        Py_DECREF(root);
+        return -1;
+    }
+    int excluded = PySequence_Contains(self->exclude_paths, path);
+    Py_DECREF(path);
+    if (excluded != 0) {
+        Py_DECREF(root);
+        return excluded < 0 ? -1 : 0;
+    }
+    PyObject *request_method = get_item(scope, S_method);
+    if (request_method == NULL) {
+        Py_DECREF(root);
+        return -1;
+    }
+    if (self->start == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_start");
+        Py_DECREF(request_method);
+        Py_DECREF(root);
+        return -1;
+    }
+    PyObject *result = PyObject_CallOneArg(self->start, request_method);
+    if (result == NULL) {
+        Py_DECREF(request_method);
+        Py_DECREF(root);
+        return -1;
+    }
+    Py_DECREF(result);
+    *entry_root_path = root;
+    *method = request_method;
+    return 1;
+}
+
+static PyObject *
+core_begin(Core *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "_begin() takes scope, receive and send (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *scope = args[0];
+    PyObject *kind = get_item(scope, S_type);
+    if (kind == NULL) {
+        return NULL;
+    }
+    int http = equals(kind, S_http);
+    Py_DECREF(kind);
+    if (http <= 0) {
+        return http < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    if (self->follows_default) {
+        PyObject *current = PyObject_GetAttr(INSTRUMENTATION_MODULE, S_default);
+        if (current == NULL) {
+            return NULL;
+        }
+        int moved = current != self->instrumentation;
+        Py_DECREF(current);
+        if (moved) {
+            PyObject *result = PyObject_CallMethodNoArgs((PyObject *)self, S_follow_the_default);
+            if (result == NULL) {
+                return NULL;
+            }
+            Py_DECREF(result);
+        }
+    }
+    PyObject *entry_root_path = NULL, *method = NULL;
+    int recorded = begin_request(self, scope, &entry_root_path, &method);
+    if (recorded < 0) {
+        return contain((PyObject *)self, S_site_start) < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    if (recorded == 0) {
+        Py_RETURN_NONE;
+    }
+    PyTypeObject *type = (PyTypeObject *)self->exchange_type;
+    if (type == NULL || !PyType_Check(type) || !PyType_IsSubtype(type, &ExchangeType)) {
+        PyErr_SetString(PyExc_TypeError, "_exchange_type must be a subclass of ExchangeCore");
+        Py_DECREF(entry_root_path);
+        Py_DECREF(method);
+        return NULL;
+    }
+    Exchange *exchange = (Exchange *)type->tp_alloc(type, 0);
+    if (exchange == NULL) {
+        Py_DECREF(entry_root_path);
+        Py_DECREF(method);
+        return NULL;
+    }
+    exchange->scope = Py_NewRef(scope);
+    exchange->entry_root_path = entry_root_path;
+    exchange->user_type_resolver = Py_NewRef(self->user_type_resolver ? self->user_type_resolver : Py_None);
+    exchange->user_type = Py_NewRef(Py_None);
+    exchange->endpoint = Py_NewRef(UNMATCHED_HANDLER);
+    exchange->middleware = Py_NewRef((PyObject *)self);
+    exchange->method = method;
+    exchange->status = Py_NewRef(ZERO);
+    exchange->server_receive = Py_NewRef(args[1]);
+    exchange->server_send = Py_NewRef(args[2]);
+    exchange->token = Py_NewRef(Py_None);
+    if (now(&exchange->started) < 0) {
+        Py_DECREF(exchange);
+        return NULL;
+    }
+    PyObject *token = PyContextVar_Set(CURRENT_REQUEST, (PyObject *)exchange);
+    if (token == NULL) {
+        if (contain((PyObject *)self, S_site_context) < 0) {
+            Py_DECREF(exchange);
+            return NULL;
+        }
+    }
+    else {
+        Py_SETREF(exchange->token, token);
+    }
+    return (PyObject *)exchange;
+}
+
+static PyMethodDef core_methods[] = {
+    {"_begin", (PyCFunction)(void (*)(void))core_begin, METH_FASTCALL,
+     "The request's exchange (published as the request context), or None for a scope that is not "
+     "recorded: not HTTP, or an excluded path (or a start that failed, which is reported)."},
+    {NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"app", T_OBJECT, offsetof(Core, app), 0, NULL},
+    {"exclude_paths", T_OBJECT, offsetof(Core, exclude_paths), 0, NULL},
+    {"_start", T_OBJECT, offsetof(Core, start), 0, NULL},
+    {"_record", T_OBJECT, offsetof(Core, record), 0, NULL},
+    {"_pending", T_OBJECT, offsetof(Core, pending), 0, NULL},
+    {"_flush_at", T_PYSSIZET, offsetof(Core, flush_at), 0, NULL},
+    {"_flush", T_OBJECT, offsetof(Core, flush), 0, NULL},
+    {"_report", T_OBJECT, offsetof(Core, report), 0, NULL},
+    {"_exemplars", T_OBJECT, offsetof(Core, exemplars), 0, NULL},
+    {"_route_labels", T_OBJECT, offsetof(Core, route_labels), 0, NULL},
+    {"handler_resolver", T_OBJECT, offsetof(Core, handler_resolver), 0, NULL},
+    {"_user_type_resolver", T_OBJECT, offsetof(Core, user_type_resolver), 0, NULL},
+    {"_exchange_type", T_OBJECT, offsetof(Core, exchange_type), 0, NULL},
+    {"instrumentation", T_OBJECT, offsetof(Core, instrumentation), 0, NULL},
+    {"_follows_default", T_BOOL, offsetof(Core, follows_default), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "crowdmon._speedups.MiddlewareCore",
+    .tp_doc = "Starts following a request: _begin.  Its attributes are set by the subclass.",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_traverse = (traverseproc)core_traverse,
+    .tp_clear = (inquiry)core_clear,
+    .tp_methods = core_methods,
+    .tp_members = core_members,
+    .tp_dictoffset = offsetof(Core, dict),
+    .tp_weaklistoffset = offsetof(Core, weakrefs),
+};
+
+/* -- ExchangeCore ------------------------------------------------------------------------------ */
+
+static int
+exchange_traverse(Exchange *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->scope);
+    Py_VISIT(self->entry_root_path);
+    Py_VISIT(self->user_type_resolver);
+    Py_VISIT(self->user_type);
+    Py_VISIT(self->endpoint);
+    Py_VISIT(self->middleware);
+    Py_VISIT(self->method);
+    Py_VISIT(self->status);
+    Py_VISIT(self->server_receive);
+    Py_VISIT(self->server_send);
+    Py_VISIT(self->token);
+    return 0;
+}
+
+static int
+exchange_clear(Exchange *self)
+{
+    Py_CLEAR(self->scope);
+    Py_CLEAR(self->entry_root_path);
+    Py_CLEAR(self->user_type_resolver);
+    Py_CLEAR(self->user_type);
+    Py_CLEAR(self->endpoint);
+    Py_CLEAR(self->middleware);
+    Py_CLEAR(self->method);
+    Py_CLEAR(self->status);
+    Py_CLEAR(self->server_receive);
+    Py_CLEAR(self->server_send);
+    Py_CLEAR(self->token);
+    return 0;
+}
+
+static void
+exchange_dealloc(Exchange *self)
+{
+    PyObject_GC_UnTrack(self);
+    exchange_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* ``declared_size`` for the header lists servers build (a list of pairs of bytes); any other
+   shape goes to the Python function, which says what each odd shape counts as. */
+static int
+declared_size(Exchange *self, Py_ssize_t *size)
+{
+    PyObject *scope = self->scope;
+    Py_ssize_t received = self->request_bytes;
+    *size = received;
+    PyObject *headers = PyDict_CheckExact(scope) ? PyDict_GetItemWithError(scope, S_headers) : NULL;
+    if (headers == NULL && PyErr_Occurred()) {
+        PyErr_Clear();
+    }
+    if (headers != NULL && (PyList_CheckExact(headers) || PyTuple_CheckExact(headers))) {
+        Py_ssize_t count = PySequence_Fast_GET_SIZE(headers);
+        PyObject **items = PySequence_Fast_ITEMS(headers);
+        Py_ssize_t i;
+        for (i = 0; i < count; i++) {
+            PyObject *pair = items[i];
+            if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(pair, 0))) {
+                break;
+            }
+            PyObject *name = PyTuple_GET_ITEM(pair, 0);
+            if (PyBytes_GET_SIZE(name) == 14 && memcmp(PyBytes_AS_STRING(name), "content-length", 14) == 0) {
+                break;
+            }
+        }
+        if (i == count) {
+            return 0;  /* most requests: no Content-Length */
+        }
+    }
+    else if (headers == NULL && PyDict_CheckExact(scope)) {
+        return 0;
+    }
+    PyObject *received_object = PyLong_FromSsize_t(received);
+    if (received_object == NULL) {
+        return -1;
+    }
+    PyObject *declared = PyObject_CallFunctionObjArgs(DECLARED_SIZE, scope, received_object, NULL);
+    Py_DECREF(received_object);
+    if (declared == NULL) {
+        return -1;
+    }
+    *size = PyLong_AsSsize_t(declared);
+    Py_DECREF(declared);
+    return (*size == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* The handler label of a finished request (a new reference), or NULL with an exception set. */
+static PyObject *
+handler_label(Exchange *self, Core *middleware)
+{
+    PyObject *scope = self->scope;
+    PyObject *resolver = middleware->handler_resolver;
+    if (resolver != NULL && resolver != Py_None) {
+        Py_INCREF(resolver);
+        PyObject *label = PyObject_CallOneArg(resolver, scope);
+        Py_DECREF(resolver);
+        if (label == NULL) {
+            return NULL;
+        }
+        if (label != Py_None) {
+            PyObject *text = PyObject_Str(label);
+            Py_DECREF(label);
+            return text;
+        }
+        Py_DECREF(label);
+    }
+    PyObject *route = get_or(scope, S_route, Py_None);
+    if (route == NULL) {
+        return NULL;
+    }
+    PyObject *fastapi = get_or(scope, S_fastapi, Py_None);
+    if (fastapi == NULL) {
+        Py_DECREF(route);
+        return NULL;
+    }
+    PyObject *context = PyDict_CheckExact(fastapi) ? get_or(fastapi, S_effective_route_context, Py_None) : Py_NewRef(Py_None);
+    Py_DECREF(fastapi);
+    if (context == NULL) {
+        Py_DECREF(route);
+        return NULL;
+    }
+    PyObject *key = PyLong_FromVoidPtr(route);
+    if (key != NULL && context != Py_None) {
+        PyObject *context_id = PyLong_FromVoidPtr(context);
+        Py_SETREF(key, context_id == NULL ? NULL : PyTuple_Pack(2, key, context_id));
+        Py_XDECREF(context_id);
+    }
+    PyObject *stored = NULL;
+    if (key != NULL) {
+        PyObject *labels = middleware->route_labels;
+        if (labels != NULL && PyDict_CheckExact(labels)) {
+            stored = PyDict_GetItemWithError(labels, key);
+            Py_XINCREF(stored);
+        }
+        else if (labels != NULL) {
+            stored = PyObject_CallMethodObjArgs(labels, S_get, key, NULL);
+            if (stored == Py_None) {
+                Py_CLEAR(stored);
+            }
+        }
+        else {
+            PyErr_SetString(PyExc_AttributeError, "_route_labels");
+        }
+    }
+    if (stored != NULL) {
+        /* (scope.get("root_path") or "") != self.entry_root_path: a mount on the way in */
+        PyObject *root = get_or(scope, S_root_path, Py_None);
+        int same = -1;
+        if (root != NULL) {
+            int truth = PyObject_IsTrue(root);
+            if (truth >= 0) {
+                same = PyObject_RichCompareBool(truth ? root : EMPTY_STR, self->entry_root_path, Py_EQ);
+            }
+            Py_DECREF(root);
+        }
+        if (same <= 0) {
+            Py_CLEAR(stored);
+            if (same < 0) {
+                Py_XDECREF(key);
+                Py_DECREF(route);
+                Py_DECREF(context);
+                return NULL;
+            }
+        }
+    }
+    if (stored == NULL && key != NULL && !PyErr_Occurred()) {
+        PyObject *call[] = {(PyObject *)middleware, scope, self->entry_root_path, self->status, route, context, key};
+        stored = PyObject_VectorcallMethod(S_route_label, call, 7 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    Py_XDECREF(key);
+    Py_DECREF(route);
+    Py_DECREF(context);
+    return stored;
+}
+
+static int
+exchange_finish_at(Exchange *self, double ended_at)
+{
+    self->finished = 1;
+    set_field(&self->endpoint, UNMATCHED_HANDLER);
+    PyObject *middleware_object = self->middleware;
+    if (middleware_object == NULL || !PyObject_TypeCheck(middleware_object, &CoreType) || self->scope == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this exchange was not begun by a middleware");
+        return -1;
+    }
+    Py_INCREF(middleware_object);
+    Core *middleware = (Core *)middleware_object;
+    int outcome = -1;
+    PyObject *handler = handler_label(self, middleware);
+    if (handler == NULL) {
+        if (contain(middleware_object, S_site_handler) < 0) {
+            goto done;
+        }
+        handler = Py_NewRef(UNMATCHED_HANDLER);
+    }
+    set_field(&self->endpoint, handler);
+    double duration = ended_at - self->started;
+    PyObject *duration_object = PyFloat_FromDouble(duration);
+    if (duration_object == NULL) {
+        Py_DECREF(handler);
+        goto done;
+    }
+    {
+        PyObject *entry = NULL;
+        Py_ssize_t size = self->request_bytes;
+        if (self->body_complete || declared_size(self, &size) == 0) {
+            PyObject *received = PyLong_FromSsize_t(size);
+            PyObject *sent = PyLong_FromSsize_t(self->response_bytes);
+            if (received != NULL && sent != NULL) {
+                entry = PyTuple_Pack(6, self->method, handler, self->status, duration_object, received, sent);
+            }
+            Py_XDECREF(received);
+            Py_XDECREF(sent);
+        }
+        int recorded = -1;
+        if (entry != NULL) {
+            if (middleware->record == NULL) {
+                PyErr_SetString(PyExc_AttributeError, "_record");
+            }
+            else {
+                PyObject *result = PyObject_CallOneArg(middleware->record, entry);
+                if (result != NULL) {
+                    Py_DECREF(result);
+                    PyObject *pending = middleware->pending;
+                    Py_ssize_t waiting = pending == NULL ? 0 : (PyList_CheckExact(pending) ? PyList_GET_SIZE(pending) : PyObject_Size(pending));
+                    if (waiting >= 0 && waiting >= middleware->flush_at && middleware->flush != NULL) {
+                        result = PyObject_CallNoArgs(middleware->flush);
+                        Py_XDECREF(result);
+                        recorded = result == NULL ? -1 : 0;
+                    }
+                    else {
+                        recorded = waiting < 0 ? -1 : 0;
+                    }
+                }
+            }
+            Py_DECREF(entry);
+        }
+        if (recorded < 0 && contain(middleware_object, S_site_record) < 0) {
+            Py_DECREF(duration_object);
+            Py_DECREF(handler);
+            goto done;
+        }
+    }
+    if (middleware->exemplars != NULL && middleware->exemplars != Py_None) {
+        PyObject *call[] = {(PyObject *)self, handler, duration_object};
+        PyObject *result = PyObject_VectorcallMethod(S_exemplar, call, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        if (result == NULL) {
+            Py_DECREF(duration_object);
+            Py_DECREF(handler);
+            goto done;
+        }
+        Py_DECREF(result);
+    }
+    Py_DECREF(duration_object);
+    Py_DECREF(handler);
+    outcome = 0;
+done:
+    Py_DECREF(middleware_object);
+    return outcome;
+}
+
+static PyObject *
+exchange_finish(Exchange *self, PyObject *ended_at)
+{
+    double at = PyFloat_AsDouble(ended_at);
+    if (at == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return exchange_finish_at(self, at) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static int
+status_is_set(PyObject *status)
+{
+    return status == ZERO ? 0 : PyObject_IsTrue(status);
+}
+
+static PyObject *
+exchange_receive(Exchange *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->body_complete) {
+        PyObject *receive = Py_NewRef(self->server_receive);
+        PyObject *result = PyObject_CallNoArgs(receive);
+        Py_DECREF(receive);
+        return result;
+    }
+    return PyObject_CallMethodNoArgs((PyObject *)self, S_receive_body);
+}
+
+/* The part of ``send`` inside its ``try``: 0 to pass the message on, 1 with ``*answer`` set
+   (the 5xx path), -1 with an exception set. */
+static int
+follow_send(Exchange *self, PyObject *message, PyObject **answer)
+{
+    PyObject *kind = get_item(message, S_type);
+    if (kind == NULL) {
+        return -1;
+    }
+    int outcome = 0;
+    int is = equals(kind, S_response_body);
+    if (is > 0) {
+        int started = status_is_set(self->status);
+        if (started > 0) {
+            PyObject *body = get_or(message, S_body, EMPTY_BYTES);
+            Py_ssize_t length = body == NULL ? -1 : PyObject_Size(body);
+            Py_XDECREF(body);
+            if (length < 0) {
+                outcome = -1;
+            }
+            else {
+                self->response_bytes += length;
+                PyObject *more = get_or(message, S_more_body, Py_False);
+                int more_body = more == NULL ? -1 : PyObject_IsTrue(more);
+                Py_XDECREF(more);
+                double at;
+                if (more_body < 0) {
+                    outcome = -1;
+                }
+                else if (!more_body && !self->finished) {
+                    outcome = (now(&at) < 0 || exchange_finish_at(self, at) < 0) ? -1 : 0;
+                }
+            }
+        }
+        else if (started < 0) {
+            outcome = -1;
+        }
+    }
+    else if (is == 0 && (is = equals(kind, S_response_start)) > 0) {
+        int started = status_is_set(self->status);
+        if (started == 0) {  /* else the client left before it: 499 */
+            PyObject *status = get_item(message, S_status);
+            if (status != NULL && !PyLong_CheckExact(status)) {
+                Py_SETREF(status, PyObject_CallOneArg(ODD_STATUS, status));
+            }
+            if (status == NULL) {
+                outcome = -1;
+            }
+            else {
+                Py_SETREF(self->status, status);
+                if (PyLong_CheckExact(status) && self->body_complete) {
+                    int overflow;
+                    long code = PyLong_AsLongAndOverflow(status, &overflow);
+                    if (overflow > 0 || code >= 500) {
+                        *answer = PyObject_CallMethodOneArg((PyObject *)self, S_start_error, message);
+                        outcome = *answer == NULL ? -1 : 1;
+                    }
+                }
+            }
+        }
+        else if (started < 0) {
+            outcome = -1;
+        }
+    }
+    else if (is == 0 && (is = equals(kind, S_response_pathsend)) > 0) {
+        int started = status_is_set(self->status);
+        if (started > 0 && !self->finished) {
+            PyObject *result = PyObject_CallMethodOneArg((PyObject *)self, S_pathsend, message);
+            Py_XDECREF(result);
+            outcome = result == NULL ? -1 : 0;
+        }
+        else if (started < 0) {
+            outcome = -1;
+        }
+    }
+    if (is < 0) {
+        outcome = -1;
+    }
+    Py_DECREF(kind);
+    return outcome;
+}
+
+static PyObject *
+exchange_send(Exchange *self, PyObject *message)
+{
+    PyObject *answer = NULL;
+    int outcome = follow_send(self, message, &answer);
+    if (outcome > 0) {
+        return answer;
+    }
+    if (outcome < 0 && contain(self->middleware, S_site_send) < 0) {
+        return NULL;
+    }
+    PyObject *send = Py_NewRef(self->server_send);
+    PyObject *result = PyObject_CallOneArg(send, message);
+    Py_DECREF(send);
+    return result;
+}
+
+static PyObject *
+exchange_end(Exchange *self, PyObject *Py_UNUSED(ignored))
+{
+    int failed = 0;
+    if (!self->finished) {
+        int started = status_is_set(self->status);
+        if (started == 0) {
+            set_field(&self->status, STATUS_500);
+        }
+        double at;
+        failed = started < 0 || now(&at) < 0 || exchange_finish_at(self, at) < 0;
+    }
+    /* Let go of the request, whatever happened above; a failure is raised afterwards. */
+    PyObject *type = NULL, *value = NULL, *traceback = NULL;
+    if (failed) {
+        PyErr_Fetch(&type, &value, &traceback);
+    }
+    Py_XSETREF(self->scope, Py_NewRef(Py_None));
+    set_field(&self->server_receive, RECEIVE_AFTER_THE_END);
+    set_field(&self->server_send, SEND_AFTER_THE_END);
+    PyObject *token = self->token;
+    self->token = Py_NewRef(Py_None);
+    if (token != NULL && token != Py_None) {
+        if (PyContextVar_Reset(CURRENT_REQUEST, token) < 0 && !failed) {
+            failed = contain(self->middleware, S_site_context) < 0;
+            if (failed) {
+                PyErr_Fetch(&type, &value, &traceback);
+            }
+        }
+    }
+    Py_XDECREF(token);
+    if (failed) {
+        PyErr_Restore(type, value, traceback);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef exchange_methods[] = {
+    {"receive", (PyCFunction)exchange_receive, METH_NOARGS, "The app's receive."},
+    {"send", (PyCFunction)exchange_send, METH_O, "The app's send: passes the server's awaitable on."},
+    {"finish", (PyCFunction)exchange_finish, METH_O, "Record the request. Runs once."},
+    {"end", (PyCFunction)exchange_end, METH_NOARGS, "The request is over: record it if no response did, then let go of it."},
+    {NULL},
+};
+
+static PyMemberDef exchange_members[] = {
+    {"scope", T_OBJECT, offsetof(Exchange, scope), 0, NULL},
+    {"entry_root_path", T_OBJECT, offsetof(Exchange, entry_root_path), 0, NULL},
+    {"user_type_resolver", T_OBJECT, offsetof(Exchange, user_type_resolver), 0, NULL},
+    {"_user_type", T_OBJECT, offsetof(Exchange, user_type), 0, NULL},
+    {"_endpoint", T_OBJECT, offsetof(Exchange, endpoint), 0, NULL},
+    {"middleware", T_OBJECT, offsetof(Exchange, middleware), 0, NULL},
+    {"method", T_OBJECT, offsetof(Exchange, method), 0, NULL},
+    {"status", T_OBJECT, offsetof(Exchange, status), 0, NULL},
+    {"request_bytes", T_PYSSIZET, offsetof(Exchange, request_bytes), 0, NULL},
+    {"response_bytes", T_PYSSIZET, offsetof(Exchange, response_bytes), 0, NULL},
+    {"body_complete", T_BOOL, offsetof(Exchange, body_complete), 0, NULL},
+    {"finished", T_BOOL, offsetof(Exchange, finished), 0, NULL},
+    {"server_receive", T_OBJECT, offsetof(Exchange, server_receive), 0, NULL},
+    {"server_send", T_OBJECT, offsetof(Exchange, server_send), 0, NULL},
+    {"started", T_DOUBLE, offsetof(Exchange, started), 0, NULL},
+    {"_token", T_OBJECT, offsetof(Exchange, token), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject ExchangeType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "crowdmon._speedups.ExchangeCore",
+    .tp_doc = "One request as the middleware follows it.",
+    .tp_basicsize = sizeof(Exchange),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)exchange_dealloc,
+    .tp_traverse = (traverseproc)exchange_traverse,
+    .tp_clear = (inquiry)exchange_clear,
+    .tp_methods = exchange_methods,
+    .tp_members = exchange_members,
+};
+
+/* -- absorbing a batch of finished requests ------------------------------------------------------ */
+
+/* The index of the first bound a value is not above (Prometheus's "le"), len(bounds) for +Inf. */
+static Py_ssize_t
+bucket_of(double value, const double *bounds, Py_ssize_t count)
+{
+    Py_ssize_t low = 0, high = count;
+    while (low < high) {
+        Py_ssize_t middle = (low + high) / 2;
+        if (bounds[middle] < value) {
+            low = middle + 1;
+        }
+        else {
+            high = middle;
+        }
+    }
+    return low;
+}
+
+static int
+add_to_cell(PyObject *cells, Py_ssize_t index, double amount)
+{
+    PyObject *old = PyList_GET_ITEM(cells, index);
+    if (!PyFloat_CheckExact(old)) {
+        PyErr_SetString(PyExc_TypeError, "a series cell is not a float");
+        return -1;
+    }
+    PyObject *updated = PyFloat_FromDouble(PyFloat_AS_DOUBLE(old) + amount);
+    if (updated == NULL) {
+        return -1;
+    }
+    PyList_SET_ITEM(cells, index, updated);
+    Py_DECREF(old);
+    return 0;
+}
+
+/* bounds (a tuple of floats) as doubles, in ``out`` (at most ``room`` of them) */
+static Py_ssize_t
+read_bounds(PyObject *bounds, double *out, Py_ssize_t room)
+{
+    if (!PyTuple_CheckExact(bounds) || PyTuple_GET_SIZE(bounds) > room) {
+        PyErr_SetString(PyExc_TypeError, "bounds must be a tuple of at most 64 floats");
+        return -1;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(bounds);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        out[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+        if (out[i] == -1.0 && PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    return count;
+}
+
+static int
+observe(PyObject *cells, Py_ssize_t first, const double *bounds, Py_ssize_t count, double value)
+{
+    if (add_to_cell(cells, first + bucket_of(value, bounds, count), 1.0) < 0) {
+        return -1;
+    }
+    return add_to_cell(cells, first + count + 1, value);
+}
+
+/* absorb(batch, known, duration_bounds, size_bounds, offsets) -> (leftover, finished)
+
+   The requests of ``batch`` whose label set is in ``known`` (raw key -> (cells, sends no
+   body)) are added to their cells: the count, then the three histograms at ``offsets``
+   (duration, request size, response size: the first bucket of each).  The others (a label set
+   not yet known, or values of another type than a request path records) are returned in
+   order, for the Python code; ``finished`` counts the absorbed requests by method.  See
+   BufferedRequestRecorder.flush in crowdmon/_recorder.py. */
+static PyObject *
+absorb(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyList_CheckExact(args[0]) || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "absorb(batch: list, known: dict, duration_bounds, size_bounds, offsets)");
+        return NULL;
+    }
+    double duration_bounds[64], size_bounds[64];
+    Py_ssize_t duration_count = read_bounds(args[2], duration_bounds, 64);
+    Py_ssize_t size_count = duration_count < 0 ? -1 : read_bounds(args[3], size_bounds, 64);
+    Py_ssize_t offsets[3];
+    if (size_count < 0) {
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(args[4]) || PyTuple_GET_SIZE(args[4]) != 3) {
+        PyErr_SetString(PyExc_TypeError, "offsets must be a tuple of three ints");
+        return NULL;
+    }
+    for (int i = 0; i < 3; i++) {
+        offsets[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[4], i));
+        if (offsets[i] == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    Py_ssize_t width = offsets[2] + size_count + 2;
+    PyObject *batch = args[0], *known = args[1];
+    PyObject *leftover = PyList_New(0);
+    PyObject *finished = PyDict_New();
+    if (leftover == NULL || finished == NULL) {
+        goto failed;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
+        PyObject *entry = PyList_GET_ITEM(batch, i);
+        PyObject *found = NULL;
+        if (PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 6
+            && PyFloat_CheckExact(PyTuple_GET_ITEM(entry, 3))
+            && PyLong_CheckExact(PyTuple_GET_ITEM(entry, 4)) && PyLong_CheckExact(PyTuple_GET_ITEM(entry, 5))) {
+            PyObject *key = PyTuple_GetSlice(entry, 0, 3);
+            if (key == NULL) {
+                goto failed;
+            }
+            found = PyDict_GetItemWithError(known, key);
+            Py_DECREF(key);
+            if (found == NULL && PyErr_Occurred()) {
+                goto failed;
+            }
+        }
+        if (found == NULL || !PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 2
+            || !PyList_CheckExact(PyTuple_GET_ITEM(found, 0)) || PyList_GET_SIZE(PyTuple_GET_ITEM(found, 0)) < width) {
+            if (PyList_Append(leftover, entry) < 0) {
+                goto failed;
+            }
+            continue;
+        }
+        PyObject *cells = PyTuple_GET_ITEM(found, 0);
+        int no_body = PyObject_IsTrue(PyTuple_GET_ITEM(found, 1));
+        double received = PyLong_AsDouble(PyTuple_GET_ITEM(entry, 4));
+        double sent = no_body ? 0.0 : PyLong_AsDouble(PyTuple_GET_ITEM(entry, 5));
+        if (no_body < 0 || PyErr_Occurred()
+            || add_to_cell(cells, 0, 1.0) < 0
+            || observe(cells, offsets[0], duration_bounds, duration_count, PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(entry, 3))) < 0
+            || observe(cells, offsets[1], size_bounds, size_count, received) < 0
+            || observe(cells, offsets[2], size_bounds, size_count, sent) < 0) {
+            goto failed;
+        }
+        PyObject *method = PyTuple_GET_ITEM(entry, 0);
+        PyObject *count = PyDict_GetItemWithError(finished, method);
+        if (count == NULL && PyErr_Occurred()) {
+            goto failed;
+        }
+        PyObject *next = PyLong_FromSsize_t(count == NULL ? 1 : PyLong_AsSsize_t(count) + 1);
+        if (next == NULL || PyDict_SetItem(finished, method, next) < 0) {
+            Py_XDECREF(next);
+            goto failed;
+        }
+        Py_DECREF(next);
+    }
+    {
+        PyObject *result = PyTuple_Pack(2, leftover, finished);
+        Py_DECREF(leftover);
+        Py_DECREF(finished);
+        return result;
+    }
+failed:
+    Py_XDECREF(leftover);
+    Py_XDECREF(finished);
+    return NULL;
+}
+
+static PyMethodDef module_functions[] = {
+    {"absorb", (PyCFunction)(void (*)(void))absorb, METH_FASTCALL,
+     "absorb(batch, known, duration_bounds, size_bounds, offsets) -> (leftover, finished)"},
+    {NULL},
+};
+
+/* -- the module -------------------------------------------------------------------------------- */
+
+static PyObject *
+attribute_of(const char *module_name, const char *name)
+{
+    PyObject *module = PyImport_ImportModule(module_name);
+    if (module == NULL) {
+        return NULL;
+    }
+    PyObject *value = PyObject_GetAttrString(module, name);
+    Py_DECREF(module);
+    return value;
+}
+
+static int
+intern_all(void)
+{
+    struct { PyObject **slot; const char *text; } names[] = {
+        {&S_type, "type"}, {&S_http, "http"}, {&S_path, "path"}, {&S_root_path, "root_path"},
+        {&S_method, "method"}, {&S_body, "body"}, {&S_more_body, "more_body"},
+        {&S_status, "status"}, {&S_route, "route"}, {&S_fastapi, "fastapi"},
+        {&S_effective_route_context, "effective_route_context"}, {&S_headers, "headers"},
+        {&S_response_start, "http.response.start"}, {&S_response_body, "http.response.body"},
+        {&S_response_pathsend, "http.response.pathsend"}, {&S_default, "_default"},
+        {&S_follow_the_default, "_follow_the_default"}, {&S_receive_body, "_receive_body"},
+        {&S_start_error, "_start_error"}, {&S_pathsend, "_pathsend"},
+        {&S_route_label, "_route_label"}, {&S_exemplar, "_exemplar"}, {&S_get, "get"},
+        {&S_site_start, "middleware.start"}, {&S_site_context, "middleware.context"},
+        {&S_site_send, "middleware.send"}, {&S_site_handler, "middleware.handler"},
+        {&S_site_record, "middleware.record"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        *names[i].slot = PyUnicode_InternFromString(names[i].text);
+        if (*names[i].slot == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+perf_counter_is_monotonic(void)
+{
+    PyObject *info = NULL, *implementation = NULL;
+    PyObject *time_module = PyImport_ImportModule("time");
+    if (time_module != NULL) {
+        info = PyObject_CallMethod(time_module, "get_clock_info", "s", "perf_counter");
+        Py_DECREF(time_module);
+    }
+    if (info != NULL) {
+        implementation = PyObject_GetAttrString(info, "implementation");
+        Py_DECREF(info);
+    }
+    if (implementation == NULL) {
+        return -1;
+    }
+    int same = PyUnicode_Check(implementation) && PyUnicode_CompareWithASCIIString(implementation, "clock_gettime(CLOCK_MONOTONIC)") == 0;
+    Py_DECREF(implementation);
+    return same;
+}
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "crowdmon._speedups",
+    .m_doc = "The middleware's request path, compiled; crowdmon._core is the same in Python.",
+    .m_size = -1,
+    .m_methods = module_functions,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    if (intern_all() < 0) {
+        return NULL;
+    }
+    UNMATCHED_HANDLER = attribute_of("crowdmon.catalogue", "UNMATCHED_HANDLER");
+    CURRENT_REQUEST = attribute_of("crowdmon.context", "current_request");
+    RECEIVE_AFTER_THE_END = attribute_of("crowdmon._core", "receive_after_the_end");
+    SEND_AFTER_THE_END = attribute_of("crowdmon._core", "send_after_the_end");
+    ODD_STATUS = attribute_of("crowdmon._core", "odd_status");
+    DECLARED_SIZE = attribute_of("crowdmon._core", "declared_size");
+    PERF_COUNTER = attribute_of("time", "perf_counter");
+    INSTRUMENTATION_MODULE = PyImport_ImportModule("crowdmon.instrumentation");
+    if (UNMATCHED_HANDLER == NULL || CURRENT_REQUEST == NULL || RECEIVE_AFTER_THE_END == NULL
+        || SEND_AFTER_THE_END == NULL || ODD_STATUS == NULL || DECLARED_SIZE == NULL
+        || PERF_COUNTER == NULL || INSTRUMENTATION_MODULE == NULL) {
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(CURRENT_REQUEST)) {
+        PyErr_SetString(PyExc_TypeError, "crowdmon.context.current_request is not a ContextVar");
+        return NULL;
+    }
+    PERF_COUNTER_IS_MONOTONIC = perf_counter_is_monotonic();
+    if (PERF_COUNTER_IS_MONOTONIC < 0) {
+        return NULL;
+    }
+    ZERO = PyLong_FromLong(0);
+    STATUS_500 = PyLong_FromLong(500);
+    EMPTY_STR = PyUnicode_InternFromString("");
+    EMPTY_BYTES = PyBytes_FromStringAndSize(NULL, 0);
+    if (ZERO == NULL || STATUS_500 == NULL || EMPTY_STR == NULL || EMPTY_BYTES == NULL) {
+        return NULL;
+    }
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&ExchangeType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&speedups_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "MiddlewareCore", (PyObject *)&CoreType) < 0
+        || PyModule_AddObjectRef(module, "ExchangeCore", (PyObject *)&ExchangeType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
