@@ -16,11 +16,18 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+import crowdmon.middleware
 from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
 from crowdmon._recorder import DURATION as DURATION_SPEC
 from crowdmon._recorder import REQUEST_SIZE as REQUEST_SIZE_SPEC
 from crowdmon._recorder import RESPONSE_SIZE as RESPONSE_SIZE_SPEC
-from crowdmon._recorder import RequestEntry, method_label, status_label
+from crowdmon._recorder import (
+    BufferedRequestRecorder,
+    RequestEntry,
+    method_label,
+    sends_no_body,
+    status_label,
+)
 from crowdmon._types import Receive, Scope, Send
 from tests.asgi import http_scope, run_asgi
 from tests.support import scraped, value
@@ -136,9 +143,9 @@ REQUEST_SIZE = "crowdfunding_api_request_size_bytes"
 SIZE_EDGES = (0, 1, 100, 1024, 1025, 10**6, 10**9)  # on, around and beyond the bucket bounds
 DURATION_EDGES = (0.0, 0.005, 0.0050001, 0.1, 1.0, 59.9, 1e6)
 entries = st.tuples(
-    st.sampled_from(["GET", "POST", "PROPFIND", "get"]),
+    st.sampled_from(["GET", "POST", "PROPFIND", "get", "HEAD"]),
     st.sampled_from(["/a", "/b/{id}", "<unmatched>"]),
-    st.sampled_from([200, 201, 404, 500, 499, 999, HTTPStatus.CREATED]),
+    st.sampled_from([200, 201, 204, 304, 404, 500, 499, 999, HTTPStatus.CREATED]),
     st.one_of(st.sampled_from(DURATION_EDGES), st.floats(0, 100, allow_nan=False)),
     st.one_of(st.sampled_from(SIZE_EDGES), st.integers(0, 10**7)),
     st.one_of(st.sampled_from(SIZE_EDGES), st.integers(0, 10**7)),
@@ -166,6 +173,7 @@ def test_batches_hold_exactly_what_prometheus_client_would(requests: list[Reques
         recorder.record(entry)
         labels = (method_label(method), handler)
         counter.labels(*labels, status_label(status)).inc()
+        sent = 0 if sends_no_body(method, status) else sent
         for name, amount in zip(histograms, (duration, received, sent), strict=True):
             histograms[name].labels(*labels).observe(amount)
 
@@ -184,6 +192,36 @@ def test_batches_hold_exactly_what_prometheus_client_would(requests: list[Reques
     for key, amount in expected.items():
         assert got[key] == pytest.approx(amount, rel=1e-9), key
     assert all(value(ours, IN_PROGRESS, method=m) == 0 for m in ("GET", "POST", "OTHER"))
+
+
+def test_label_sets_seen_before_are_absorbed_compiled_and_the_numbers_are_the_pythons() -> None:
+    """From the second batch on, requests of known label sets go to the compiled ``absorb``; a
+    recorder without it, fed the same batches, ends with the same cells and gauge."""
+    compiled = PrometheusInstrumentation(CollectorRegistry()).requests
+    python = PrometheusInstrumentation(CollectorRegistry()).requests
+    assert isinstance(compiled, BufferedRequestRecorder) and isinstance(python, BufferedRequestRecorder)
+    assert (compiled._absorb is not None) == crowdmon.middleware.COMPILED
+    python._absorb = None
+    batches = [
+        [("GET", "/a", 200, 0.004, 0, 10), ("HEAD", "/a", 200, 0.2, 0, 10), ("POST", "/b", 201, 3.0, 2000, 5)],
+        [("GET", "/a", 200, 0.006, 0, 10), ("HEAD", "/a", 200, 0.1, 0, 99), ("POST", "/b", 201, 100.0, 10**6, 5),
+         ("GET", "/a", 204, 0.001, 0, 7), ("PROPFIND", "/a", 200, 0.5, 0, 1), ("GET", "/a", HTTPStatus.OK, 0.5, 0, 1)],
+        [("GET", "/a", 204, 0.001, 0, 7), ("GET", "/a", 200, 0.05, 3, 4)] * 50,
+    ]
+    for batch in batches:
+        for recorder in (compiled, python):
+            for entry in batch:
+                recorder.start(entry[0])
+                recorder.record(entry)
+            recorder.flush()
+    if crowdmon.middleware.COMPILED:
+        assert compiled._known.keys() == {("GET", "/a", 200), ("HEAD", "/a", 200), ("POST", "/b", 201), ("GET", "/a", 204)}
+    assert compiled._series.keys() == python._series.keys()
+    for key, cells in python._series.items():
+        assert compiled._series[key] == pytest.approx(cells, rel=1e-12), key
+    assert compiled._series[("HEAD", "/a", "200")][0] == 2
+    assert compiled._series[("GET", "/a", "204")][0] == 51
+    assert compiled._in_progress == python._in_progress == {"GET": 0, "HEAD": 0, "POST": 0, "OTHER": 0}
 
 
 def test_statuses_and_methods_no_server_sends_are_recorded_not_lost(registry: CollectorRegistry) -> None:
