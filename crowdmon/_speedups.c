@@ -148,6 +148,22 @@ typedef struct {
 
 static PyTypeObject CoreType;
 static PyTypeObject ExchangeType;
+static PyObject *core_call(Core *self, PyObject *args, PyObject *kwargs);
+
+/* PyObject_GetOptionalAttr (3.13) for older Pythons: 1 found, 0 not there, -1 error. */
+static int
+PyObject_GetOptionalAttr_compat(PyObject *object, PyObject *name, PyObject **result)
+{
+    *result = PyObject_GetAttr(object, name);
+    if (*result != NULL) {
+        return 1;
+    }
+    if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        return 0;
+    }
+    return -1;
+}
 
 /* With an exception set: an Exception is reported to the middleware's ``_report(site, error)``
    and cleared (0); anything else, or a report that raises, stays set (-1). */
@@ -421,6 +437,11 @@ static PyMemberDef core_members[] = {
     {NULL},
 };
 
+static PyGetSetDef core_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
 static PyTypeObject CoreType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "crowdmon._speedups.MiddlewareCore",
@@ -435,6 +456,8 @@ static PyTypeObject CoreType = {
     .tp_members = core_members,
     .tp_dictoffset = offsetof(Core, dict),
     .tp_weaklistoffset = offsetof(Core, weakrefs),
+    .tp_call = (ternaryfunc)core_call,
+    .tp_getset = core_getset,
 };
 
 /* -- ExchangeCore ------------------------------------------------------------------------------ */
@@ -910,6 +933,522 @@ static PyTypeObject ExchangeType = {
     .tp_members = exchange_members,
 };
 
+/* -- the middleware's call: an awaitable of its own ---------------------------------------------- */
+
+/* What ``await middleware(scope, receive, send)`` runs: crowdmon/_core.py's
+   ``MiddlewareCore.__call__``, as an object that drives the app's awaitable itself instead of a
+   coroutine frame.  Nothing happens until it is first sent to, as with a coroutine; then the
+   request is begun and the app called with the exchange's receive and send.  When the app
+   returns, a request that started a response is ended here; a request that did not, or an app
+   that raised before a response started, is handed to the exchange's Python ``_conclude``
+   coroutine (which may have to ask the server whether the client left), and that is driven to
+   its end instead.  It is registered as a collections.abc.Coroutine (asyncio.create_task takes
+   it) and has send, throw and close like one. */
+
+enum { CALL_NEW, CALL_APP, CALL_CONCLUDING, CALL_DONE };
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *middleware;
+    PyObject *scope, *receive, *send;  /* until it starts */
+    PyObject *exchange;                /* NULL for a scope that is not recorded */
+    PyObject *inner;                   /* what is being awaited: the app's, then _conclude's */
+    int state;
+} Call;
+
+static PyTypeObject CallType;
+static PyObject *S_conclude, *S_throw, *S_close;
+/* The exchange's receive and send, bound without looking them up on each request. */
+static PyMethodDef receive_def = {"receive", (PyCFunction)exchange_receive, METH_NOARGS, NULL};
+static PyMethodDef send_def = {"send", (PyCFunction)exchange_send, METH_O, NULL};
+
+static int
+call_traverse(Call *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->middleware);
+    Py_VISIT(self->scope);
+    Py_VISIT(self->receive);
+    Py_VISIT(self->send);
+    Py_VISIT(self->exchange);
+    Py_VISIT(self->inner);
+    return 0;
+}
+
+static int
+call_clear(Call *self)
+{
+    Py_CLEAR(self->middleware);
+    Py_CLEAR(self->scope);
+    Py_CLEAR(self->receive);
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->exchange);
+    Py_CLEAR(self->inner);
+    return 0;
+}
+
+/* The iterator ``await value`` drives (a new reference), as the interpreter finds it. */
+static PyObject *
+awaitable_iterator(PyObject *value)
+{
+    if (PyCoro_CheckExact(value)) {
+        return Py_NewRef(value);
+    }
+    PyTypeObject *type = Py_TYPE(value);
+    if (type->tp_as_async != NULL && type->tp_as_async->am_await != NULL) {
+        PyObject *iterator = type->tp_as_async->am_await(value);
+        if (iterator == NULL) {
+            return NULL;
+        }
+        if (PyCoro_CheckExact(iterator) || !PyIter_Check(iterator)) {
+            PyErr_Format(PyExc_TypeError, "__await__() returned %s of type '%.100s'",
+                         PyCoro_CheckExact(iterator) ? "a coroutine" : "non-iterator", Py_TYPE(iterator)->tp_name);
+            Py_DECREF(iterator);
+            return NULL;
+        }
+        return iterator;
+    }
+    if (PyGen_CheckExact(value)) {  /* a generator made a coroutine by types.coroutine */
+        PyObject *code = PyObject_GetAttrString(value, "gi_code");
+        PyObject *flags = code == NULL ? NULL : PyObject_GetAttrString(code, "co_flags");
+        long bits = flags == NULL ? -1 : PyLong_AsLong(flags);
+        Py_XDECREF(code);
+        Py_XDECREF(flags);
+        if (bits == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (bits & CO_ITERABLE_COROUTINE) {
+            return Py_NewRef(value);
+        }
+    }
+    PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression", type->tp_name);
+    return NULL;
+}
+
+/* Hand the request to ``exchange._conclude(error)`` (error is NULL or a new reference, taken). */
+static int
+call_conclude(Call *self, PyObject *error)
+{
+    PyObject *conclusion = PyObject_CallMethodOneArg(self->exchange, S_conclude, error ? error : Py_None);
+    Py_XDECREF(error);
+    if (conclusion == NULL) {
+        return -1;
+    }
+    Py_XSETREF(self->inner, conclusion);
+    self->state = CALL_CONCLUDING;
+    return 0;
+}
+
+/* The exception being raised, normalised and with its traceback (a new reference). */
+static PyObject *
+fetch_error(void)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL && value != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+}
+
+static PyObject *exchange_end(Exchange *self, PyObject *Py_UNUSED(ignored));
+
+/* ``exchange.end()`` with ``error`` (a new reference, taken) raised afterwards; an error of
+   end's own wins, with ``error`` as its context, as in a ``finally`` block. */
+static void
+end_then_raise(Call *self, PyObject *error)
+{
+    if (error == NULL) {
+        error = PyObject_CallOneArg(PyExc_SystemError, S_conclude);  /* an error without an exception */
+    }
+    PyObject *ended = exchange_end((Exchange *)self->exchange, NULL);
+    if (ended == NULL) {
+        PyObject *own = fetch_error();
+        if (own != NULL && error != NULL) {
+            PyException_SetContext(own, error);
+            error = NULL;
+        }
+        Py_XDECREF(error);
+        PyErr_SetObject((PyObject *)Py_TYPE(own), own);
+        Py_XDECREF(own);
+        return;
+    }
+    Py_DECREF(ended);
+    PyErr_SetObject((PyObject *)Py_TYPE(error), error);
+    Py_DECREF(error);
+}
+
+/* What comes of a step of ``inner``: the request ended or handed on, as the Python core does. */
+static PySendResult
+call_after(Call *self, PySendResult status, PyObject **result)
+{
+    for (;;) {
+        if (status == PYGEN_NEXT) {
+            return PYGEN_NEXT;
+        }
+        if (self->state != CALL_APP || self->exchange == NULL) {
+            self->state = CALL_DONE;
+            Py_CLEAR(self->inner);
+            if (status == PYGEN_RETURN) {
+                Py_SETREF(*result, Py_NewRef(Py_None));
+            }
+            return status;
+        }
+        Exchange *exchange = (Exchange *)self->exchange;
+        PyObject *error = status == PYGEN_ERROR ? fetch_error() : NULL;
+        if (status == PYGEN_ERROR && error == NULL) {
+            error = PyObject_CallOneArg(PyExc_SystemError, S_conclude);  /* an error without an exception */
+        }
+        int answered = exchange->status == ZERO ? 0 : PyObject_IsTrue(exchange->status);
+        if (answered < 0) {
+            PyErr_Clear();  /* not a status crowdmon or the app sets: the request is answered */
+            answered = 1;
+        }
+        if (status == PYGEN_RETURN) {
+            Py_CLEAR(*result);
+            if (answered) {
+                self->state = CALL_DONE;
+                Py_CLEAR(self->inner);
+                PyObject *ended = exchange_end(exchange, NULL);
+                if (ended == NULL) {
+                    return PYGEN_ERROR;
+                }
+                Py_DECREF(ended);
+                *result = Py_NewRef(Py_None);
+                return PYGEN_RETURN;
+            }
+            if (call_conclude(self, NULL) < 0) {
+                self->state = CALL_DONE;
+                end_then_raise(self, fetch_error());
+                return PYGEN_ERROR;
+            }
+        }
+        else {
+            if (answered) {
+                self->state = CALL_DONE;
+                Py_CLEAR(self->inner);
+                end_then_raise(self, error);
+                return PYGEN_ERROR;
+            }
+            if (call_conclude(self, error) < 0) {
+                self->state = CALL_DONE;
+                end_then_raise(self, fetch_error());
+                return PYGEN_ERROR;
+            }
+        }
+        status = PyIter_Send(self->inner, Py_None, result);
+    }
+}
+
+/* The first step: begin the request and call the app. */
+static PySendResult
+call_start(Call *self, PyObject **result)
+{
+    PyObject *scope = self->scope, *receive = self->receive, *send = self->send;
+    self->scope = self->receive = self->send = NULL;
+    Core *middleware = (Core *)self->middleware;
+    PyObject *args[3] = {scope, receive, send};
+    PyObject *exchange = core_begin(middleware, args, 3);
+    PySendResult status = PYGEN_ERROR;
+    if (exchange == NULL) {
+        self->state = CALL_DONE;  /* raised before the request began, as the Python core does */
+        goto done;
+    }
+    self->state = CALL_APP;
+    PyObject *app = middleware->app;
+    if (app == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "app");
+        Py_DECREF(exchange);
+        self->state = CALL_DONE;
+        goto done;
+    }
+    Py_INCREF(app);
+    PyObject *awaitable;
+    if (exchange == Py_None) {
+        Py_DECREF(exchange);
+        awaitable = PyObject_Vectorcall(app, args, 3, NULL);
+    }
+    else {
+        self->exchange = exchange;
+        PyObject *app_receive = PyCFunction_New(&receive_def, exchange);
+        PyObject *app_send = PyCFunction_New(&send_def, exchange);
+        PyObject *app_args[3] = {scope, app_receive, app_send};
+        awaitable = (app_receive == NULL || app_send == NULL) ? NULL : PyObject_Vectorcall(app, app_args, 3, NULL);
+        Py_XDECREF(app_receive);
+        Py_XDECREF(app_send);
+    }
+    Py_DECREF(app);
+    if (awaitable != NULL) {
+        self->inner = awaitable_iterator(awaitable);
+        Py_DECREF(awaitable);
+    }
+    if (self->inner == NULL) {
+        status = call_after(self, PYGEN_ERROR, result);
+        goto done;
+    }
+    status = call_after(self, PyIter_Send(self->inner, Py_None, result), result);
+done:
+    Py_DECREF(scope);
+    Py_DECREF(receive);
+    Py_DECREF(send);
+    return status;
+}
+
+static PySendResult
+call_am_send(Call *self, PyObject *value, PyObject **result)
+{
+    *result = NULL;
+    switch (self->state) {
+    case CALL_NEW:
+        if (value != Py_None) {
+            PyErr_SetString(PyExc_TypeError, "can't send non-None value to a just-started coroutine");
+            return PYGEN_ERROR;
+        }
+        return call_start(self, result);
+    case CALL_DONE:
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return PYGEN_ERROR;
+    default:
+        return call_after(self, PyIter_Send(self->inner, value, result), result);
+    }
+}
+
+/* A step's outcome as Python's send and __next__ give it. */
+static PyObject *
+call_result(PySendResult status, PyObject *result, int stop_with_value)
+{
+    if (status == PYGEN_NEXT) {
+        return result;
+    }
+    if (status == PYGEN_RETURN) {
+        if (stop_with_value) {
+            if (result == Py_None) {
+                PyErr_SetNone(PyExc_StopIteration);
+            }
+            else {
+                PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, result);
+                if (stop != NULL) {
+                    PyErr_SetObject(PyExc_StopIteration, stop);
+                    Py_DECREF(stop);
+                }
+            }
+        }
+        Py_DECREF(result);
+    }
+    return NULL;
+}
+
+static PyObject *
+call_send(Call *self, PyObject *value)
+{
+    PyObject *result;
+    PySendResult status = call_am_send(self, value, &result);
+    return call_result(status, result, 1);
+}
+
+static PyObject *
+call_next(Call *self)
+{
+    PyObject *result;
+    PySendResult status = call_am_send(self, Py_None, &result);
+    return call_result(status, result, 0);
+}
+
+/* Raise what throw() was given: an exception instance, or a type with an optional value. */
+static void
+raise_thrown(PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *kind = args[0];
+    if (PyExceptionInstance_Check(kind)) {
+        PyErr_SetObject((PyObject *)Py_TYPE(kind), kind);
+    }
+    else if (PyExceptionClass_Check(kind)) {
+        PyErr_SetObject(kind, nargs > 1 ? args[1] : NULL);
+    }
+    else {
+        PyErr_SetString(PyExc_TypeError, "exceptions must be classes or instances deriving from BaseException");
+    }
+}
+
+static PyObject *
+call_throw(Call *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
+        return NULL;
+    }
+    if (self->state == CALL_NEW || self->state == CALL_DONE) {
+        /* a coroutine not started, or finished, raises it and is done */
+        self->state = CALL_DONE;
+        call_clear(self);
+        raise_thrown(args, nargs);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    PySendResult status;
+    PyObject *throw = NULL;
+    if (PyObject_GetOptionalAttr_compat(self->inner, S_throw, &throw) < 0) {
+        status = PYGEN_ERROR;
+    }
+    else if (throw == NULL) {
+        raise_thrown(args, nargs);  /* an iterator that cannot take it: raised here */
+        status = PYGEN_ERROR;
+    }
+    else {
+        result = PyObject_Vectorcall(throw, args, nargs, NULL);
+        Py_DECREF(throw);
+        if (result != NULL) {
+            status = PYGEN_NEXT;
+        }
+        else if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
+            PyObject *stop = fetch_error();
+            result = stop == NULL ? NULL : PyObject_GetAttrString(stop, "value");
+            Py_XDECREF(stop);
+            status = result == NULL ? PYGEN_ERROR : PYGEN_RETURN;
+        }
+        else {
+            status = PYGEN_ERROR;
+        }
+    }
+    status = call_after(self, status, &result);
+    return call_result(status, result, 1);
+}
+
+static PyObject *
+call_close(Call *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->state == CALL_NEW || self->state == CALL_DONE) {
+        self->state = CALL_DONE;
+        call_clear(self);
+        Py_RETURN_NONE;
+    }
+    PyObject *close = NULL, *error = NULL;
+    if (PyObject_GetOptionalAttr_compat(self->inner, S_close, &close) < 0) {
+        error = fetch_error();
+    }
+    else if (close != NULL) {
+        PyObject *closed = PyObject_CallNoArgs(close);
+        Py_DECREF(close);
+        if (closed == NULL) {
+            error = fetch_error();
+        }
+        Py_XDECREF(closed);
+    }
+    int ending = self->state == CALL_APP && self->exchange != NULL;
+    self->state = CALL_DONE;
+    Py_CLEAR(self->inner);
+    if (ending) {
+        /* GeneratorExit reached the middleware: a request with no response is a 500 */
+        if (error != NULL) {
+            end_then_raise(self, error);
+            return NULL;
+        }
+        PyObject *ended = exchange_end((Exchange *)self->exchange, NULL);
+        if (ended == NULL) {
+            return NULL;
+        }
+        Py_DECREF(ended);
+        Py_RETURN_NONE;
+    }
+    if (error != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(error), error);
+        Py_DECREF(error);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static void
+call_finalize(Call *self)
+{
+    if (self->state != CALL_APP && self->state != CALL_CONCLUDING) {
+        return;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *closed = call_close(self, NULL);
+    if (closed == NULL) {
+        PyErr_WriteUnraisable((PyObject *)self);
+    }
+    Py_XDECREF(closed);
+    PyErr_Restore(type, value, traceback);
+}
+
+static void
+call_dealloc(Call *self)
+{
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return;  /* resurrected */
+    }
+    PyObject_GC_UnTrack(self);
+    call_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+call_await(Call *self)
+{
+    return Py_NewRef((PyObject *)self);
+}
+
+static PyMethodDef call_methods[] = {
+    {"send", (PyCFunction)call_send, METH_O, "Resume it with a value, as coroutine.send."},
+    {"throw", (PyCFunction)(void (*)(void))call_throw, METH_FASTCALL, "Raise an exception in it, as coroutine.throw."},
+    {"close", (PyCFunction)call_close, METH_NOARGS, "Close it, as coroutine.close."},
+    {NULL},
+};
+
+static PyAsyncMethods call_async = {
+    .am_await = (unaryfunc)call_await,
+    .am_send = (sendfunc)call_am_send,
+};
+
+static PyTypeObject CallType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "crowdmon._speedups.MiddlewareCall",
+    .tp_doc = "await middleware(scope, receive, send): the request, followed.",
+    .tp_basicsize = sizeof(Call),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)call_dealloc,
+    .tp_finalize = (destructor)call_finalize,
+    .tp_traverse = (traverseproc)call_traverse,
+    .tp_clear = (inquiry)call_clear,
+    .tp_as_async = &call_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)call_next,
+    .tp_methods = call_methods,
+};
+
+static PyObject *
+core_call(Core *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"scope", "receive", "send", NULL};
+    PyObject *scope, *receive, *send;
+    if (kwargs == NULL && PyTuple_GET_SIZE(args) == 3) {  /* how servers call it */
+        scope = PyTuple_GET_ITEM(args, 0);
+        receive = PyTuple_GET_ITEM(args, 1);
+        send = PyTuple_GET_ITEM(args, 2);
+    }
+    else if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:__call__", names, &scope, &receive, &send)) {
+        return NULL;
+    }
+    Call *call = PyObject_GC_New(Call, &CallType);
+    if (call == NULL) {
+        return NULL;
+    }
+    call->middleware = Py_NewRef((PyObject *)self);
+    call->scope = Py_NewRef(scope);
+    call->receive = Py_NewRef(receive);
+    call->send = Py_NewRef(send);
+    call->exchange = NULL;
+    call->inner = NULL;
+    call->state = CALL_NEW;
+    PyObject_GC_Track(call);
+    return (PyObject *)call;
+}
+
 /* -- absorbing a batch of finished requests ------------------------------------------------------ */
 
 /* The index of the first bound a value is not above (Prometheus's "le"), len(bounds) for +Inf. */
@@ -1105,7 +1644,8 @@ intern_all(void)
         {&S_route_label, "_route_label"}, {&S_exemplar, "_exemplar"}, {&S_get, "get"},
         {&S_site_start, "middleware.start"}, {&S_site_context, "middleware.context"},
         {&S_site_send, "middleware.send"}, {&S_site_handler, "middleware.handler"},
-        {&S_site_record, "middleware.record"},
+        {&S_site_record, "middleware.record"}, {&S_conclude, "_conclude"}, {&S_throw, "throw"},
+        {&S_close, "close"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);
@@ -1179,7 +1719,7 @@ PyInit__speedups(void)
     if (ZERO == NULL || STATUS_500 == NULL || EMPTY_STR == NULL || EMPTY_BYTES == NULL) {
         return NULL;
     }
-    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&ExchangeType) < 0) {
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&ExchangeType) < 0 || PyType_Ready(&CallType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups_module);
@@ -1187,7 +1727,8 @@ PyInit__speedups(void)
         return NULL;
     }
     if (PyModule_AddObjectRef(module, "MiddlewareCore", (PyObject *)&CoreType) < 0
-        || PyModule_AddObjectRef(module, "ExchangeCore", (PyObject *)&ExchangeType) < 0) {
+        || PyModule_AddObjectRef(module, "ExchangeCore", (PyObject *)&ExchangeType) < 0
+        || PyModule_AddObjectRef(module, "MiddlewareCall", (PyObject *)&CallType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import os
 from collections.abc import Iterable
 from time import perf_counter
@@ -33,6 +34,11 @@ else:
 
 #: Whether the request path runs compiled (``crowdmon._speedups``) or in Python (``crowdmon._core``).
 COMPILED = MiddlewareCore is not _core.MiddlewareCore
+if COMPILED:
+    from crowdmon._speedups import MiddlewareCall
+
+    # What the compiled call returns: asyncio.create_task takes it, as it takes a coroutine.
+    collections.abc.Coroutine.register(MiddlewareCall)
 
 __all__ = ["CLIENT_CLOSED_REQUEST", "STANDARD_METHODS", "PrometheusMiddleware"]
 
@@ -87,6 +93,12 @@ class PrometheusMiddleware(MiddlewareCore):
         self.user_type_resolver = user_type_resolver
         self._user_type_resolver = user_type_resolver or default_user_type
         self._exchange_type = _Exchange
+        if COMPILED:
+            # Servers tell an ASGI 3 app by asking whether its __call__ is a coroutine function
+            # (uvicorn, hypercorn).  The compiled call returns an awaitable object of its own,
+            # so the instance answers with a coroutine function doing the same; calling the
+            # middleware itself still takes the compiled call.
+            self.__dict__["__call__"] = self._asgi_call
         self._exemplar_option = exemplars
         self._bind(instrumentation)
         # Handler labels of matched routes: id(route), or (id(route), id(FastAPI route context)).
@@ -95,6 +107,10 @@ class PrometheusMiddleware(MiddlewareCore):
         self._route_labels: dict[object, str] = {}
         # Keeps those objects alive, so their ids are never reused while the labels are held.
         self._route_objects: list[object] = []
+
+    async def _asgi_call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """What servers inspect: see ``__init__``."""
+        await MiddlewareCore.__call__(self, scope, receive, send)
 
     def _bind(self, instrumentation: PrometheusInstrumentation) -> None:
         """Record into ``instrumentation``: its recorder's methods kept as attributes."""
@@ -107,32 +123,6 @@ class PrometheusMiddleware(MiddlewareCore):
         self._flush = recorder.flush
         self._report = instrumentation.report_internal_error
         self.instrumentation = instrumentation
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        begin = self._begin  # compiled, or crowdmon._core's
-        exchange = begin(scope, receive, send)
-        if exchange is None:  # not HTTP, or not recorded
-            await self.app(scope, receive, send)
-            return
-        # The request's whole state is one object, published as its context too; the app gets
-        # its bound receive and send.  It is the fewest objects a request can cost: each object
-        # Python allocates costs again in the garbage collector's passes, and that is most of
-        # what instrumentation costs.
-        app = self.app
-        try:
-            await app(scope, exchange.receive, exchange.send)
-        except BaseException as error:
-            if not exchange.status:
-                if _is_cancellation(error):
-                    exchange.status = CLIENT_CLOSED_REQUEST
-                elif not isinstance(error, GeneratorExit):  # a coroutine being closed may not await
-                    exchange.status = await exchange.unanswered()
-            raise
-        else:
-            if not exchange.status:
-                exchange.status = await exchange.unanswered()
-        finally:
-            exchange.end()
 
     def _follow_the_default(self) -> None:
         try:
@@ -213,6 +203,21 @@ class _Exchange(ExchangeCore, RequestContext):
         except Exception as error:
             self.middleware._report("middleware.receive", error)
         return message
+
+    async def _conclude(self, error: BaseException | None) -> None:
+        """End a request whose app returned (``error`` is ``None``) or raised ``error`` without
+        starting a response; ``error`` is raised again once the request is recorded."""
+        try:
+            if error is None:
+                self.status = await self.unanswered()
+            elif _is_cancellation(error):
+                self.status = CLIENT_CLOSED_REQUEST
+            elif not isinstance(error, GeneratorExit):  # a coroutine being closed may not await
+                self.status = await self.unanswered()
+        finally:
+            self.end()
+        if error is not None:
+            raise error
 
     async def unanswered(self) -> int:
         """The status of a request the app ended without starting a response: 499 if the server

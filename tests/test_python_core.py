@@ -15,6 +15,7 @@ from tests.support import PYTHON, REPO_ROOT, subprocess_env
 #: Every test file that drives requests through the middleware.
 REQUEST_PATH_TESTS = [
     "tests/test_middleware.py",
+    "tests/test_middleware_call.py",
     "tests/test_recorder.py",
     "tests/test_fast_paths.py",
     "tests/test_routes.py",

@@ -1,0 +1,223 @@
+"""``await middleware(scope, receive, send)`` behaves as a coroutine does, whichever core runs it:
+servers recognise the middleware as an ASGI 3 app, nothing happens until it is awaited, and a
+call cancelled, closed, thrown into or awaited twice ends the request as the Python core would."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import types
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+from hypercorn.utils import is_asgi
+from prometheus_client import CollectorRegistry
+from uvicorn.config import Config
+
+from crowdmon import PrometheusMiddleware
+from crowdmon._types import Message, Receive, Scope, Send
+from crowdmon.context import current_request
+from tests.asgi import http_scope
+from tests.support import value
+
+REQUESTS = "crowdfunding_api_requests_total"
+IN_PROGRESS = "crowdfunding_api_requests_in_progress"
+
+
+class AppError(Exception):
+    pass
+
+
+async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 201, "headers": []})
+    await send({"type": "http.response.body", "body": b"made"})
+
+
+async def receive_nothing() -> Message:
+    await asyncio.sleep(3600)
+    raise AssertionError("unreachable")
+
+
+@types.coroutine
+def pause() -> Generator[str, None, None]:
+    """Suspend the awaiting coroutine once, handing "paused" to whoever drives it."""
+    yield "paused"
+
+
+def collect() -> tuple[list[Message], Any]:
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    return sent, send
+
+
+def recorded(registry: CollectorRegistry, status: str) -> float:
+    return value(registry, REQUESTS, method="GET", handler="<unmatched>", status=status)
+
+
+def test_servers_recognise_the_middleware_as_an_asgi_3_app() -> None:
+    middleware = PrometheusMiddleware(answer, registry=CollectorRegistry())
+
+    assert asyncio.iscoroutinefunction(middleware.__call__)
+    assert inspect.iscoroutinefunction(middleware.__call__)
+    assert is_asgi(middleware)  # hypercorn's own test
+    config = Config(app=middleware)
+    config.load()
+    assert config.interface == "asgi3"
+
+
+async def test_the_call_records_nothing_until_it_is_awaited() -> None:
+    registry = CollectorRegistry()
+    middleware = PrometheusMiddleware(answer, registry=registry)
+    sent, send = collect()
+
+    call = middleware(http_scope("/x"), receive_nothing, send)
+    assert current_request.get() is None
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+    call.close()  # type: ignore[attr-defined]  # as for a coroutine never awaited
+    del call
+    gc.collect()
+
+    assert sent == []
+    assert recorded(registry, "201") == 0
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+async def test_asyncio_runs_the_call_as_a_task() -> None:
+    registry = CollectorRegistry()
+    middleware = PrometheusMiddleware(answer, registry=registry)
+    sent, send = collect()
+
+    await asyncio.create_task(middleware(http_scope("/x"), receive_nothing, send))  # type: ignore[arg-type]
+
+    assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
+    assert recorded(registry, "201") == 1
+    assert current_request.get() is None
+
+
+async def test_a_call_awaited_twice_is_refused_and_counted_once() -> None:
+    registry = CollectorRegistry()
+    middleware = PrometheusMiddleware(answer, registry=registry)
+    sent, send = collect()
+    call = middleware(http_scope("/x"), receive_nothing, send)
+
+    await call
+    with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
+        await call
+
+    assert recorded(registry, "201") == 1
+    assert len(sent) == 2
+
+
+async def test_a_request_cancelled_while_the_app_waits_is_a_499_and_the_context_is_reset() -> None:
+    registry = CollectorRegistry()
+    started = asyncio.Event()
+
+    async def slow(scope: Scope, receive: Receive, send: Send) -> None:
+        started.set()
+        await receive()
+
+    middleware = PrometheusMiddleware(slow, registry=registry)
+    sent, send = collect()
+    task = asyncio.create_task(middleware(http_scope("/x"), receive_nothing, send))  # type: ignore[arg-type]
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert sent == []
+    assert recorded(registry, "499") == 1
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+    assert current_request.get() is None
+
+
+def test_a_call_closed_while_the_app_waits_ends_the_request_as_a_500() -> None:
+    registry = CollectorRegistry()
+    closed: list[str] = []
+
+    async def waiting(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await pause()
+        finally:
+            closed.append("app")
+
+    middleware = PrometheusMiddleware(waiting, registry=registry)
+    sent, send = collect()
+    call = middleware(http_scope("/x"), receive_nothing, send)
+    assert call.send(None) == "paused"  # type: ignore[attr-defined]
+    call.close()  # type: ignore[attr-defined]
+    call.close()  # type: ignore[attr-defined]  # closing again changes nothing
+
+    assert closed == ["app"]
+    assert sent == []
+    assert recorded(registry, "500") == 1
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+def test_an_exception_thrown_into_a_call_not_yet_started_is_raised_and_nothing_recorded() -> None:
+    registry = CollectorRegistry()
+    middleware = PrometheusMiddleware(answer, registry=registry)
+    sent, send = collect()
+    call = middleware(http_scope("/x"), receive_nothing, send)
+    error = AppError("thrown")
+
+    with pytest.raises(AppError) as raised:
+        call.throw(error)  # type: ignore[attr-defined]
+
+    assert raised.value is error
+    assert sent == []
+    assert recorded(registry, "500") == 0
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+async def test_an_app_raising_at_once_or_returning_no_awaitable_is_a_500_with_its_own_error() -> None:
+    registry = CollectorRegistry()
+    error = AppError("at once")
+
+    def raising(scope: Scope, receive: Receive, send: Send) -> Any:
+        raise error
+
+    def not_awaitable(scope: Scope, receive: Receive, send: Send) -> Any:
+        return 42
+
+    sent, send = collect()
+    with pytest.raises(AppError) as raised:
+        await PrometheusMiddleware(raising, registry=registry)(http_scope("/x"), receive_nothing, send)
+    assert raised.value is error
+    with pytest.raises(TypeError, match="can't be used in 'await' expression"):
+        await PrometheusMiddleware(not_awaitable, registry=registry)(http_scope("/x"), receive_nothing, send)
+
+    assert sent == []
+    assert recorded(registry, "500") == 2
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+    assert current_request.get() is None
+
+
+async def test_the_apps_return_value_and_a_thrown_exception_reach_the_awaiting_code() -> None:
+    registry = CollectorRegistry()
+
+    async def returning(scope: Scope, receive: Receive, send: Send) -> Any:
+        await answer(scope, receive, send)
+        return "ignored"
+
+    sent, send = collect()
+    assert await PrometheusMiddleware(returning, registry=registry)(http_scope("/x"), receive_nothing, send) is None
+    assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
+
+    error = AppError("from outside")
+
+    async def waiting(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 202, "headers": []})
+        await pause()
+
+    call = PrometheusMiddleware(waiting, registry=registry)(http_scope("/x"), receive_nothing, send)
+    assert call.send(None) == "paused"  # type: ignore[attr-defined]
+    with pytest.raises(AppError) as raised:
+        call.throw(error)  # type: ignore[attr-defined]
+    assert raised.value is error
+    assert recorded(registry, "202") == 1
+    assert value(registry, IN_PROGRESS, method="GET") == 0
