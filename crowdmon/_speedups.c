@@ -18,7 +18,7 @@ static PyObject *UNMATCHED_HANDLER;  /* crowdmon.catalogue.UNMATCHED_HANDLER */
 static PyObject *CURRENT_REQUEST;    /* crowdmon.context.current_request */
 static PyObject *RECEIVE_AFTER_THE_END, *SEND_AFTER_THE_END, *ODD_STATUS, *DECLARED_SIZE;
 static PyObject *PERF_COUNTER;       /* time.perf_counter, where the C clock is not the same */
-static PyObject *INSTRUMENTATION_MODULE;
+static PyObject *INSTRUMENTATION_MODULE;  /* its __dict__, once imported */
 static PyObject *ZERO, *STATUS_500, *EMPTY_STR, *EMPTY_BYTES;
 static int PERF_COUNTER_IS_MONOTONIC;
 
@@ -348,13 +348,14 @@ core_begin(Core *self, PyObject *const *args, Py_ssize_t nargs)
         return http < 0 ? NULL : Py_NewRef(Py_None);
     }
     if (self->follows_default) {
-        PyObject *current = PyObject_GetAttr(INSTRUMENTATION_MODULE, S_default);
+        PyObject *current = PyDict_GetItemWithError(INSTRUMENTATION_MODULE, S_default);  /* borrowed */
         if (current == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_AttributeError, "crowdmon.instrumentation has no _default");
+            }
             return NULL;
         }
-        int moved = current != self->instrumentation;
-        Py_DECREF(current);
-        if (moved) {
+        if (current != self->instrumentation) {
             PyObject *result = PyObject_CallMethodNoArgs((PyObject *)self, S_follow_the_default);
             if (result == NULL) {
                 return NULL;
@@ -1503,13 +1504,77 @@ read_bounds(PyObject *bounds, double *out, Py_ssize_t room)
     return count;
 }
 
+/* a and b are the same label value: the same object, or equal str or int objects */
 static int
-observe(PyObject *cells, Py_ssize_t first, const double *bounds, Py_ssize_t count, double value)
+same_value(PyObject *a, PyObject *b)
 {
-    if (add_to_cell(cells, first + bucket_of(value, bounds, count), 1.0) < 0) {
+    if (a == b) {
+        return 1;
+    }
+    if (Py_TYPE(a) != Py_TYPE(b) || !(PyUnicode_CheckExact(a) || PyLong_CheckExact(a))) {
+        return 0;
+    }
+    return PyObject_RichCompareBool(a, b, Py_EQ) == 1;
+}
+
+/* One known label set met in a batch: its requests' numbers are added up here first, and to
+   its series's cells once, at the end of the batch. */
+typedef struct {
+    PyObject *found;    /* its value in ``known``: (cells, sends no body) */
+    PyObject *method, *handler, *status;  /* its label values, as the first entry had them */
+    int no_body;
+    double *sums;       /* one per cell */
+} Tally;
+
+#define TALLIES 32  /* label sets added up per batch; more are added request by request */
+
+static int
+add_request(double *cells_or_sums, PyObject *cells, const Py_ssize_t *offsets, const double *duration_bounds,
+            Py_ssize_t duration_count, const double *size_bounds, Py_ssize_t size_count, int no_body, PyObject *entry)
+{
+    double values[3] = {
+        PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(entry, 3)),
+        PyLong_AsDouble(PyTuple_GET_ITEM(entry, 4)),
+        no_body ? 0.0 : PyLong_AsDouble(PyTuple_GET_ITEM(entry, 5)),
+    };
+    if (PyErr_Occurred()) {
         return -1;
     }
-    return add_to_cell(cells, first + count + 1, value);
+    Py_ssize_t places[7];
+    places[0] = 0;
+    for (int i = 0; i < 3; i++) {
+        const double *bounds = i == 0 ? duration_bounds : size_bounds;
+        Py_ssize_t count = i == 0 ? duration_count : size_count;
+        places[1 + 2 * i] = offsets[i] + bucket_of(values[i], bounds, count);
+        places[2 + 2 * i] = offsets[i] + count + 1;
+    }
+    double amounts[7] = {1.0, 1.0, values[0], 1.0, values[1], 1.0, values[2]};
+    for (int i = 0; i < 7; i++) {
+        if (cells_or_sums != NULL) {
+            cells_or_sums[places[i]] += amounts[i];
+        }
+        else if (add_to_cell(cells, places[i], amounts[i]) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+count_finished(PyObject *finished, PyObject *method, Py_ssize_t requests)
+{
+    PyObject *count = PyDict_GetItemWithError(finished, method);
+    if (count == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    Py_ssize_t before = count == NULL ? 0 : PyLong_AsSsize_t(count);
+    PyObject *next = PyLong_FromSsize_t(before + requests);
+    if (next == NULL) {
+        return -1;
+    }
+    int failed = PyDict_SetItem(finished, method, next);
+    Py_DECREF(next);
+    return failed;
 }
 
 /* absorb(batch, known, duration_bounds, size_bounds, offsets) -> (leftover, finished)
@@ -1548,55 +1613,88 @@ absorb(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     PyObject *batch = args[0], *known = args[1];
     PyObject *leftover = PyList_New(0);
     PyObject *finished = PyDict_New();
-    if (leftover == NULL || finished == NULL) {
+    double *sums = PyMem_Calloc((size_t)(TALLIES * width), sizeof(double));
+    Tally tallies[TALLIES];
+    int used = 0;
+    Tally *last = NULL;
+    if (leftover == NULL || finished == NULL || sums == NULL) {
         goto failed;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
         PyObject *entry = PyList_GET_ITEM(batch, i);
-        PyObject *found = NULL;
-        if (PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 6
-            && PyFloat_CheckExact(PyTuple_GET_ITEM(entry, 3))
-            && PyLong_CheckExact(PyTuple_GET_ITEM(entry, 4)) && PyLong_CheckExact(PyTuple_GET_ITEM(entry, 5))) {
-            PyObject *key = PyTuple_GetSlice(entry, 0, 3);
-            if (key == NULL) {
-                goto failed;
-            }
-            found = PyDict_GetItemWithError(known, key);
-            Py_DECREF(key);
-            if (found == NULL && PyErr_Occurred()) {
-                goto failed;
-            }
-        }
-        if (found == NULL || !PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 2
-            || !PyList_CheckExact(PyTuple_GET_ITEM(found, 0)) || PyList_GET_SIZE(PyTuple_GET_ITEM(found, 0)) < width) {
+        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 6
+            || !PyFloat_CheckExact(PyTuple_GET_ITEM(entry, 3))
+            || !PyLong_CheckExact(PyTuple_GET_ITEM(entry, 4)) || !PyLong_CheckExact(PyTuple_GET_ITEM(entry, 5))) {
             if (PyList_Append(leftover, entry) < 0) {
                 goto failed;
             }
             continue;
         }
-        PyObject *cells = PyTuple_GET_ITEM(found, 0);
-        int no_body = PyObject_IsTrue(PyTuple_GET_ITEM(found, 1));
-        double received = PyLong_AsDouble(PyTuple_GET_ITEM(entry, 4));
-        double sent = no_body ? 0.0 : PyLong_AsDouble(PyTuple_GET_ITEM(entry, 5));
-        if (no_body < 0 || PyErr_Occurred()
-            || add_to_cell(cells, 0, 1.0) < 0
-            || observe(cells, offsets[0], duration_bounds, duration_count, PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(entry, 3))) < 0
-            || observe(cells, offsets[1], size_bounds, size_count, received) < 0
-            || observe(cells, offsets[2], size_bounds, size_count, sent) < 0) {
-            goto failed;
-        }
         PyObject *method = PyTuple_GET_ITEM(entry, 0);
-        PyObject *count = PyDict_GetItemWithError(finished, method);
-        if (count == NULL && PyErr_Occurred()) {
+        PyObject *handler = PyTuple_GET_ITEM(entry, 1);
+        PyObject *status = PyTuple_GET_ITEM(entry, 2);
+        Tally *tally = NULL;
+        if (last != NULL && same_value(last->handler, handler) && same_value(last->status, status) && same_value(last->method, method)) {
+            tally = last;  /* most requests: the label set of the one before */
+        }
+        else {
+            PyObject *key = PyTuple_GetSlice(entry, 0, 3);
+            if (key == NULL) {
+                goto failed;
+            }
+            PyObject *found = PyDict_GetItemWithError(known, key);
+            Py_DECREF(key);
+            if (found == NULL && PyErr_Occurred()) {
+                goto failed;
+            }
+            if (found == NULL || !PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 2
+                || !PyList_CheckExact(PyTuple_GET_ITEM(found, 0)) || PyList_GET_SIZE(PyTuple_GET_ITEM(found, 0)) < width) {
+                if (PyList_Append(leftover, entry) < 0) {
+                    goto failed;
+                }
+                continue;
+            }
+            int no_body = PyObject_IsTrue(PyTuple_GET_ITEM(found, 1));
+            if (no_body < 0) {
+                goto failed;
+            }
+            for (int t = 0; t < used && tally == NULL; t++) {
+                if (tallies[t].found == found) {
+                    tally = &tallies[t];
+                }
+            }
+            if (tally == NULL && used < TALLIES) {
+                tally = &tallies[used];
+                *tally = (Tally){found, method, handler, status, no_body, sums + used * width};
+                used++;
+            }
+            if (tally == NULL) {  /* past TALLIES label sets in one batch: one request at a time */
+                if (add_request(NULL, PyTuple_GET_ITEM(found, 0), offsets, duration_bounds, duration_count,
+                                size_bounds, size_count, no_body, entry) < 0
+                    || count_finished(finished, method, 1) < 0) {
+                    goto failed;
+                }
+                continue;
+            }
+            last = tally;
+        }
+        if (add_request(tally->sums, NULL, offsets, duration_bounds, duration_count, size_bounds, size_count,
+                        tally->no_body, entry) < 0) {
             goto failed;
         }
-        PyObject *next = PyLong_FromSsize_t(count == NULL ? 1 : PyLong_AsSsize_t(count) + 1);
-        if (next == NULL || PyDict_SetItem(finished, method, next) < 0) {
-            Py_XDECREF(next);
-            goto failed;
-        }
-        Py_DECREF(next);
     }
+    for (int t = 0; t < used; t++) {
+        PyObject *cells = PyTuple_GET_ITEM(tallies[t].found, 0);
+        for (Py_ssize_t c = 0; c < width; c++) {
+            if (tallies[t].sums[c] != 0.0 && add_to_cell(cells, c, tallies[t].sums[c]) < 0) {
+                goto failed;
+            }
+        }
+        if (count_finished(finished, tallies[t].method, (Py_ssize_t)tallies[t].sums[0]) < 0) {
+            goto failed;
+        }
+    }
+    PyMem_Free(sums);
     {
         PyObject *result = PyTuple_Pack(2, leftover, finished);
         Py_DECREF(leftover);
@@ -1604,6 +1702,7 @@ absorb(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         return result;
     }
 failed:
+    PyMem_Free(sums);
     Py_XDECREF(leftover);
     Py_XDECREF(finished);
     return NULL;
@@ -1698,7 +1797,7 @@ PyInit__speedups(void)
     ODD_STATUS = attribute_of("crowdmon._core", "odd_status");
     DECLARED_SIZE = attribute_of("crowdmon._core", "declared_size");
     PERF_COUNTER = attribute_of("time", "perf_counter");
-    INSTRUMENTATION_MODULE = PyImport_ImportModule("crowdmon.instrumentation");
+    INSTRUMENTATION_MODULE = attribute_of("crowdmon.instrumentation", "__dict__");
     if (UNMATCHED_HANDLER == NULL || CURRENT_REQUEST == NULL || RECEIVE_AFTER_THE_END == NULL
         || SEND_AFTER_THE_END == NULL || ODD_STATUS == NULL || DECLARED_SIZE == NULL
         || PERF_COUNTER == NULL || INSTRUMENTATION_MODULE == NULL) {
