@@ -124,7 +124,7 @@ typedef struct {
     PyObject *weakrefs;
 } Core;
 
-typedef struct {
+struct Exchange {
     PyObject_HEAD
     /* The request context, as crowdmon.context.RequestContext reads it. */
     PyObject *scope;
@@ -144,10 +144,12 @@ typedef struct {
     PyObject *server_send;
     double started;
     PyObject *token;
-} Exchange;
+};
 
 static PyTypeObject CoreType;
 static PyTypeObject ExchangeType;
+typedef struct Exchange Exchange;
+static PyObject *receiving_new(Exchange *exchange);
 static PyObject *core_call(Core *self, PyObject *args, PyObject *kwargs);
 
 /* PyObject_GetOptionalAttr (3.13) for older Pythons: 1 found, 0 not there, -1 error. */
@@ -752,7 +754,7 @@ exchange_receive(Exchange *self, PyObject *Py_UNUSED(ignored))
         Py_DECREF(receive);
         return result;
     }
-    return PyObject_CallMethodNoArgs((PyObject *)self, S_receive_body);
+    return receiving_new(self);
 }
 
 /* The part of ``send`` inside its ``try``: 0 to pass the message on, 1 with ``*answer`` set
@@ -1273,6 +1275,65 @@ raise_thrown(PyObject *const *args, Py_ssize_t nargs)
     }
 }
 
+/* The value a StopIteration being raised carries (a new reference), and the error cleared; as
+   the interpreter reads it, without making an exception object where there is none. */
+static PyObject *
+stop_value(void)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *result;
+    if (value == NULL) {
+        result = Py_NewRef(Py_None);
+    }
+    else if (PyObject_TypeCheck(value, (PyTypeObject *)PyExc_StopIteration)) {
+        result = PyObject_GetAttrString(value, "value");
+    }
+    else if (type == PyExc_StopIteration && !PyTuple_Check(value)) {
+        result = Py_NewRef(value);
+    }
+    else {
+        PyErr_NormalizeException(&type, &value, &traceback);
+        result = value == NULL ? NULL : PyObject_GetAttrString(value, "value");
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return result;
+}
+
+/* ``inner.throw(*args)`` as a step: the value it yields (NEXT), the value it returned (RETURN),
+   or its error.  An iterator without ``throw`` has the exception raised where it waits. */
+static PySendResult
+delegate_throw(PyObject *inner, PyObject *const *args, Py_ssize_t nargs, PyObject **result)
+{
+    *result = NULL;
+    if (PyCoro_CheckExact(inner) || PyGen_CheckExact(inner)) {
+        PyObject *call[4] = {inner, args[0], nargs > 1 ? args[1] : NULL, nargs > 2 ? args[2] : NULL};
+        *result = PyObject_VectorcallMethod(S_throw, call, (size_t)(1 + nargs), NULL);
+    }
+    else {
+        PyObject *throw = NULL;
+        if (PyObject_GetOptionalAttr_compat(inner, S_throw, &throw) < 0) {
+            return PYGEN_ERROR;
+        }
+        if (throw == NULL) {
+            raise_thrown(args, nargs);
+            return PYGEN_ERROR;
+        }
+        *result = PyObject_Vectorcall(throw, args, (size_t)nargs, NULL);
+        Py_DECREF(throw);
+    }
+    if (*result != NULL) {
+        return PYGEN_NEXT;
+    }
+    if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        *result = stop_value();
+        return *result == NULL ? PYGEN_ERROR : PYGEN_RETURN;
+    }
+    return PYGEN_ERROR;
+}
+
 static PyObject *
 call_throw(Call *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1288,31 +1349,7 @@ call_throw(Call *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *result = NULL;
-    PySendResult status;
-    PyObject *throw = NULL;
-    if (PyObject_GetOptionalAttr_compat(self->inner, S_throw, &throw) < 0) {
-        status = PYGEN_ERROR;
-    }
-    else if (throw == NULL) {
-        raise_thrown(args, nargs);  /* an iterator that cannot take it: raised here */
-        status = PYGEN_ERROR;
-    }
-    else {
-        result = PyObject_Vectorcall(throw, args, nargs, NULL);
-        Py_DECREF(throw);
-        if (result != NULL) {
-            status = PYGEN_NEXT;
-        }
-        else if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
-            PyObject *stop = fetch_error();
-            result = stop == NULL ? NULL : PyObject_GetAttrString(stop, "value");
-            Py_XDECREF(stop);
-            status = result == NULL ? PYGEN_ERROR : PYGEN_RETURN;
-        }
-        else {
-            status = PYGEN_ERROR;
-        }
-    }
+    PySendResult status = delegate_throw(self->inner, args, nargs, &result);
     status = call_after(self, status, &result);
     return call_result(status, result, 1);
 }
@@ -1421,6 +1458,252 @@ static PyTypeObject CallType = {
     .tp_iternext = (iternextfunc)call_next,
     .tp_methods = call_methods,
 };
+
+/* -- the app's receive while the body is arriving ------------------------------------------------ */
+
+/* What ``exchange.receive()`` returns until the request body is complete: the server's receive,
+   awaited, and its message counted; ``_receive_body`` in crowdmon/middleware.py is the same in
+   Python.  Like a coroutine it calls the server's receive only when first sent to. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *exchange;
+    PyObject *inner;
+    int state;
+} Receiving;
+
+static PyTypeObject ReceivingType;
+static PyObject *S_http_request, *S_http_disconnect, *S_site_receive, *STATUS_499;
+
+static int
+receiving_traverse(Receiving *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->exchange);
+    Py_VISIT(self->inner);
+    return 0;
+}
+
+static int
+receiving_clear(Receiving *self)
+{
+    Py_CLEAR(self->exchange);
+    Py_CLEAR(self->inner);
+    return 0;
+}
+
+/* The part of ``_receive_body`` inside its ``try``. */
+static int
+follow_receive(Exchange *exchange, PyObject *message)
+{
+    PyObject *kind = get_item(message, S_type);
+    if (kind == NULL) {
+        return -1;
+    }
+    int outcome = 0;
+    int is = equals(kind, S_http_request);
+    if (is > 0) {
+        PyObject *body = get_or(message, S_body, EMPTY_BYTES);
+        Py_ssize_t length = body == NULL ? -1 : PyObject_Size(body);
+        Py_XDECREF(body);
+        if (length < 0) {
+            outcome = -1;
+        }
+        else {
+            exchange->request_bytes += length;
+            PyObject *more = get_or(message, S_more_body, Py_False);
+            int more_body = more == NULL ? -1 : PyObject_IsTrue(more);
+            Py_XDECREF(more);
+            if (more_body < 0) {
+                outcome = -1;
+            }
+            else if (!more_body) {
+                exchange->body_complete = 1;
+            }
+        }
+    }
+    else if (is == 0 && (is = equals(kind, S_http_disconnect)) > 0) {
+        /* No more body will come: the request's size is what arrived.  Gone before any response
+           was started is a 499, whatever response is started later. */
+        exchange->body_complete = 1;
+        int started = status_is_set(exchange->status);
+        if (started == 0) {
+            set_field(&exchange->status, STATUS_499);
+        }
+        outcome = started < 0 ? -1 : 0;
+    }
+    if (is < 0) {
+        outcome = -1;
+    }
+    Py_DECREF(kind);
+    return outcome;
+}
+
+static PySendResult
+receiving_after(Receiving *self, PySendResult status, PyObject **result)
+{
+    if (status == PYGEN_NEXT) {
+        return PYGEN_NEXT;
+    }
+    self->state = CALL_DONE;
+    Py_CLEAR(self->inner);
+    if (status == PYGEN_RETURN) {
+        Exchange *exchange = (Exchange *)self->exchange;
+        if (follow_receive(exchange, *result) < 0 && contain(exchange->middleware, S_site_receive) < 0) {
+            Py_CLEAR(*result);
+            return PYGEN_ERROR;
+        }
+    }
+    return status;
+}
+
+static PySendResult
+receiving_am_send(Receiving *self, PyObject *value, PyObject **result)
+{
+    *result = NULL;
+    if (self->state == CALL_NEW) {
+        if (value != Py_None) {
+            PyErr_SetString(PyExc_TypeError, "can't send non-None value to a just-started coroutine");
+            return PYGEN_ERROR;
+        }
+        self->state = CALL_APP;
+        PyObject *receive = Py_NewRef(((Exchange *)self->exchange)->server_receive);
+        PyObject *awaitable = PyObject_CallNoArgs(receive);
+        Py_DECREF(receive);
+        self->inner = awaitable == NULL ? NULL : awaitable_iterator(awaitable);
+        Py_XDECREF(awaitable);
+        if (self->inner == NULL) {
+            return receiving_after(self, PYGEN_ERROR, result);
+        }
+    }
+    else if (self->state == CALL_DONE) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return PYGEN_ERROR;
+    }
+    return receiving_after(self, PyIter_Send(self->inner, value, result), result);
+}
+
+static PyObject *
+receiving_send(Receiving *self, PyObject *value)
+{
+    PyObject *result;
+    PySendResult status = receiving_am_send(self, value, &result);
+    return call_result(status, result, 1);
+}
+
+static PyObject *
+receiving_next(Receiving *self)
+{
+    PyObject *result;
+    PySendResult status = receiving_am_send(self, Py_None, &result);
+    return call_result(status, result, 0);
+}
+
+static PyObject *
+receiving_throw(Receiving *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
+        return NULL;
+    }
+    if (self->state != CALL_APP) {
+        self->state = CALL_DONE;
+        receiving_clear(self);
+        raise_thrown(args, nargs);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    PySendResult status = receiving_after(self, delegate_throw(self->inner, args, nargs, &result), &result);
+    return call_result(status, result, 1);
+}
+
+static PyObject *
+receiving_close(Receiving *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *inner = self->state == CALL_APP ? self->inner : NULL;
+    self->inner = NULL;
+    self->state = CALL_DONE;
+    if (inner == NULL) {
+        Py_RETURN_NONE;
+    }
+    PyObject *close = NULL;
+    int found = PyObject_GetOptionalAttr_compat(inner, S_close, &close);
+    Py_DECREF(inner);
+    if (found <= 0) {
+        return found < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    PyObject *closed = PyObject_CallNoArgs(close);
+    Py_DECREF(close);
+    return closed;
+}
+
+static void
+receiving_finalize(Receiving *self)
+{
+    if (self->state != CALL_APP) {
+        return;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *closed = receiving_close(self, NULL);
+    if (closed == NULL) {
+        PyErr_WriteUnraisable((PyObject *)self);
+    }
+    Py_XDECREF(closed);
+    PyErr_Restore(type, value, traceback);
+}
+
+static void
+receiving_dealloc(Receiving *self)
+{
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return;
+    }
+    PyObject_GC_UnTrack(self);
+    receiving_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef receiving_methods[] = {
+    {"send", (PyCFunction)receiving_send, METH_O, "Resume it with a value, as coroutine.send."},
+    {"throw", (PyCFunction)(void (*)(void))receiving_throw, METH_FASTCALL, "Raise an exception in it, as coroutine.throw."},
+    {"close", (PyCFunction)receiving_close, METH_NOARGS, "Close it, as coroutine.close."},
+    {NULL},
+};
+
+static PyAsyncMethods receiving_async = {
+    .am_await = (unaryfunc)call_await,
+    .am_send = (sendfunc)receiving_am_send,
+};
+
+static PyTypeObject ReceivingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "crowdmon._speedups.MiddlewareReceive",
+    .tp_doc = "await receive() while the request body arrives: the server's message, counted.",
+    .tp_basicsize = sizeof(Receiving),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)receiving_dealloc,
+    .tp_finalize = (destructor)receiving_finalize,
+    .tp_traverse = (traverseproc)receiving_traverse,
+    .tp_clear = (inquiry)receiving_clear,
+    .tp_as_async = &receiving_async,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)receiving_next,
+    .tp_methods = receiving_methods,
+};
+
+static PyObject *
+receiving_new(Exchange *exchange)
+{
+    Receiving *self = PyObject_GC_New(Receiving, &ReceivingType);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->exchange = Py_NewRef((PyObject *)exchange);
+    self->inner = NULL;
+    self->state = CALL_NEW;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
 
 static PyObject *
 core_call(Core *self, PyObject *args, PyObject *kwargs)
@@ -1744,7 +2027,8 @@ intern_all(void)
         {&S_site_start, "middleware.start"}, {&S_site_context, "middleware.context"},
         {&S_site_send, "middleware.send"}, {&S_site_handler, "middleware.handler"},
         {&S_site_record, "middleware.record"}, {&S_conclude, "_conclude"}, {&S_throw, "throw"},
-        {&S_close, "close"},
+        {&S_close, "close"}, {&S_http_request, "http.request"}, {&S_http_disconnect, "http.disconnect"},
+        {&S_site_receive, "middleware.receive"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);
@@ -1813,12 +2097,14 @@ PyInit__speedups(void)
     }
     ZERO = PyLong_FromLong(0);
     STATUS_500 = PyLong_FromLong(500);
+    STATUS_499 = PyLong_FromLong(499);
     EMPTY_STR = PyUnicode_InternFromString("");
     EMPTY_BYTES = PyBytes_FromStringAndSize(NULL, 0);
-    if (ZERO == NULL || STATUS_500 == NULL || EMPTY_STR == NULL || EMPTY_BYTES == NULL) {
+    if (ZERO == NULL || STATUS_500 == NULL || STATUS_499 == NULL || EMPTY_STR == NULL || EMPTY_BYTES == NULL) {
         return NULL;
     }
-    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&ExchangeType) < 0 || PyType_Ready(&CallType) < 0) {
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&ExchangeType) < 0 || PyType_Ready(&CallType) < 0
+        || PyType_Ready(&ReceivingType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups_module);
@@ -1827,7 +2113,8 @@ PyInit__speedups(void)
     }
     if (PyModule_AddObjectRef(module, "MiddlewareCore", (PyObject *)&CoreType) < 0
         || PyModule_AddObjectRef(module, "ExchangeCore", (PyObject *)&ExchangeType) < 0
-        || PyModule_AddObjectRef(module, "MiddlewareCall", (PyObject *)&CallType) < 0) {
+        || PyModule_AddObjectRef(module, "MiddlewareCall", (PyObject *)&CallType) < 0
+        || PyModule_AddObjectRef(module, "MiddlewareReceive", (PyObject *)&ReceivingType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

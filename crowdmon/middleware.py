@@ -35,10 +35,12 @@ else:
 #: Whether the request path runs compiled (``crowdmon._speedups``) or in Python (``crowdmon._core``).
 COMPILED = MiddlewareCore is not _core.MiddlewareCore
 if COMPILED:
-    from crowdmon._speedups import MiddlewareCall
+    from crowdmon._speedups import MiddlewareCall, MiddlewareReceive
 
-    # What the compiled call returns: asyncio.create_task takes it, as it takes a coroutine.
+    # What the compiled call and receive return: asyncio.create_task takes them, as it takes
+    # a coroutine.
     collections.abc.Coroutine.register(MiddlewareCall)
+    collections.abc.Coroutine.register(MiddlewareReceive)
 
 __all__ = ["CLIENT_CLOSED_REQUEST", "STANDARD_METHODS", "PrometheusMiddleware"]
 

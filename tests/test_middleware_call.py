@@ -197,6 +197,58 @@ async def test_an_app_raising_at_once_or_returning_no_awaitable_is_a_500_with_it
     assert current_request.get() is None
 
 
+async def test_the_apps_receive_asks_the_server_only_when_awaited_and_runs_as_a_task() -> None:
+    registry = CollectorRegistry()
+    asked: list[str] = []
+
+    async def server_receive() -> Message:
+        asked.append("receive")
+        return {"type": "http.request", "body": b"12345", "more_body": False}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        unawaited = receive()
+        unawaited.close()  # type: ignore[attr-defined]  # as for a coroutine never awaited
+        assert asked == []
+        message = await asyncio.create_task(receive())  # type: ignore[arg-type]
+        assert message == {"type": "http.request", "body": b"12345", "more_body": False}
+        await answer(scope, receive, send)
+
+    sent, send = collect()
+    await PrometheusMiddleware(app, registry=registry)(http_scope("/x", method="POST"), server_receive, send)
+
+    assert len(sent) == 2
+    assert asked == ["receive"]
+    assert value(registry, REQUESTS, method="POST", handler="<unmatched>", status="201") == 1
+    assert value(registry, "crowdfunding_api_request_size_bytes_sum", method="POST", handler="<unmatched>") == 5
+
+
+def test_an_exception_thrown_into_a_waiting_receive_reaches_the_app() -> None:
+    registry = CollectorRegistry()
+    error = AppError("thrown")
+    caught: list[BaseException] = []
+
+    async def server_receive() -> Message:
+        await pause()
+        raise AssertionError("unreachable")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await receive()
+        except AppError as raised:
+            caught.append(raised)
+        await answer(scope, receive, send)
+
+    sent, send = collect()
+    call = PrometheusMiddleware(app, registry=registry)(http_scope("/x"), server_receive, send)
+    assert call.send(None) == "paused"  # type: ignore[attr-defined]
+    with pytest.raises(StopIteration):
+        call.throw(error)  # type: ignore[attr-defined]
+
+    assert caught == [error]
+    assert len(sent) == 2
+    assert recorded(registry, "201") == 1
+
+
 async def test_the_apps_return_value_and_a_thrown_exception_reach_the_awaiting_code() -> None:
     registry = CollectorRegistry()
 
