@@ -1,12 +1,15 @@
 /*
- * The middleware's request path, compiled: MiddlewareCore._begin, ExchangeCore.receive, .send,
- * .finish and .end.  crowdmon/_core.py is the same code in Python, line for line; read it first.
- * Every branch here mirrors one there, and the test suite runs against both.
+ * The middleware's request path, compiled: MiddlewareCore.__call__ and ._begin, ExchangeCore's
+ * receive, send, finish and end, and absorbing batches of finished requests.  crowdmon/_core.py
+ * (and _receive_body in crowdmon/middleware.py, BufferedRequestRecorder.flush in
+ * crowdmon/_recorder.py) is the same code in Python; read it first.  Every branch here mirrors
+ * one there, and the request-path tests run against both.
  *
- * What this buys is the interpreter's dispatch: a request crosses these five functions on every
+ * What this buys is the interpreter's dispatch: a request crosses these functions on every
  * request, and in C they cost a fraction of their bytecode.  Everything that happens rarely (a
- * body counted as it arrives, a 5xx answer, a route seen for the first time, an exemplar, a
- * header list no server sends) calls back into the Python subclasses.
+ * request ending without a response, a 5xx answer after the body, a route seen for the first
+ * time, an exemplar, a header list no server sends, a label set not seen before) calls back
+ * into Python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,7 +28,7 @@ static int PERF_COUNTER_IS_MONOTONIC;
 static PyObject *S_type, *S_http, *S_path, *S_root_path, *S_method, *S_body, *S_more_body,
     *S_status, *S_route, *S_fastapi, *S_effective_route_context, *S_headers,
     *S_response_start, *S_response_body, *S_response_pathsend, *S_default,
-    *S_follow_the_default, *S_receive_body, *S_start_error, *S_pathsend, *S_route_label,
+    *S_follow_the_default, *S_start_error, *S_pathsend, *S_route_label,
     *S_exemplar, *S_get, *S_site_start, *S_site_context, *S_site_send, *S_site_handler,
     *S_site_record;
 
@@ -2021,7 +2024,7 @@ intern_all(void)
         {&S_effective_route_context, "effective_route_context"}, {&S_headers, "headers"},
         {&S_response_start, "http.response.start"}, {&S_response_body, "http.response.body"},
         {&S_response_pathsend, "http.response.pathsend"}, {&S_default, "_default"},
-        {&S_follow_the_default, "_follow_the_default"}, {&S_receive_body, "_receive_body"},
+        {&S_follow_the_default, "_follow_the_default"},
         {&S_start_error, "_start_error"}, {&S_pathsend, "_pathsend"},
         {&S_route_label, "_route_label"}, {&S_exemplar, "_exemplar"}, {&S_get, "get"},
         {&S_site_start, "middleware.start"}, {&S_site_context, "middleware.context"},
