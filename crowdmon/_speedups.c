@@ -953,13 +953,22 @@ static PyTypeObject ExchangeType = {
 
 enum { CALL_NEW, CALL_APP, CALL_CONCLUDING, CALL_DONE };
 
+/* What the compiled awaitables (the call, and receive while the body arrives) share: where they
+   are, and what they are awaiting. */
+#define AWAITING_HEAD \
+    PyObject_HEAD \
+    int state; \
+    PyObject *inner;
+
 typedef struct {
-    PyObject_HEAD
+    AWAITING_HEAD
+} Awaiting;
+
+typedef struct {
+    AWAITING_HEAD                      /* inner: the app's awaitable, then _conclude's */
     PyObject *middleware;
     PyObject *scope, *receive, *send;  /* until it starts */
     PyObject *exchange;                /* NULL for a scope that is not recorded */
-    PyObject *inner;                   /* what is being awaited: the app's, then _conclude's */
-    int state;
 } Call;
 
 static PyTypeObject CallType;
@@ -1246,19 +1255,20 @@ call_result(PySendResult status, PyObject *result, int stop_with_value)
     return NULL;
 }
 
+/* send and __next__ of the compiled awaitables, through their type's am_send. */
 static PyObject *
-call_send(Call *self, PyObject *value)
+awaiting_send(PyObject *self, PyObject *value)
 {
     PyObject *result;
-    PySendResult status = call_am_send(self, value, &result);
+    PySendResult status = Py_TYPE(self)->tp_as_async->am_send(self, value, &result);
     return call_result(status, result, 1);
 }
 
 static PyObject *
-call_next(Call *self)
+awaiting_next(PyObject *self)
 {
     PyObject *result;
-    PySendResult status = call_am_send(self, Py_None, &result);
+    PySendResult status = Py_TYPE(self)->tp_as_async->am_send(self, Py_None, &result);
     return call_result(status, result, 0);
 }
 
@@ -1401,31 +1411,33 @@ call_close(Call *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* A compiled awaitable dropped while it waits is closed, as a coroutine is. */
 static void
-call_finalize(Call *self)
+awaiting_finalize(PyObject *self)
 {
-    if (self->state != CALL_APP && self->state != CALL_CONCLUDING) {
+    int state = ((Awaiting *)self)->state;
+    if (state != CALL_APP && state != CALL_CONCLUDING) {
         return;
     }
     PyObject *type, *value, *traceback;
     PyErr_Fetch(&type, &value, &traceback);
-    PyObject *closed = call_close(self, NULL);
+    PyObject *closed = PyObject_CallMethodNoArgs(self, S_close);
     if (closed == NULL) {
-        PyErr_WriteUnraisable((PyObject *)self);
+        PyErr_WriteUnraisable(self);
     }
     Py_XDECREF(closed);
     PyErr_Restore(type, value, traceback);
 }
 
 static void
-call_dealloc(Call *self)
+awaiting_dealloc(PyObject *self)
 {
-    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+    if (PyObject_CallFinalizerFromDealloc(self) < 0) {
         return;  /* resurrected */
     }
     PyObject_GC_UnTrack(self);
-    call_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    Py_TYPE(self)->tp_clear(self);
+    Py_TYPE(self)->tp_free(self);
 }
 
 static PyObject *
@@ -1435,7 +1447,7 @@ call_await(Call *self)
 }
 
 static PyMethodDef call_methods[] = {
-    {"send", (PyCFunction)call_send, METH_O, "Resume it with a value, as coroutine.send."},
+    {"send", (PyCFunction)awaiting_send, METH_O, "Resume it with a value, as coroutine.send."},
     {"throw", (PyCFunction)(void (*)(void))call_throw, METH_FASTCALL, "Raise an exception in it, as coroutine.throw."},
     {"close", (PyCFunction)call_close, METH_NOARGS, "Close it, as coroutine.close."},
     {NULL},
@@ -1452,13 +1464,13 @@ static PyTypeObject CallType = {
     .tp_doc = "await middleware(scope, receive, send): the request, followed.",
     .tp_basicsize = sizeof(Call),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_dealloc = (destructor)call_dealloc,
-    .tp_finalize = (destructor)call_finalize,
+    .tp_dealloc = awaiting_dealloc,
+    .tp_finalize = awaiting_finalize,
     .tp_traverse = (traverseproc)call_traverse,
     .tp_clear = (inquiry)call_clear,
     .tp_as_async = &call_async,
     .tp_iter = PyObject_SelfIter,
-    .tp_iternext = (iternextfunc)call_next,
+    .tp_iternext = awaiting_next,
     .tp_methods = call_methods,
 };
 
@@ -1469,10 +1481,8 @@ static PyTypeObject CallType = {
    Python.  Like a coroutine it calls the server's receive only when first sent to. */
 
 typedef struct {
-    PyObject_HEAD
+    AWAITING_HEAD
     PyObject *exchange;
-    PyObject *inner;
-    int state;
 } Receiving;
 
 static PyTypeObject ReceivingType;
@@ -1586,22 +1596,6 @@ receiving_am_send(Receiving *self, PyObject *value, PyObject **result)
 }
 
 static PyObject *
-receiving_send(Receiving *self, PyObject *value)
-{
-    PyObject *result;
-    PySendResult status = receiving_am_send(self, value, &result);
-    return call_result(status, result, 1);
-}
-
-static PyObject *
-receiving_next(Receiving *self)
-{
-    PyObject *result;
-    PySendResult status = receiving_am_send(self, Py_None, &result);
-    return call_result(status, result, 0);
-}
-
-static PyObject *
 receiving_throw(Receiving *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 1 || nargs > 3) {
@@ -1639,35 +1633,8 @@ receiving_close(Receiving *self, PyObject *Py_UNUSED(ignored))
     return closed;
 }
 
-static void
-receiving_finalize(Receiving *self)
-{
-    if (self->state != CALL_APP) {
-        return;
-    }
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyObject *closed = receiving_close(self, NULL);
-    if (closed == NULL) {
-        PyErr_WriteUnraisable((PyObject *)self);
-    }
-    Py_XDECREF(closed);
-    PyErr_Restore(type, value, traceback);
-}
-
-static void
-receiving_dealloc(Receiving *self)
-{
-    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
-        return;
-    }
-    PyObject_GC_UnTrack(self);
-    receiving_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
 static PyMethodDef receiving_methods[] = {
-    {"send", (PyCFunction)receiving_send, METH_O, "Resume it with a value, as coroutine.send."},
+    {"send", (PyCFunction)awaiting_send, METH_O, "Resume it with a value, as coroutine.send."},
     {"throw", (PyCFunction)(void (*)(void))receiving_throw, METH_FASTCALL, "Raise an exception in it, as coroutine.throw."},
     {"close", (PyCFunction)receiving_close, METH_NOARGS, "Close it, as coroutine.close."},
     {NULL},
@@ -1684,13 +1651,13 @@ static PyTypeObject ReceivingType = {
     .tp_doc = "await receive() while the request body arrives: the server's message, counted.",
     .tp_basicsize = sizeof(Receiving),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_dealloc = (destructor)receiving_dealloc,
-    .tp_finalize = (destructor)receiving_finalize,
+    .tp_dealloc = awaiting_dealloc,
+    .tp_finalize = awaiting_finalize,
     .tp_traverse = (traverseproc)receiving_traverse,
     .tp_clear = (inquiry)receiving_clear,
     .tp_as_async = &receiving_async,
     .tp_iter = PyObject_SelfIter,
-    .tp_iternext = (iternextfunc)receiving_next,
+    .tp_iternext = awaiting_next,
     .tp_methods = receiving_methods,
 };
 
