@@ -906,24 +906,67 @@ static PyMethodDef exchange_methods[] = {
 };
 
 static PyMemberDef exchange_members[] = {
-    {"scope", T_OBJECT, offsetof(Exchange, scope), 0, NULL},
-    {"entry_root_path", T_OBJECT, offsetof(Exchange, entry_root_path), 0, NULL},
-    {"user_type_resolver", T_OBJECT, offsetof(Exchange, user_type_resolver), 0, NULL},
-    {"_user_type", T_OBJECT, offsetof(Exchange, user_type), 0, NULL},
-    {"_endpoint", T_OBJECT, offsetof(Exchange, endpoint), 0, NULL},
-    {"middleware", T_OBJECT, offsetof(Exchange, middleware), 0, NULL},
-    {"method", T_OBJECT, offsetof(Exchange, method), 0, NULL},
-    {"status", T_OBJECT, offsetof(Exchange, status), 0, NULL},
     {"request_bytes", T_PYSSIZET, offsetof(Exchange, request_bytes), 0, NULL},
     {"response_bytes", T_PYSSIZET, offsetof(Exchange, response_bytes), 0, NULL},
     {"body_complete", T_BOOL, offsetof(Exchange, body_complete), 0, NULL},
     {"finished", T_BOOL, offsetof(Exchange, finished), 0, NULL},
-    {"server_receive", T_OBJECT, offsetof(Exchange, server_receive), 0, NULL},
-    {"server_send", T_OBJECT, offsetof(Exchange, server_send), 0, NULL},
     {"started", T_DOUBLE, offsetof(Exchange, started), 0, NULL},
-    {"_token", T_OBJECT, offsetof(Exchange, token), 0, NULL},
     {NULL},
 };
+
+/* The object fields, as attributes that can be set but not deleted: the request path reads
+   them without checking for NULL. */
+static PyObject *
+field_get(PyObject *self, void *offset)
+{
+    PyObject *value = *(PyObject **)((char *)self + (Py_ssize_t)offset);
+    return Py_NewRef(value != NULL ? value : Py_None);
+}
+
+static int
+field_set(PyObject *self, PyObject *value, void *offset)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "the attributes of crowdmon's request cannot be deleted");
+        return -1;
+    }
+    Py_XSETREF(*(PyObject **)((char *)self + (Py_ssize_t)offset), Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef exchange_getset[] = {
+    {"scope", field_get, field_set, NULL, (void *)offsetof(Exchange, scope)},
+    {"entry_root_path", field_get, field_set, NULL, (void *)offsetof(Exchange, entry_root_path)},
+    {"user_type_resolver", field_get, field_set, NULL, (void *)offsetof(Exchange, user_type_resolver)},
+    {"_user_type", field_get, field_set, NULL, (void *)offsetof(Exchange, user_type)},
+    {"_endpoint", field_get, field_set, NULL, (void *)offsetof(Exchange, endpoint)},
+    {"middleware", field_get, field_set, NULL, (void *)offsetof(Exchange, middleware)},
+    {"method", field_get, field_set, NULL, (void *)offsetof(Exchange, method)},
+    {"status", field_get, field_set, NULL, (void *)offsetof(Exchange, status)},
+    {"server_receive", field_get, field_set, NULL, (void *)offsetof(Exchange, server_receive)},
+    {"server_send", field_get, field_set, NULL, (void *)offsetof(Exchange, server_send)},
+    {"_token", field_get, field_set, NULL, (void *)offsetof(Exchange, token)},
+    {NULL},
+};
+
+/* A new exchange with every object field set: None, a status of 0, an empty root path. */
+static PyObject *
+exchange_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwargs))
+{
+    Exchange *self = (Exchange *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    PyObject **fields[] = {&self->scope, &self->user_type_resolver, &self->user_type, &self->endpoint,
+                           &self->middleware, &self->method, &self->server_receive, &self->server_send,
+                           &self->token};
+    for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
+        *fields[i] = Py_NewRef(Py_None);
+    }
+    self->entry_root_path = Py_NewRef(EMPTY_STR);
+    self->status = Py_NewRef(ZERO);
+    return (PyObject *)self;
+}
 
 static PyTypeObject ExchangeType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -931,7 +974,8 @@ static PyTypeObject ExchangeType = {
     .tp_doc = "One request as the middleware follows it.",
     .tp_basicsize = sizeof(Exchange),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
+    .tp_new = exchange_new,
+    .tp_getset = exchange_getset,
     .tp_dealloc = (destructor)exchange_dealloc,
     .tp_traverse = (traverseproc)exchange_traverse,
     .tp_clear = (inquiry)exchange_clear,
@@ -958,6 +1002,7 @@ enum { CALL_NEW, CALL_APP, CALL_CONCLUDING, CALL_DONE };
 #define AWAITING_HEAD \
     PyObject_HEAD \
     int state; \
+    int running;  /* in a send, throw or close: another one now is refused, as a coroutine does */ \
     PyObject *inner;
 
 typedef struct {
@@ -1070,6 +1115,17 @@ fetch_error(void)
 
 static PyObject *exchange_end(Exchange *self, PyObject *Py_UNUSED(ignored));
 
+/* Raise ``error`` again (a reference, taken) as it was: its traceback and its __context__ kept,
+   as a bare ``raise`` does. */
+static void
+restore_error(PyObject *error)
+{
+    if (error == NULL) {
+        return;
+    }
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(error)), error, PyException_GetTraceback(error));
+}
+
 /* ``exchange.end()`` with ``error`` (a new reference, taken) raised afterwards; an error of
    end's own wins, with ``error`` as its context, as in a ``finally`` block. */
 static void
@@ -1086,13 +1142,11 @@ end_then_raise(Call *self, PyObject *error)
             error = NULL;
         }
         Py_XDECREF(error);
-        PyErr_SetObject((PyObject *)Py_TYPE(own), own);
-        Py_XDECREF(own);
+        restore_error(own);
         return;
     }
     Py_DECREF(ended);
-    PyErr_SetObject((PyObject *)Py_TYPE(error), error);
-    Py_DECREF(error);
+    restore_error(error);
 }
 
 /* What comes of a step of ``inner``: the request ended or handed on, as the Python core does. */
@@ -1212,7 +1266,7 @@ done:
 }
 
 static PySendResult
-call_am_send(Call *self, PyObject *value, PyObject **result)
+call_am_send_step(Call *self, PyObject *value, PyObject **result)
 {
     *result = NULL;
     switch (self->state) {
@@ -1229,6 +1283,21 @@ call_am_send(Call *self, PyObject *value, PyObject **result)
         return call_after(self, PyIter_Send(self->inner, value, result), result);
     }
 }
+
+static PySendResult
+call_am_send(Call *self, PyObject *value, PyObject **result)
+{
+    if (self->running) {
+        *result = NULL;
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return PYGEN_ERROR;
+    }
+    self->running = 1;
+    PySendResult status = call_am_send_step(self, value, result);
+    self->running = 0;
+    return status;
+}
+
 
 /* A step's outcome as Python's send and __next__ give it. */
 static PyObject *
@@ -1269,7 +1338,7 @@ awaiting_next(PyObject *self)
 {
     PyObject *result;
     PySendResult status = Py_TYPE(self)->tp_as_async->am_send(self, Py_None, &result);
-    return call_result(status, result, 0);
+    return call_result(status, result, 1);  /* a value, as StopIteration's: a tracer awaits through here */
 }
 
 /* Raise what throw() was given: an exception instance, or a type with an optional value. */
@@ -1348,14 +1417,18 @@ delegate_throw(PyObject *inner, PyObject *const *args, Py_ssize_t nargs, PyObjec
 }
 
 static PyObject *
-call_throw(Call *self, PyObject *const *args, Py_ssize_t nargs)
+call_throw_step(Call *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 1 || nargs > 3) {
         PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
         return NULL;
     }
-    if (self->state == CALL_NEW || self->state == CALL_DONE) {
-        /* a coroutine not started, or finished, raises it and is done */
+    if (self->state == CALL_DONE) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return NULL;
+    }
+    if (self->state == CALL_NEW) {
+        /* a coroutine not started raises it and is done */
         self->state = CALL_DONE;
         call_clear(self);
         raise_thrown(args, nargs);
@@ -1368,7 +1441,21 @@ call_throw(Call *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-call_close(Call *self, PyObject *Py_UNUSED(ignored))
+call_throw(Call *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (self->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return NULL;
+    }
+    self->running = 1;
+    PyObject *result = call_throw_step(self, args, nargs);
+    self->running = 0;
+    return result;
+}
+
+
+static PyObject *
+call_close_step(Call *self)
 {
     if (self->state == CALL_NEW || self->state == CALL_DONE) {
         self->state = CALL_DONE;
@@ -1404,12 +1491,25 @@ call_close(Call *self, PyObject *Py_UNUSED(ignored))
         Py_RETURN_NONE;
     }
     if (error != NULL) {
-        PyErr_SetObject((PyObject *)Py_TYPE(error), error);
-        Py_DECREF(error);
+        restore_error(error);
         return NULL;
     }
     Py_RETURN_NONE;
 }
+
+static PyObject *
+call_close(Call *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return NULL;
+    }
+    self->running = 1;
+    PyObject *result = call_close_step(self);
+    self->running = 0;
+    return result;
+}
+
 
 /* A compiled awaitable dropped while it waits is closed, as a coroutine is. */
 static void
@@ -1570,7 +1670,7 @@ receiving_after(Receiving *self, PySendResult status, PyObject **result)
 }
 
 static PySendResult
-receiving_am_send(Receiving *self, PyObject *value, PyObject **result)
+receiving_am_send_step(Receiving *self, PyObject *value, PyObject **result)
 {
     *result = NULL;
     if (self->state == CALL_NEW) {
@@ -1595,14 +1695,33 @@ receiving_am_send(Receiving *self, PyObject *value, PyObject **result)
     return receiving_after(self, PyIter_Send(self->inner, value, result), result);
 }
 
+static PySendResult
+receiving_am_send(Receiving *self, PyObject *value, PyObject **result)
+{
+    if (self->running) {
+        *result = NULL;
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return PYGEN_ERROR;
+    }
+    self->running = 1;
+    PySendResult status = receiving_am_send_step(self, value, result);
+    self->running = 0;
+    return status;
+}
+
+
 static PyObject *
-receiving_throw(Receiving *self, PyObject *const *args, Py_ssize_t nargs)
+receiving_throw_step(Receiving *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 1 || nargs > 3) {
         PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
         return NULL;
     }
-    if (self->state != CALL_APP) {
+    if (self->state == CALL_DONE) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return NULL;
+    }
+    if (self->state == CALL_NEW) {
         self->state = CALL_DONE;
         receiving_clear(self);
         raise_thrown(args, nargs);
@@ -1614,7 +1733,21 @@ receiving_throw(Receiving *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-receiving_close(Receiving *self, PyObject *Py_UNUSED(ignored))
+receiving_throw(Receiving *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (self->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return NULL;
+    }
+    self->running = 1;
+    PyObject *result = receiving_throw_step(self, args, nargs);
+    self->running = 0;
+    return result;
+}
+
+
+static PyObject *
+receiving_close_step(Receiving *self)
 {
     PyObject *inner = self->state == CALL_APP ? self->inner : NULL;
     self->inner = NULL;
@@ -1632,6 +1765,20 @@ receiving_close(Receiving *self, PyObject *Py_UNUSED(ignored))
     Py_DECREF(close);
     return closed;
 }
+
+static PyObject *
+receiving_close(Receiving *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return NULL;
+    }
+    self->running = 1;
+    PyObject *result = receiving_close_step(self);
+    self->running = 0;
+    return result;
+}
+
 
 static PyMethodDef receiving_methods[] = {
     {"send", (PyCFunction)awaiting_send, METH_O, "Resume it with a value, as coroutine.send."},
@@ -1671,6 +1818,7 @@ receiving_new(Exchange *exchange)
     self->exchange = Py_NewRef((PyObject *)exchange);
     self->inner = NULL;
     self->state = CALL_NEW;
+    self->running = 0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
@@ -1699,6 +1847,7 @@ core_call(Core *self, PyObject *args, PyObject *kwargs)
     call->exchange = NULL;
     call->inner = NULL;
     call->state = CALL_NEW;
+    call->running = 0;
     PyObject_GC_Track(call);
     return (PyObject *)call;
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import sys
 import types
 from collections.abc import Generator
 from typing import Any
@@ -273,3 +274,59 @@ async def test_the_apps_return_value_and_a_thrown_exception_reach_the_awaiting_c
     assert raised.value is error
     assert recorded(registry, "202") == 1
     assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+async def test_under_a_tracer_the_app_still_gets_its_message_and_its_own_exception_context() -> None:
+    # A trace function (pdb, coverage) makes the interpreter drive an awaitable through __next__.
+    registry = CollectorRegistry()
+    got: list[Message] = []
+
+    async def reading(scope: Scope, receive: Receive, send: Send) -> None:
+        got.append(await receive())
+        await answer(scope, receive, send)
+        try:
+            raise KeyError("the app's own")
+        except KeyError:
+            raise AppError("after the response")  # noqa: B904  # its __context__ is the KeyError
+
+    async def server_receive() -> Message:
+        await asyncio.sleep(0)
+        return {"type": "http.request", "body": b"abc", "more_body": False}
+
+    sent, send = collect()
+    sys.settrace(lambda *args: None)
+    try:
+        with pytest.raises(AppError) as raised:
+            await PrometheusMiddleware(reading, registry=registry)(http_scope("/x", method="POST"), server_receive, send)
+    finally:
+        sys.settrace(None)
+
+    assert got == [{"type": "http.request", "body": b"abc", "more_body": False}]
+    assert isinstance(raised.value.__context__, KeyError)
+    assert len(sent) == 2
+    assert value(registry, REQUESTS, method="POST", handler="<unmatched>", status="201") == 1
+
+
+def test_a_call_resumed_while_it_runs_is_refused_and_one_finished_refuses_a_throw() -> None:
+    registry = CollectorRegistry()
+    middleware_call: list[Any] = []
+    refused: list[str] = []
+
+    async def reentering(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            middleware_call[0].send(None)
+        except ValueError as error:
+            refused.append(str(error))
+        await answer(scope, receive, send)
+
+    sent, send = collect()
+    call = PrometheusMiddleware(reentering, registry=registry)(http_scope("/x"), receive_nothing, send)
+    middleware_call.append(call)
+    with pytest.raises(StopIteration):
+        call.send(None)  # type: ignore[attr-defined]
+
+    assert refused == ["coroutine already executing"]
+    with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
+        call.throw(AppError("late"))  # type: ignore[attr-defined]
+    assert len(sent) == 2
+    assert recorded(registry, "201") == 1
