@@ -17,7 +17,6 @@ another worker may be scraped from.
 
 from __future__ import annotations
 
-import os
 import threading
 from bisect import bisect_right
 from collections import Counter as Tally
@@ -34,6 +33,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
+from crowdmon._compiled import speedups
 from crowdmon._sharded import bucket_edges, cumulative_buckets
 from crowdmon.cardinality import CardinalityGuard
 from crowdmon.catalogue import BY_NAME, OTHER_METHOD, MetricSpec
@@ -194,23 +194,13 @@ class _Plan:
         ]
 
 
-def _compiled_absorb() -> Callable[..., tuple[list[RequestEntry], dict[str, int]]] | None:
-    """``crowdmon._speedups.absorb``, where the package was compiled and is allowed to use it."""
-    if os.environ.get("CROWDMON_NO_EXTENSIONS"):
-        return None
-    try:
-        from crowdmon._speedups import absorb
-    except ImportError:
-        return None
-    return absorb
-
-
 class BufferedRequestRecorder:
     """Request recording for one process, absorbed in batches; a prometheus_client collector.
 
     Where the package is compiled, the requests of a batch whose label set was seen in an
-    earlier batch are added to their series by C (``absorb`` in ``crowdmon/_speedups.c``), one
-    request at a time; the rest take the Python path below, which admits new label sets."""
+    earlier batch are added up by C (``absorb`` in ``crowdmon/_speedups.c``), per label set,
+    and written to their series once; the rest take the Python path below, which admits new
+    label sets."""
 
     flush_at = FLUSH_AT
     #: Set by :mod:`crowdmon.exemplars` when a middleware asks for exemplars.
@@ -226,7 +216,8 @@ class BufferedRequestRecorder:
         self._lock = threading.Lock()
         self._series: dict[RequestKey, list[float]] = {}
         self._in_progress: dict[str, int] = {}
-        self._absorb = _compiled_absorb()
+        compiled = speedups()
+        self._absorb: Callable[..., tuple[list[RequestEntry], dict[str, int]]] | None = None if compiled is None else compiled.absorb
         #: Raw label sets whose values are already labels (a standard method, a status from 100
         #: to 599) and that the guard admitted as they are: their series's cells, and whether
         #: their responses send no body.  As bounded as the series.
@@ -291,7 +282,7 @@ class BufferedRequestRecorder:
                     # These requests are lost; each is counted as a failure of its own.
                     self._report("middleware.record", error, requests)
             targets[raw_key] = cells
-            if cells is not None and raw_key[0] == key[0] and raw_key[2].__class__ is int and key[2] == _STATUS_LABELS.get(raw_key[2]) and self._series.get(key) is cells:
+            if self._absorb is not None and cells is not None and raw_key[0] == key[0] and raw_key[2].__class__ is int and key[2] == _STATUS_LABELS.get(raw_key[2]) and self._series.get(key) is cells:
                 self._known[raw_key] = (cells, sends_no_body(raw_key[0], raw_key[2]))
         layout = _LAYOUT
         ordered = plan.ordered

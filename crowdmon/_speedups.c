@@ -999,8 +999,16 @@ enum { CALL_NEW, CALL_APP, CALL_CONCLUDING, CALL_DONE };
 
 /* What the compiled awaitables (the call, and receive while the body arrives) share: where they
    are, and what they are awaiting. */
+/* One awaitable's own send, throw and close, which the shared ones below call. */
+typedef struct Steps {
+    PySendResult (*send)(PyObject *self, PyObject *value, PyObject **result);
+    PyObject *(*throw)(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+    PyObject *(*close)(PyObject *self);
+} Steps;
+
 #define AWAITING_HEAD \
     PyObject_HEAD \
+    const Steps *steps; \
     int state; \
     int running;  /* in a send, throw or close: another one now is refused, as a coroutine does */ \
     PyObject *inner;
@@ -1284,19 +1292,6 @@ call_am_send_step(Call *self, PyObject *value, PyObject **result)
     }
 }
 
-static PySendResult
-call_am_send(Call *self, PyObject *value, PyObject **result)
-{
-    if (self->running) {
-        *result = NULL;
-        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
-        return PYGEN_ERROR;
-    }
-    self->running = 1;
-    PySendResult status = call_am_send_step(self, value, result);
-    self->running = 0;
-    return status;
-}
 
 
 /* A step's outcome as Python's send and __next__ give it. */
@@ -1419,14 +1414,6 @@ delegate_throw(PyObject *inner, PyObject *const *args, Py_ssize_t nargs, PyObjec
 static PyObject *
 call_throw_step(Call *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs < 1 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
-        return NULL;
-    }
-    if (self->state == CALL_DONE) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
-        return NULL;
-    }
     if (self->state == CALL_NEW) {
         /* a coroutine not started raises it and is done */
         self->state = CALL_DONE;
@@ -1440,18 +1427,6 @@ call_throw_step(Call *self, PyObject *const *args, Py_ssize_t nargs)
     return call_result(status, result, 1);
 }
 
-static PyObject *
-call_throw(Call *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (self->running) {
-        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
-        return NULL;
-    }
-    self->running = 1;
-    PyObject *result = call_throw_step(self, args, nargs);
-    self->running = 0;
-    return result;
-}
 
 
 static PyObject *
@@ -1497,18 +1472,6 @@ call_close_step(Call *self)
     Py_RETURN_NONE;
 }
 
-static PyObject *
-call_close(Call *self, PyObject *Py_UNUSED(ignored))
-{
-    if (self->running) {
-        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
-        return NULL;
-    }
-    self->running = 1;
-    PyObject *result = call_close_step(self);
-    self->running = 0;
-    return result;
-}
 
 
 /* A compiled awaitable dropped while it waits is closed, as a coroutine is. */
@@ -1546,16 +1509,74 @@ call_await(Call *self)
     return Py_NewRef((PyObject *)self);
 }
 
-static PyMethodDef call_methods[] = {
+/* What both compiled awaitables are: each step refused while another runs, then their own. */
+static PySendResult
+awaiting_am_send(PyObject *self, PyObject *value, PyObject **result)
+{
+    Awaiting *awaiting = (Awaiting *)self;
+    if (awaiting->running) {
+        *result = NULL;
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return PYGEN_ERROR;
+    }
+    awaiting->running = 1;
+    PySendResult status = awaiting->steps->send(self, value, result);
+    awaiting->running = 0;
+    return status;
+}
+
+static PyObject *
+awaiting_throw(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Awaiting *awaiting = (Awaiting *)self;
+    if (awaiting->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return NULL;
+    }
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
+        return NULL;
+    }
+    if (awaiting->state == CALL_DONE) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return NULL;
+    }
+    awaiting->running = 1;
+    PyObject *result = awaiting->steps->throw(self, args, nargs);
+    awaiting->running = 0;
+    return result;
+}
+
+static PyObject *
+awaiting_close(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Awaiting *awaiting = (Awaiting *)self;
+    if (awaiting->running) {
+        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
+        return NULL;
+    }
+    awaiting->running = 1;
+    PyObject *result = awaiting->steps->close(self);
+    awaiting->running = 0;
+    return result;
+}
+
+static PyMethodDef awaiting_methods[] = {
     {"send", (PyCFunction)awaiting_send, METH_O, "Resume it with a value, as coroutine.send."},
-    {"throw", (PyCFunction)(void (*)(void))call_throw, METH_FASTCALL, "Raise an exception in it, as coroutine.throw."},
-    {"close", (PyCFunction)call_close, METH_NOARGS, "Close it, as coroutine.close."},
+    {"throw", (PyCFunction)(void (*)(void))awaiting_throw, METH_FASTCALL, "Raise an exception in it, as coroutine.throw."},
+    {"close", (PyCFunction)awaiting_close, METH_NOARGS, "Close it, as coroutine.close."},
     {NULL},
 };
 
-static PyAsyncMethods call_async = {
+static PyAsyncMethods awaiting_async = {
     .am_await = (unaryfunc)call_await,
-    .am_send = (sendfunc)call_am_send,
+    .am_send = (sendfunc)awaiting_am_send,
+};
+
+static const Steps call_steps = {
+    (PySendResult (*)(PyObject *, PyObject *, PyObject **))call_am_send_step,
+    (PyObject *(*)(PyObject *, PyObject *const *, Py_ssize_t))call_throw_step,
+    (PyObject *(*)(PyObject *))call_close_step,
 };
 
 static PyTypeObject CallType = {
@@ -1568,10 +1589,10 @@ static PyTypeObject CallType = {
     .tp_finalize = awaiting_finalize,
     .tp_traverse = (traverseproc)call_traverse,
     .tp_clear = (inquiry)call_clear,
-    .tp_as_async = &call_async,
+    .tp_as_async = &awaiting_async,
     .tp_iter = PyObject_SelfIter,
     .tp_iternext = awaiting_next,
-    .tp_methods = call_methods,
+    .tp_methods = awaiting_methods,
 };
 
 /* -- the app's receive while the body is arriving ------------------------------------------------ */
@@ -1695,32 +1716,11 @@ receiving_am_send_step(Receiving *self, PyObject *value, PyObject **result)
     return receiving_after(self, PyIter_Send(self->inner, value, result), result);
 }
 
-static PySendResult
-receiving_am_send(Receiving *self, PyObject *value, PyObject **result)
-{
-    if (self->running) {
-        *result = NULL;
-        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
-        return PYGEN_ERROR;
-    }
-    self->running = 1;
-    PySendResult status = receiving_am_send_step(self, value, result);
-    self->running = 0;
-    return status;
-}
 
 
 static PyObject *
 receiving_throw_step(Receiving *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs < 1 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "throw expected 1 to 3 arguments");
-        return NULL;
-    }
-    if (self->state == CALL_DONE) {
-        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
-        return NULL;
-    }
     if (self->state == CALL_NEW) {
         self->state = CALL_DONE;
         receiving_clear(self);
@@ -1732,18 +1732,6 @@ receiving_throw_step(Receiving *self, PyObject *const *args, Py_ssize_t nargs)
     return call_result(status, result, 1);
 }
 
-static PyObject *
-receiving_throw(Receiving *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (self->running) {
-        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
-        return NULL;
-    }
-    self->running = 1;
-    PyObject *result = receiving_throw_step(self, args, nargs);
-    self->running = 0;
-    return result;
-}
 
 
 static PyObject *
@@ -1766,30 +1754,12 @@ receiving_close_step(Receiving *self)
     return closed;
 }
 
-static PyObject *
-receiving_close(Receiving *self, PyObject *Py_UNUSED(ignored))
-{
-    if (self->running) {
-        PyErr_SetString(PyExc_ValueError, "coroutine already executing");
-        return NULL;
-    }
-    self->running = 1;
-    PyObject *result = receiving_close_step(self);
-    self->running = 0;
-    return result;
-}
 
 
-static PyMethodDef receiving_methods[] = {
-    {"send", (PyCFunction)awaiting_send, METH_O, "Resume it with a value, as coroutine.send."},
-    {"throw", (PyCFunction)(void (*)(void))receiving_throw, METH_FASTCALL, "Raise an exception in it, as coroutine.throw."},
-    {"close", (PyCFunction)receiving_close, METH_NOARGS, "Close it, as coroutine.close."},
-    {NULL},
-};
-
-static PyAsyncMethods receiving_async = {
-    .am_await = (unaryfunc)call_await,
-    .am_send = (sendfunc)receiving_am_send,
+static const Steps receiving_steps = {
+    (PySendResult (*)(PyObject *, PyObject *, PyObject **))receiving_am_send_step,
+    (PyObject *(*)(PyObject *, PyObject *const *, Py_ssize_t))receiving_throw_step,
+    (PyObject *(*)(PyObject *))receiving_close_step,
 };
 
 static PyTypeObject ReceivingType = {
@@ -1802,10 +1772,10 @@ static PyTypeObject ReceivingType = {
     .tp_finalize = awaiting_finalize,
     .tp_traverse = (traverseproc)receiving_traverse,
     .tp_clear = (inquiry)receiving_clear,
-    .tp_as_async = &receiving_async,
+    .tp_as_async = &awaiting_async,
     .tp_iter = PyObject_SelfIter,
     .tp_iternext = awaiting_next,
-    .tp_methods = receiving_methods,
+    .tp_methods = awaiting_methods,
 };
 
 static PyObject *
@@ -1819,6 +1789,7 @@ receiving_new(Exchange *exchange)
     self->inner = NULL;
     self->state = CALL_NEW;
     self->running = 0;
+    self->steps = &receiving_steps;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
@@ -1848,6 +1819,7 @@ core_call(Core *self, PyObject *args, PyObject *kwargs)
     call->inner = NULL;
     call->state = CALL_NEW;
     call->running = 0;
+    call->steps = &call_steps;
     PyObject_GC_Track(call);
     return (PyObject *)call;
 }

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import Host, Mount
 
 from crowdmon import _core
+from crowdmon._compiled import speedups
 from crowdmon._recorder import STANDARD_METHODS, method_label, status_label
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.context import RequestContext, UserTypeResolver, default_user_type
@@ -24,23 +25,18 @@ from crowdmon.instrumentation import (
 )
 from crowdmon.routes import HandlerResolver, handler_label_for
 
-if TYPE_CHECKING or os.environ.get("CROWDMON_NO_EXTENSIONS"):
+_speedups = speedups()
+if TYPE_CHECKING or _speedups is None:
     from crowdmon._core import ExchangeCore, MiddlewareCore
 else:
-    try:
-        from crowdmon._speedups import ExchangeCore, MiddlewareCore
-    except ImportError:  # installed without a C compiler
-        from crowdmon._core import ExchangeCore, MiddlewareCore
-
-#: Whether the request path runs compiled (``crowdmon._speedups``) or in Python (``crowdmon._core``).
-COMPILED = MiddlewareCore is not _core.MiddlewareCore
-if COMPILED:
-    from crowdmon._speedups import MiddlewareCall, MiddlewareReceive
-
+    MiddlewareCore, ExchangeCore = _speedups.MiddlewareCore, _speedups.ExchangeCore
     # What the compiled call and receive return: asyncio.create_task takes them, as it takes
     # a coroutine.
-    collections.abc.Coroutine.register(MiddlewareCall)
-    collections.abc.Coroutine.register(MiddlewareReceive)
+    collections.abc.Coroutine.register(_speedups.MiddlewareCall)
+    collections.abc.Coroutine.register(_speedups.MiddlewareReceive)
+
+#: Whether the request path runs compiled (``crowdmon._speedups``) or in Python (``crowdmon._core``).
+COMPILED = _speedups is not None
 
 __all__ = ["CLIENT_CLOSED_REQUEST", "STANDARD_METHODS", "PrometheusMiddleware"]
 
