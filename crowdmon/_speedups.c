@@ -85,6 +85,13 @@ get_or(PyObject *mapping, PyObject *key, PyObject *fallback)
     return PyObject_CallMethodObjArgs(mapping, S_get, key, fallback, NULL);
 }
 
+/* The last str found equal to each constant compared with equals().  A message's "type" is
+   most often the same object request after request (a constant in the app's or the server's
+   code, not interned as it holds dots), so after one comparison of its characters an identity
+   check answers, for that constant and for every other one.  Holds references to them. */
+#define SEEN_SLOTS 8
+static PyObject *SEEN_CONSTANT[SEEN_SLOTS], *SEEN_VALUE[SEEN_SLOTS];
+
 /* value == constant, for a str constant: 1, 0 or -1 */
 static int
 equals(PyObject *value, PyObject *constant)
@@ -92,10 +99,26 @@ equals(PyObject *value, PyObject *constant)
     if (value == constant) {
         return 1;
     }
-    if (PyUnicode_CheckExact(value)) {
-        return PyUnicode_Compare(value, constant) == 0;
+    if (!PyUnicode_CheckExact(value)) {
+        return PyObject_RichCompareBool(value, constant, Py_EQ);
     }
-    return PyObject_RichCompareBool(value, constant, Py_EQ);
+    int slot;
+    for (slot = 0; slot < SEEN_SLOTS && SEEN_CONSTANT[slot] != NULL; slot++) {
+        if (SEEN_VALUE[slot] == value) {
+            return SEEN_CONSTANT[slot] == constant;  /* the constants differ from each other */
+        }
+    }
+    if (PyUnicode_Compare(value, constant) != 0) {
+        return 0;
+    }
+    for (slot = 0; slot < SEEN_SLOTS; slot++) {
+        if (SEEN_CONSTANT[slot] == NULL || SEEN_CONSTANT[slot] == constant) {
+            SEEN_CONSTANT[slot] = constant;  /* an interned constant of this module: never freed */
+            Py_XSETREF(SEEN_VALUE[slot], Py_NewRef(value));
+            break;
+        }
+    }
+    return 1;
 }
 
 static void
@@ -123,6 +146,11 @@ typedef struct {
     PyObject *exchange_type;
     PyObject *instrumentation;
     char follows_default;
+    /* The last label found in route_labels, with its route and FastAPI route context: most
+       requests match the route the one before matched. */
+    PyObject *last_route;
+    PyObject *last_context;
+    PyObject *last_label;
     PyObject *dict;
     PyObject *weakrefs;
 } Core;
@@ -221,6 +249,9 @@ core_traverse(Core *self, visitproc visit, void *arg)
     Py_VISIT(self->user_type_resolver);
     Py_VISIT(self->exchange_type);
     Py_VISIT(self->instrumentation);
+    Py_VISIT(self->last_route);
+    Py_VISIT(self->last_context);
+    Py_VISIT(self->last_label);
     Py_VISIT(self->dict);
     return 0;
 }
@@ -241,6 +272,9 @@ core_clear(Core *self)
     Py_CLEAR(self->user_type_resolver);
     Py_CLEAR(self->exchange_type);
     Py_CLEAR(self->instrumentation);
+    Py_CLEAR(self->last_route);
+    Py_CLEAR(self->last_context);
+    Py_CLEAR(self->last_label);
     Py_CLEAR(self->dict);
     return 0;
 }
@@ -557,6 +591,20 @@ declared_size(Exchange *self, Py_ssize_t *size)
     return (*size == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* id(route), or (id(route), id(context)) with a FastAPI route context: the key of
+   MiddlewareCore._route_labels (a new reference) */
+static PyObject *
+route_key(PyObject *route, PyObject *context)
+{
+    PyObject *key = PyLong_FromVoidPtr(route);
+    if (key != NULL && context != Py_None) {
+        PyObject *context_id = PyLong_FromVoidPtr(context);
+        Py_SETREF(key, context_id == NULL ? NULL : PyTuple_Pack(2, key, context_id));
+        Py_XDECREF(context_id);
+    }
+    return key;
+}
+
 /* The handler label of a finished request (a new reference), or NULL with an exception set. */
 static PyObject *
 handler_label(Exchange *self, Core *middleware)
@@ -592,18 +640,20 @@ handler_label(Exchange *self, Core *middleware)
         Py_DECREF(route);
         return NULL;
     }
-    PyObject *key = PyLong_FromVoidPtr(route);
-    if (key != NULL && context != Py_None) {
-        PyObject *context_id = PyLong_FromVoidPtr(context);
-        Py_SETREF(key, context_id == NULL ? NULL : PyTuple_Pack(2, key, context_id));
-        Py_XDECREF(context_id);
+    PyObject *key = NULL, *stored = NULL;
+    if (route == middleware->last_route && context == middleware->last_context && middleware->last_label != NULL) {
+        stored = Py_NewRef(middleware->last_label);
     }
-    PyObject *stored = NULL;
-    if (key != NULL) {
+    else if ((key = route_key(route, context)) != NULL) {
         PyObject *labels = middleware->route_labels;
         if (labels != NULL && PyDict_CheckExact(labels)) {
             stored = PyDict_GetItemWithError(labels, key);
             Py_XINCREF(stored);
+            if (stored != NULL) {  /* stored for these two objects, which the middleware keeps alive */
+                Py_XSETREF(middleware->last_route, Py_NewRef(route));
+                Py_XSETREF(middleware->last_context, Py_NewRef(context));
+                Py_XSETREF(middleware->last_label, Py_NewRef(stored));
+            }
         }
         else if (labels != NULL) {
             stored = PyObject_CallMethodObjArgs(labels, S_get, key, NULL);
@@ -635,6 +685,9 @@ handler_label(Exchange *self, Core *middleware)
                 return NULL;
             }
         }
+    }
+    if (stored == NULL && key == NULL && !PyErr_Occurred()) {
+        key = route_key(route, context);  /* the last route's, past a mount this time */
     }
     if (stored == NULL && key != NULL && !PyErr_Occurred()) {
         PyObject *call[] = {(PyObject *)middleware, scope, self->entry_root_path, self->status, route, context, key};
