@@ -10,6 +10,13 @@ move by several µs.
 
     python3 benchmarks/instructions.py                    # Starlette JSON route, every variant
     python3 benchmarks/instructions.py --framework fastapi --route text
+    python3 benchmarks/instructions.py --server           # the same, under a uvicorn worker
+
+With ``--server`` each variant is the uvicorn worker of ``crowdmon bench server`` (``--stack``
+plain or standard) running under callgrind, sent the two batches by one keep-alive connection
+over 127.0.0.1 and then stopped: what a request costs the whole server process, HTTP parsing,
+the event loop and the app included, so each variant's overhead is seen as the share of a real
+request it is.
 
 Needs valgrind (Debian package ``valgrind``); peers come from the ``bench`` extra.
 """
@@ -20,13 +27,27 @@ import argparse
 import asyncio
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crowdmon.bench import VARIANTS, Skipped, build_variant, http_scope, serve, table
+from crowdmon.bench import (
+    SERVER_STACKS,
+    SERVER_VARIANTS,
+    VARIANTS,
+    Skipped,
+    build_variant,
+    http_scope,
+    missing_for_stack,
+    serve,
+    server_name,
+    table,
+)
 
 # Both batches pass the first absorption of 1,024 recorded requests (which also admits the
 # route's label set); the 2,048 requests between them hold two absorptions as every later batch
@@ -61,15 +82,93 @@ def instructions(variant: str, framework: str, path: str, requests: int) -> int:
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{variant}: {result.stderr.strip().splitlines()[-1:]}")
-    found = re.search(r"Collected : (\d+)", result.stderr)
+    return collected(result.stderr, variant)
+
+
+def collected(stderr: str, variant: str) -> int:
+    found = re.search(r"Collected : (\d+)", stderr)
     if found is None:
         raise RuntimeError(f"{variant}: callgrind printed no total")
     return int(found.group(1))
 
 
-def per_request(variant: str, framework: str, path: str) -> float:
-    small = instructions(variant, framework, path, SMALL)
-    large = instructions(variant, framework, path, LARGE)
+def body_end(head: bytes, rest: bytes) -> int | None:
+    """Where the body after the response head ``head`` ends in ``rest``; ``None`` until it is all there."""
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    if length is not None:
+        end = int(length.group(1))
+        return end if len(rest) >= end else None
+    if rest.startswith(b"0\r\n\r\n"):  # chunked, and no chunk before the last
+        return 5
+    last = rest.find(b"\r\n0\r\n\r\n")
+    return None if last < 0 else last + 7
+
+
+def keep_alive_client(port: int, path: str, requests: int, timeout: float = 300) -> None:
+    """``requests`` GETs of ``path``, one after the other on one connection; each must be a 200."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        pending = b""
+        for _ in range(requests):
+            connection.sendall(request)
+            while True:
+                head, found, rest = pending.partition(b"\r\n\r\n")
+                end = body_end(head, rest) if found else None
+                if end is not None:
+                    if not head.startswith(b"HTTP/1.1 200 "):
+                        raise RuntimeError(f"{path} answered {head.splitlines()[0]!r}")
+                    pending = rest[end:]
+                    break
+                chunk = connection.recv(65536)
+                if not chunk:
+                    raise RuntimeError("the server closed the connection")
+                pending += chunk
+
+
+def server_instructions(variant: str, framework: str, path: str, requests: int, stack: str) -> int:
+    """Instructions of a uvicorn worker serving ``requests`` requests to ``path`` (and a warm-up)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    http, loop = SERVER_STACKS[stack]
+    command = [
+        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        sys.executable, "-m", "uvicorn", "--factory", f"crowdmon.bench:{server_name(variant, framework)}_server_app",
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log",
+        "--lifespan", "off", "--http", http, "--loop", loop,
+    ]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"{variant}: the server exited: {server.communicate()[1].strip().splitlines()[-1:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{variant}: the server did not listen within 120 s") from None
+                time.sleep(0.2)
+        keep_alive_client(port, path, requests)
+        server.send_signal(signal.SIGINT)
+        stderr = server.communicate(timeout=300)[1]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    return collected(stderr, variant)
+
+
+def per_request(variant: str, framework: str, path: str, stack: str | None = None) -> float:
+    if stack is None:
+        small = instructions(variant, framework, path, SMALL)
+        large = instructions(variant, framework, path, LARGE)
+    else:
+        small = server_instructions(variant, framework, path, SMALL, stack)
+        large = server_instructions(variant, framework, path, LARGE, stack)
     return (large - small) / (LARGE - SMALL)
 
 
@@ -77,7 +176,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--framework", choices=("starlette", "fastapi"), default="starlette")
     parser.add_argument("--route", choices=sorted(ROUTES), default="json")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", help=f"default: all ({', '.join(VARIANTS)}); with --server, {', '.join(SERVER_VARIANTS)}")
+    parser.add_argument("--server", action="store_true", help="count a uvicorn worker's instructions per request")
+    parser.add_argument("--stack", choices=tuple(SERVER_STACKS), default="plain", help="with --server: plain (h11, asyncio) or standard (httptools, uvloop)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--requests", type=int, help=argparse.SUPPRESS)
@@ -87,25 +188,37 @@ def main() -> int:
         return 0
 
     path = ROUTES[args.route]
+    stack = args.stack if args.server else None
+    variants = args.variants or list(SERVER_VARIANTS if args.server else VARIANTS)
+    if args.server:
+        unknown = [variant for variant in variants if variant not in SERVER_VARIANTS]
+        if unknown:
+            parser.error(f"--server runs the server variants, {', '.join(SERVER_VARIANTS)}; not {', '.join(unknown)}")
+        missing = missing_for_stack(args.stack)
+        if missing is not None:
+            parser.error(f"--stack {args.stack}: {missing}")
+    if "bare" not in variants:
+        parser.error("the variants include bare: every overhead is counted from it")
     costs: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    for variant in args.variants:
+    for variant in variants:
         try:
             build_variant(variant, args.framework)
         except Skipped as reason:
             skipped[variant] = str(reason)
             continue
-        costs[variant] = per_request(variant, args.framework, path)
+        costs[variant] = per_request(variant, args.framework, path, stack)
 
     bare = costs["bare"]
     rows = [
         [variant, f"{cost:,.0f}", "-" if variant == "bare" else f"{cost - bare:,.0f}", f"{cost / bare:.2f}x"]
         for variant, cost in costs.items()
     ]
-    print(f"{args.framework} {path}: instructions per request (callgrind, {LARGE} - {SMALL} requests)")
+    where = f"a uvicorn worker ({args.stack}), one keep-alive connection" if args.server else "in process"
+    print(f"{args.framework} {path}, {where}: instructions per request (callgrind, {LARGE} - {SMALL} requests)")
     print(table(["variant", "instructions", "overhead", "vs bare"], rows))
-    for variant, reason in skipped.items():
-        print(f"skipped {variant}: {reason}")
+    for variant, why in skipped.items():
+        print(f"skipped {variant}: {why}")
     ours = costs.get("crowdmon", bare) - bare
     for peer in ("naive", "instrumentator", "passthrough"):
         if "crowdmon" in costs and peer in costs and costs[peer] > bare:

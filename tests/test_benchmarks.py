@@ -7,8 +7,10 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -214,3 +216,50 @@ def test_paired_server_run_reports_every_variant_against_the_first(stack: str, o
     assert rows["bare"][2:] == ["1.000", "1.000"]
     assert 0 < float(rows["crowdmon"][2]) < 2
     assert f"every fastapi worker, uvicorn --http {options} ({stack}), loaded at once for 1 s" in result.stdout
+
+
+def _instructions_module() -> Any:
+    spec = importlib.util.spec_from_file_location("instructions", REPO_ROOT / "benchmarks" / "instructions.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_instruction_counts_keep_alive_client_reads_whole_responses_from_a_uvicorn_worker() -> None:
+    instructions = _instructions_module()
+    with bench.running_servers(["crowdmon"], set(), 2) as servers:
+        _, url = servers["crowdmon"]
+        port = int(url.rsplit(":", 1)[1])
+        for path in bench.ROUTES.values():  # Content-Length, and chunked for the stream
+            instructions.keep_alive_client(port, path, 25, timeout=10)
+        with pytest.raises(RuntimeError, match=re.escape("answered b'HTTP/1.1 404 Not Found'")):
+            instructions.keep_alive_client(port, "/missing", 1, timeout=10)
+
+
+def test_the_instruction_counts_body_end_waits_for_the_whole_body() -> None:
+    body_end = _instructions_module().body_end
+
+    assert body_end(b"HTTP/1.1 200 OK\r\ncontent-length: 4", b"abcdHTTP") == 4
+    assert body_end(b"HTTP/1.1 200 OK\r\ncontent-length: 4", b"abc") is None
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked"
+    assert body_end(chunked, b"3\r\nabc\r\n0\r\n\r\nHTTP") == 13
+    assert body_end(chunked, b"3\r\nabc\r\n") is None
+    assert body_end(chunked, b"0\r\n\r\n") == 5
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--server", "--variants", "bare", "status_only"], "--server runs the server variants, bare, passthrough, naive, crowdmon; not status_only"),
+        (["--variants", "crowdmon"], "the variants include bare: every overhead is counted from it"),
+    ],
+)
+def test_the_instruction_counts_refuse_variants_they_cannot_count(arguments: list[str], message: str) -> None:
+    result = subprocess.run(
+        [PYTHON, str(REPO_ROOT / "benchmarks" / "instructions.py"), *arguments],
+        capture_output=True, text=True, timeout=60, env=subprocess_env(),
+    )
+
+    assert result.returncode == 2
+    assert message in result.stderr
