@@ -42,6 +42,8 @@ from crowdmon.bench import (
     SERVER_VARIANTS,
     VARIANTS,
     Skipped,
+    _launch_server,
+    _wait_until_serving,
     build_variant,
     http_scope,
     missing_for_stack,
@@ -133,34 +135,15 @@ def keep_alive_client(port: int, path: str, requests: int, timeout: float = 300)
 
 def server_instructions(variant: str, framework: str, path: str, requests: int, stack: str) -> int:
     """Instructions of a uvicorn worker serving ``requests`` requests to ``path`` (and a warm-up)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    http, loop = SERVER_STACKS[stack]
-    command = [
-        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-        sys.executable, "-m", "uvicorn", "--factory", f"crowdmon.bench:{server_name(variant, framework)}_server_app",
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log",
-        "--lifespan", "off", "--http", http, "--loop", loop,
-    ]
+    name = server_name(variant, framework)
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server, url = _launch_server(name, env, stack, runner=["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"])
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"{variant}: the server exited: {server.communicate()[1].strip().splitlines()[-1:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{variant}: the server did not listen within 120 s") from None
-                time.sleep(0.2)
-        keep_alive_client(port, path, requests)
+        _wait_until_serving(name, server, url, time.monotonic() + 120)
+        keep_alive_client(int(url.rsplit(":", 1)[1]), path, requests)
         server.send_signal(signal.SIGINT)
-        stderr = server.communicate(timeout=300)[1]
+        stderr = server.communicate(timeout=300)[1].decode()
     finally:
         if server.poll() is None:
             server.kill()

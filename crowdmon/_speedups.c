@@ -1345,8 +1345,6 @@ call_am_send_step(Call *self, PyObject *value, PyObject **result)
     }
 }
 
-
-
 /* A step's outcome as Python's send and __next__ give it. */
 static PyObject *
 call_result(PySendResult status, PyObject *result, int stop_with_value)
@@ -1480,8 +1478,6 @@ call_throw_step(Call *self, PyObject *const *args, Py_ssize_t nargs)
     return call_result(status, result, 1);
 }
 
-
-
 static PyObject *
 call_close_step(Call *self)
 {
@@ -1524,8 +1520,6 @@ call_close_step(Call *self)
     }
     Py_RETURN_NONE;
 }
-
-
 
 /* A compiled awaitable dropped while it waits is closed, as a coroutine is. */
 static void
@@ -1769,8 +1763,6 @@ receiving_am_send_step(Receiving *self, PyObject *value, PyObject **result)
     return receiving_after(self, PyIter_Send(self->inner, value, result), result);
 }
 
-
-
 static PyObject *
 receiving_throw_step(Receiving *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1784,8 +1776,6 @@ receiving_throw_step(Receiving *self, PyObject *const *args, Py_ssize_t nargs)
     PySendResult status = receiving_after(self, delegate_throw(self->inner, args, nargs, &result), &result);
     return call_result(status, result, 1);
 }
-
-
 
 static PyObject *
 receiving_close_step(Receiving *self)
@@ -1806,8 +1796,6 @@ receiving_close_step(Receiving *self)
     Py_DECREF(close);
     return closed;
 }
-
-
 
 static const Steps receiving_steps = {
     (PySendResult (*)(PyObject *, PyObject *, PyObject **))receiving_am_send_step,
