@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from crowdmon._types import Scope
 from crowdmon.catalogue import UNKNOWN_VALUE
-from crowdmon.routes import handler_label_for
+from crowdmon.routes import MountTemplates, handler_label_for
 
 #: Names the ``user_type`` label of a request from its ASGI scope.
 UserTypeResolver = Callable[[Scope], str]
@@ -50,12 +50,17 @@ class RequestContext:
     _user_type: str | None
     _endpoint: str
 
+    @property
+    def mounts(self) -> MountTemplates:
+        """The mount templates of the middleware the request went through."""
+        raise NotImplementedError
+
     def endpoint(self) -> str:
         """The route template of the request (known once the app's router has matched it)."""
         scope = self.scope
         if scope is None:
             return self._endpoint
-        return handler_label_for(scope, self.entry_root_path, 200)
+        return handler_label_for(scope, self.entry_root_path, 200, self.mounts)
 
     def user_type(self) -> str:
         """The resolver's answer for this request (the resolver runs once per request; if it

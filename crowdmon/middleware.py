@@ -23,7 +23,7 @@ from crowdmon.instrumentation import (
     PrometheusInstrumentation,
     default_instrumentation,
 )
-from crowdmon.routes import HandlerResolver, handler_label_for
+from crowdmon.routes import HandlerResolver, MountTemplates, handler_label_for
 
 _speedups = speedups()
 if TYPE_CHECKING or _speedups is None:
@@ -105,6 +105,8 @@ class PrometheusMiddleware(MiddlewareCore):
         self._route_labels: dict[object, str] = {}
         # Keeps those objects alive, so their ids are never reused while the labels are held.
         self._route_objects: list[object] = []
+        # The mounts requests crossed, named as templates: the app's own, collected with it.
+        self._mounts = MountTemplates()
 
     async def _asgi_call(self, scope: Scope, receive: Receive, send: Send) -> None:
         """What servers inspect: see ``__init__``."""
@@ -136,7 +138,7 @@ class PrometheusMiddleware(MiddlewareCore):
         on nothing but those two objects, which the middleware then keeps alive, so their ids are
         never reused.  Past :data:`_ROUTE_LABELS_CAP` routes nothing more is stored.
         """
-        label = handler_label_for(scope, entry_root_path, status)
+        label = handler_label_for(scope, entry_root_path, status, self._mounts)
         if (
             route is not None
             and not isinstance(route, (Mount, Host))
@@ -164,6 +166,10 @@ class _Exchange(ExchangeCore, RequestContext):
     the turns a request rarely takes."""
 
     __slots__ = ()
+
+    @property
+    def mounts(self) -> MountTemplates:
+        return self.middleware._mounts
 
     def endpoint(self) -> str:
         """The ``handler`` label: the one recorded once the request is finished; until then the

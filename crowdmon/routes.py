@@ -24,11 +24,12 @@ from crowdmon.catalogue import UNMATCHED_HANDLER
 HandlerResolver = Callable[[Scope], "str | None"]
 
 
-def handler_label_for(scope: Scope, entry_root_path: str, status: int | str) -> str:
+def handler_label_for(scope: Scope, entry_root_path: str, status: int | str, mounts: MountTemplates) -> str:
     """The route template of a routed request, or :data:`UNMATCHED_HANDLER`.
 
     ``entry_root_path`` is ``scope["root_path"]`` as the middleware first saw it; whatever the
-    routers appended to it since is the path of the mounts the request went through.
+    routers appended to it since is the path of the mounts the request went through, named
+    again as templates by ``mounts`` (the middleware's own, so it lives and dies with the app).
     """
     route = scope.get("route")
     if route is None:
@@ -45,7 +46,7 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str) -> 
     if isinstance(root_path, str) and root_path.startswith(entry_root_path):
         mount_prefix = root_path[len(entry_root_path) :]
     if mount_prefix:
-        mount_prefix = _MOUNTS.prefix(scope, entry_root_path, route, mount_prefix)
+        mount_prefix = mounts.prefix(scope, entry_root_path, route, mount_prefix)
     if isinstance(route, (Mount, Host)):
         # The last route matched is a Mount: the mounted app found nothing of its own (a 404 in a
         # sub-router) or is not a router at all (static files, a bare ASGI app).  Its root_path
@@ -65,7 +66,7 @@ UNNAMED_MOUNT = "/{mount}"
 _Chain = tuple["Mount | Host", ...]
 
 
-class _MountTemplates:
+class MountTemplates:
     """The mount prefix of a ``handler`` label as templates, never as the values of a mount's
     path parameters (``/tenants/{tenant}``, not ``/tenants/acme``).
 
@@ -112,9 +113,6 @@ class _MountTemplates:
                 self._known[id(route)] = (route, [chain], parameterised)  # the route kept alive: its id stays its own
         elif len(known[1]) < self.CHAINS_KEPT:
             self._known[id(route)] = (route, [*known[1], chain], known[2] or parameterised)
-
-
-_MOUNTS = _MountTemplates()
 
 
 def _has_mount_parameters(scope: Scope, route: object) -> bool:

@@ -30,7 +30,7 @@ from crowdmon._types import Message, Receive, Scope, Send
 from crowdmon.catalogue import OTHER_METHOD, UNMATCHED_HANDLER
 from crowdmon.exemplars import traceparent_exemplar
 from crowdmon.middleware import STANDARD_METHODS
-from crowdmon.routes import handler_label_for
+from crowdmon.routes import MountTemplates, handler_label_for
 from tests.support import value
 
 REQUESTS = "crowdfunding_api_requests_total"
@@ -507,7 +507,7 @@ def test_route_resolution_never_raises_and_returns_a_string(
         fastapi_scope["effective_route_context"].original_route = route
     scope: dict[str, Any] = {"type": "http", "route": route, "root_path": root_path, "fastapi": fastapi_scope}
 
-    handler = handler_label_for(scope, entry_root_path, status)
+    handler = handler_label_for(scope, entry_root_path, status, MountTemplates())
 
     assert isinstance(handler, str)
     described_by_fastapi = share_route and isinstance(fastapi_scope, dict)

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 import crowdmon
 from crowdmon import PrometheusMiddleware
@@ -145,3 +145,27 @@ async def test_the_endpoint_is_the_handler_label_before_and_after_the_request_en
     assert seen == ["/tenants/*", "/items/{item_id}"]
     assert [copy.run(crowdmon.current_endpoint) for copy in copies] == ["/tenants/*", "/items/{item_id}"]
     assert value(registry, "crowdfunding_api_requests_total", method="GET", handler="/tenants/*", status="200") == 1
+
+
+async def test_an_app_whose_endpoint_refers_to_its_middleware_is_collected_once_dropped() -> None:
+    # A label through a mount with a path parameter keeps the chain of mounts it was found with,
+    # and the route; an app that refers back to itself (here the endpoint, through the module
+    # namespace of a real app) must still be collected with all that once nothing else holds it.
+    def build() -> tuple[PrometheusMiddleware, weakref.ref[PrometheusMiddleware]]:
+        async def item(request: Request) -> Response:
+            return JSONResponse({"labelled": crowdmon.current_endpoint(), "app": id(middleware)})
+
+        inner = Starlette(routes=[Route("/items/{item_id}", item)])
+        outer = Starlette(routes=[Mount("/tenants/{tenant}", app=inner)])
+        middleware = PrometheusMiddleware(outer, registry=CollectorRegistry())
+        return middleware, weakref.ref(middleware)
+
+    middleware, dropped = build()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://test") as client:
+        answer = await client.get("/tenants/acme/items/1")
+    assert answer.json()["labelled"] == "/tenants/{tenant}/items/{item_id}"
+    assert value(middleware.instrumentation.registry, "crowdfunding_api_requests_total",
+                 method="GET", handler="/tenants/{tenant}/items/{item_id}", status="200") == 1.0
+    del middleware, answer, client
+    gc.collect()
+    assert dropped() is None, [type(referrer) for referrer in gc.get_referrers(dropped())]
