@@ -34,10 +34,13 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str, mou
     route = scope.get("route")
     if route is None:
         if "endpoint" not in scope:
+            if "router" not in scope and "app" in scope:
+                return _label_of_copied_scope(scope, entry_root_path, status)
             return UNMATCHED_HANDLER  # no route matched: every route's matches() names its endpoint
-        route = _route_by_matching(scope, entry_root_path)
-        if route is None:
+        found = _route_by_matching(_start(scope, entry_root_path))
+        if found is None:
             return UNMATCHED_HANDLER
+        route = found[1]
     template = _template_of(scope, route)
     if not isinstance(template, str) or not template:
         return UNMATCHED_HANDLER
@@ -180,28 +183,59 @@ def _choose(routes: Any, probe: dict[str, Any]) -> tuple[object, dict[str, Any]]
     return chosen, chosen_scope
 
 
-def _route_by_matching(scope: Scope, entry_root_path: str) -> object | None:
+def _route_by_matching(probe: dict[str, Any]) -> tuple[_Chain, object] | None:
     """The route the app's routers chose for a request whose router did not record it in the
     scope, found again with the routes' own ``matches()`` from the outermost router (the first
-    full match wins, else the first partial one), through mounts and hosts; ``None`` if no route
-    matches (a 404) or the router cannot be asked."""
+    full match wins, else the first partial one), through mounts and hosts, with the mounts and
+    hosts crossed on the way; ``None`` if no route matches (a 404) or the router cannot be asked."""
     try:
-        probe = _start(scope, entry_root_path)
         routes = getattr(probe["router"], "routes", None)
+        chain: list[Mount | Host] = []
         for _ in range(_MOUNT_DEPTH):
             chosen, chosen_scope = _choose(routes, probe)
             if _included(chosen):
-                return _route_in_included(chosen, probe)
+                route = _route_in_included(chosen, probe)
+                return None if route is None else (tuple(chain), route)
+            if chosen is None:
+                return None
             if not isinstance(chosen, (Mount, Host)):
-                return chosen
+                return tuple(chain), chosen
             beneath = chosen.routes or _routes_beneath(chosen.app)
             if not beneath:
-                return chosen  # a mounted app that is not a router: static files, a bare ASGI app
+                return tuple(chain), chosen  # a mounted app that is not a router: static files, a bare ASGI app
+            chain.append(chosen)
             probe.update(chosen_scope)
             routes = beneath
     except Exception:
         pass
     return None
+
+
+def _label_of_copied_scope(scope: Scope, entry_root_path: str, status: int | str) -> str:
+    """The label of a request that reached a Starlette app (``scope["app"]``) whose router never
+    saw the middleware's scope: a middleware between them passed on a copy, as the ASGI spec
+    asks of one that changes the scope.  The app's routes are asked again, from its router,
+    and the mounts crossed name the prefix (as templates; the copy's ``root_path`` is not seen).
+    """
+    router = getattr(scope.get("app"), "router", None)
+    if router is None:
+        return UNMATCHED_HANDLER
+    found = _route_by_matching(_start({**scope, "router": router}, entry_root_path))
+    if found is None:
+        return UNMATCHED_HANDLER
+    chain, route = found
+    try:
+        prefix = "".join(element.path_format.removesuffix("/{path}") for element in chain if isinstance(element, Mount))
+    except Exception:
+        return UNMATCHED_HANDLER
+    if isinstance(route, (Mount, Host)):
+        if status == 404:
+            return UNMATCHED_HANDLER
+        return prefix + (route.path_format.removesuffix("/{path}") if isinstance(route, Mount) else "") + "/{path}"
+    template = getattr(route, "path_format", None)
+    if not isinstance(template, str) or not template:
+        return UNMATCHED_HANDLER
+    return prefix + template
 
 
 def _included(route: object) -> bool:
@@ -211,13 +245,15 @@ def _included(route: object) -> bool:
 
 def _route_in_included(included: Any, probe: dict[str, Any]) -> object | None:
     """The route an included router (and the routers included in it) chose: FastAPI's effective
-    route, whose ``starlette_route`` carries the whole prefixed template."""
+    route, whose ``starlette_route`` (for a plain route), or else the route context itself, has
+    the whole prefixed template as its ``path_format``."""
     for _ in range(_MOUNT_DEPTH):
         match, _child, inner, context = included._match(probe)
         if match is Match.NONE:
             return None
         if context is not None:
-            return getattr(context, "starlette_route", None) or getattr(context, "original_route", None)
+            route: object = getattr(context, "starlette_route", None) or context
+            return route
         if not _included(inner):
             return inner  # type: ignore[no-any-return]
         included = inner

@@ -18,8 +18,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Host, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 
-from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
-from crowdmon._types import Receive, Scope, Send
+import crowdmon
+from crowdmon import PrometheusInstrumentation, PrometheusMiddleware, setup_monitoring
+from crowdmon._types import ASGIApp, Receive, Scope, Send
 from tests import fastapi_app
 from tests.asgi import http_scope, run_asgi
 from tests.support import REPO_ROOT, subprocess_env, value
@@ -109,6 +110,66 @@ async def test_a_mount_with_path_parameters_gives_its_template_not_the_values(re
     # 250 tenants took one handler value, so a route seen after them is still recorded by name.
     assert value(registry, REQUESTS, method="GET", handler="/health", status="200") == 1
     assert value(registry, "crowdmon_label_overflow_total", metric=REQUESTS, label="handler") == 0
+
+
+async def test_templates_when_a_middleware_hands_the_router_a_copy_of_the_scope(registry: CollectorRegistry, tmp_path: Path) -> None:
+    # setup_monitoring's middleware is outside the app's own; this one changes the scope as the
+    # ASGI spec asks, on a copy, so the router records its match where the middleware cannot see.
+    (tmp_path / "logo.png").write_bytes(b"png")
+
+    async def item(request: Request) -> Response:
+        return PlainTextResponse(crowdmon.current_endpoint() or "none")
+
+    teams = Mount("/teams/{team:int}", routes=[Route("/members/{member}", ok)])
+    app = Starlette(
+        routes=[
+            Route("/items/{item_id:int}", item),
+            Route("/only-post", ok, methods=["POST"]),
+            Mount("/orgs/{org}", routes=[Route("/items/{item_id}", item), teams]),
+            Mount("/assets/{bucket}", StaticFiles(directory=tmp_path)),
+        ],
+        middleware=[Middleware(fastapi_app.ScopeCopyingMiddleware)],
+    )
+    setup_monitoring(app, registry=registry, metrics_path=None, health_path=None)
+    paths = ["/items/3", "/orgs/acme/items/1", "/orgs/acme/teams/7/members/ann", "/assets/eu/logo.png",
+             "/assets/eu/missing.png", "/nothing", "/only-post", "/items/3/"]
+    answers = [await run_asgi(app, http_scope(path, root_path="/proxy")) for path in paths]
+
+    assert [sent[0]["status"] for sent in answers] == [200, 200, 200, 200, 404, 404, 405, 307]
+    assert answers[0][1]["body"] == b"/items/{item_id}"
+    assert answers[1][1]["body"] == b"/orgs/{org}/items/{item_id}"
+    assert value(registry, REQUESTS, method="GET", handler="/items/{item_id}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/orgs/{org}/items/{item_id}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/orgs/{org}/teams/{team}/members/{member}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/assets/{bucket}/{path}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/only-post", status="405") == 1
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="404") == 2
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="307") == 1
+
+
+async def test_a_response_a_middleware_sends_before_routing_is_labelled_by_the_route_addressed(registry: CollectorRegistry) -> None:
+    class Gate:
+        """Answers 401 itself, before the router sees the request, unless it carries a token."""
+
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and (b"authorization", b"token") not in scope["headers"]:
+                await PlainTextResponse("no", status_code=401)(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+
+    app = Starlette(routes=[Route("/items/{item_id:int}", ok)], middleware=[Middleware(Gate)])
+    setup_monitoring(app, registry=registry, metrics_path=None, health_path=None)
+
+    statuses = [(await run_asgi(app, http_scope(path)))[0]["status"] for path in ("/items/1", "/items/2", "/random/7")]
+    statuses.append((await run_asgi(app, http_scope("/items/3", headers=[(b"authorization", b"token")])))[0]["status"])
+
+    assert statuses == [401, 401, 401, 200]
+    assert value(registry, REQUESTS, method="GET", handler="/items/{item_id}", status="401") == 2
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="401") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/items/{item_id}", status="200") == 1
 
 
 class Passthrough:
@@ -256,6 +317,13 @@ async def test_fastapi_include_router_templates_with_the_installed_fastapi() -> 
     assert counts == EXPECTED_FASTAPI_COUNTS
 
 
+async def test_fastapi_templates_when_a_middleware_hands_the_router_a_copy_of_the_scope() -> None:
+    # setup_monitoring's middleware is outside the app's own, so the router fills in a copy of
+    # the scope it never sees: the routes are asked again from the app's router.
+    counts = await fastapi_app.drive(copy_scope=True)
+    assert counts == EXPECTED_FASTAPI_COUNTS
+
+
 @pytest.fixture(scope="session")
 def legacy_fastapi_path() -> Path:
     """FastAPI 0.136 (before include_router changed in 0.137), installed beside the suite."""
@@ -281,6 +349,7 @@ def test_fastapi_include_router_templates_before_0_137(legacy_fastapi_path: Path
 
     assert report["fastapi"] == LEGACY_FASTAPI
     assert report["counts"] == EXPECTED_FASTAPI_COUNTS
+    assert report["copied_scope_counts"] == EXPECTED_FASTAPI_COUNTS
 
 
 async def test_handler_label_through_a_real_client_with_query_strings(registry: CollectorRegistry) -> None:
@@ -302,9 +371,9 @@ async def test_a_request_no_route_matched_is_not_routed_again(registry: Collecto
     asked: list[str] = []
     route_by_matching = crowdmon.routes._route_by_matching
 
-    def counting(scope: Scope, entry_root_path: str) -> object | None:
-        asked.append(scope["path"])
-        return route_by_matching(scope, entry_root_path)
+    def counting(probe: dict[str, Any]) -> object | None:
+        asked.append(probe["path"])
+        return route_by_matching(probe)
 
     monkeypatch.setattr(crowdmon.routes, "_route_by_matching", counting)
     app = FastAPI()
