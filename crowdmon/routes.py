@@ -214,28 +214,27 @@ def _route_by_matching(probe: dict[str, Any]) -> tuple[_Chain, object] | None:
 def _label_of_copied_scope(scope: Scope, entry_root_path: str, status: int | str) -> str:
     """The label of a request that reached a Starlette app (``scope["app"]``) whose router never
     saw the middleware's scope: a middleware between them passed on a copy, as the ASGI spec
-    asks of one that changes the scope.  The app's routes are asked again, from its router,
-    and the mounts crossed name the prefix (as templates; the copy's ``root_path`` is not seen).
-    """
-    router = getattr(scope.get("app"), "router", None)
-    if router is None:
-        return UNMATCHED_HANDLER
-    found = _route_by_matching(_start({**scope, "router": router}, entry_root_path))
-    if found is None:
-        return UNMATCHED_HANDLER
-    chain, route = found
+    asks of one that changes the scope, or answered before routing.  The app's routes are asked
+    again, from its router, and the mounts crossed name the prefix (as templates; the copy's
+    ``root_path`` is not seen)."""
     try:
+        router = getattr(scope.get("app"), "router", None)
+        found = None if router is None else _route_by_matching(_start({**scope, "router": router}, entry_root_path))
+        if found is None:
+            return UNMATCHED_HANDLER
+        chain, route = found
         prefix = "".join(element.path_format.removesuffix("/{path}") for element in chain if isinstance(element, Mount))
+        if isinstance(route, (Mount, Host)):
+            if status == 404:
+                return UNMATCHED_HANDLER
+            own = route.path_format.removesuffix("/{path}") if isinstance(route, Mount) else ""
+            return prefix + own + "/{path}"
+        template = getattr(route, "path_format", None)
+        if not isinstance(template, str) or not template:
+            return UNMATCHED_HANDLER
+        return prefix + template
     except Exception:
         return UNMATCHED_HANDLER
-    if isinstance(route, (Mount, Host)):
-        if status == 404:
-            return UNMATCHED_HANDLER
-        return prefix + (route.path_format.removesuffix("/{path}") if isinstance(route, Mount) else "") + "/{path}"
-    template = getattr(route, "path_format", None)
-    if not isinstance(template, str) or not template:
-        return UNMATCHED_HANDLER
-    return prefix + template
 
 
 def _included(route: object) -> bool:

@@ -23,6 +23,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 
 from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
@@ -513,6 +514,35 @@ def test_route_resolution_never_raises_and_returns_a_string(
     described_by_fastapi = share_route and isinstance(fastapi_scope, dict)
     if route is None or not (isinstance(route, (Route, Mount, OddRoute)) or described_by_fastapi):
         assert handler == UNMATCHED_HANDLER
+
+
+class OddApp:
+    """An app in ``scope["app"]`` whose router is anything at all."""
+
+    def __init__(self, router: object) -> None:
+        self.router = router
+
+
+ROUTED_APP = Starlette(routes=[Route("/items/{item_id:int}", PlainTextResponse), Mount("/orgs/{org}", routes=[Route("/x", PlainTextResponse)])])
+
+
+@settings(FUZZ, max_examples=100)
+@given(
+    app=st.one_of(odd_values, st.builds(OddApp, st.one_of(odd_values, st.builds(OddRoute, odd_values, odd_values))), st.just(ROUTED_APP)),
+    path=st.one_of(odd_values, st.sampled_from(["/items/1", "/orgs/a/x", "/orgs/a/y", "/"])),
+    method=odd_values,
+    root_path=odd_values,
+    entry_root_path=st.text(max_size=10),
+    status=st.integers(0, 999),
+)
+def test_labelling_a_scope_the_router_never_saw_never_raises(
+    app: object, path: object, method: object, root_path: object, entry_root_path: str, status: int
+) -> None:
+    scope: dict[str, Any] = {"type": "http", "app": app, "path": path, "method": method, "root_path": root_path, "headers": []}
+
+    handler = handler_label_for(scope, entry_root_path, status, MountTemplates())
+
+    assert handler in (UNMATCHED_HANDLER, "/items/{item_id}", "/orgs/{org}/x")
 
 
 # -- the one opt-in path from a request header into /metrics -----------------------------------
