@@ -296,10 +296,11 @@ class PrometheusInstrumentation:
     ) -> Timing:
         """Context manager (``with`` or ``async with``) timing chat processing into
         ``chat_processing_duration_seconds{endpoint,user_type}``."""
-        child = self.metric("chat_processing_duration_seconds").labels(
-            self.endpoint_label(endpoint), self.user_type_label(user_type)
+        return self._timing(
+            lambda: self.metric("chat_processing_duration_seconds").labels(
+                self.endpoint_label(endpoint), self.user_type_label(user_type)
+            )
         )
-        return Timing(lambda outcome: child, self.report_internal_error)
 
     def track_external_api_call(self, service: str, endpoint: str) -> Timing:
         """Context manager timing one external call into ``external_api_duration_seconds`` with
@@ -314,13 +315,22 @@ class PrometheusInstrumentation:
 
     def track_vector_search(self, operation: str) -> Timing:
         """Context manager timing a vector database operation into ``vector_search_duration_seconds``."""
-        child = self.metric("vector_search_duration_seconds").labels(label(operation))
-        return Timing(lambda outcome: child, self.report_internal_error)
+        return self._timing(lambda: self.metric("vector_search_duration_seconds").labels(label(operation)))
 
     def track_database_query(self, operation: str) -> Timing:
         """Context manager timing a database query into ``database_query_duration_seconds``."""
-        child = self.metric("database_query_duration_seconds").labels(label(operation))
-        return Timing(lambda outcome: child, self.report_internal_error)
+        return self._timing(lambda: self.metric("database_query_duration_seconds").labels(label(operation)))
+
+    def _timing(self, child: Callable[[], Any]) -> Timing:
+        """A :class:`Timing` observing into ``child()``, resolved now (inside the request whose
+        labels it may read); if that fails, the failure is reported and the block timed into
+        nothing: the code it times runs all the same."""
+        try:
+            resolved = child()
+        except Exception as failure:
+            self.report_internal_error("timing", failure)
+            resolved = UNRECORDED
+        return Timing(lambda outcome: resolved, self.report_internal_error)
 
     def track_chat_message(
         self,
@@ -431,11 +441,17 @@ class PrometheusInstrumentation:
 
     def start_session(self, user_type: str | None = None) -> None:
         """One more active session in ``active_sessions_current``."""
-        self.metric("active_sessions_current").labels(self.user_type_label(user_type)).inc()
+        try:
+            self.metric("active_sessions_current").labels(self.user_type_label(user_type)).inc()
+        except Exception as failure:
+            self.report_internal_error("session", failure)
 
     def end_session(self, user_type: str | None = None) -> None:
         """One active session fewer in ``active_sessions_current``."""
-        self.metric("active_sessions_current").labels(self.user_type_label(user_type)).dec()
+        try:
+            self.metric("active_sessions_current").labels(self.user_type_label(user_type)).dec()
+        except Exception as failure:
+            self.report_internal_error("session", failure)
 
     def track_session(self, user_type: str | None = None) -> SessionScope:
         """Context manager holding one active session for its duration, whatever ends it."""
@@ -507,10 +523,14 @@ class PrometheusInstrumentation:
             self._set_health_locked(component, state)
 
     def _set_health_locked(self, component: str, state: str) -> None:
-        gauge = self._shared.metrics["component_health_status"]
-        for candidate in HEALTH_STATES:
-            gauge.labels(component, candidate).set(1.0 if candidate == state else 0.0)
+        # The state /health reports is kept even if the gauge cannot be written.
         self._shared.health[component] = state
+        try:
+            gauge = self._shared.metrics["component_health_status"]
+            for candidate in HEALTH_STATES:
+                gauge.labels(component, candidate).set(1.0 if candidate == state else 0.0)
+        except Exception as failure:
+            self.report_internal_error("health", failure)
 
     def set_component_healthy(self, component: str) -> None:
         """``component_health_status{component}`` one-hot on ``healthy``."""
@@ -530,6 +550,25 @@ class PrometheusInstrumentation:
             return dict(self._shared.health)
 
 
+class _Unrecorded:
+    """The metric child of a block whose real child could not be resolved: records nothing
+    (the failure was reported where it happened)."""
+
+    __slots__ = ()
+
+    def observe(self, amount: float) -> None:
+        pass
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+
+UNRECORDED = _Unrecorded()
+
+
 class SessionScope:
     """An active session for the duration of a ``with`` or ``async with`` block, or of a call.
 
@@ -540,7 +579,11 @@ class SessionScope:
 
     def __init__(self, instrumentation: PrometheusInstrumentation, user_type: str) -> None:
         self._instrumentation = instrumentation
-        self._child = instrumentation.metric("active_sessions_current").labels(user_type)
+        try:
+            self._child = instrumentation.metric("active_sessions_current").labels(user_type)
+        except Exception as failure:
+            instrumentation.report_internal_error("session", failure)
+            self._child = UNRECORDED
 
     def __enter__(self) -> SessionScope:
         try:

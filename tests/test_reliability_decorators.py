@@ -1,9 +1,9 @@
-"""The decorators under faults and hostile data.
+"""The decorators and tracking calls under faults and hostile data.
 
 Every decorator, on sync, async, generator and async-generator functions, with crowdmon's
 cardinality guard failing: each call returns what the function returned, raises what it raised
 (the same object), and each failed recording is counted in ``crowdmon_internal_errors_total{site}``
-and logged once.  Inside real requests, a failing request-context lookup and a failing user
+and logged once; so does every tracking call, around a block or alone.  Inside real requests, a failing request-context lookup and a failing user
 ``user_type_resolver`` change no response.  Exception messages, query strings, header values and
 bodies never become label values; what a user's resolver makes of them is held by the guard.
 """
@@ -380,3 +380,50 @@ def test_any_exception_object_passes_through_and_is_counted_at_most_once(base: t
         # Once per failed call: neither the second decorator nor the tracking call after it counts
         # it again, but the second call raising the same object is a failure of its own.
         assert counted == 2 and failures == 0 and exceptions == {type(error).__name__}
+
+
+# -- the tracking calls ------------------------------------------------------------------------
+
+#: Every tracking call that resolves labels through the guard: how to run it around a block
+#: (None: a plain call), and the site its contained failure is counted under.
+TRACKING_CALLS: dict[str, tuple[Callable[[PrometheusInstrumentation], Any], str]] = {
+    "track_request_performance": (lambda i: i.track_request_performance(), "timing"),
+    "track_external_api_call": (lambda i: i.track_external_api_call("openai", "chat"), "timing"),
+    "track_vector_search": (lambda i: i.track_vector_search("query"), "timing"),
+    "track_database_query": (lambda i: i.track_database_query("select"), "timing"),
+    "track_session": (lambda i: i.track_session(), "session"),
+    "start_session": (lambda i: i.start_session(), "session"),
+    "end_session": (lambda i: i.end_session(), "session"),
+    "track_chat_message": (lambda i: i.track_chat_message(), "track_chat_message"),
+    "track_memory_operation": (lambda i: i.track_memory_operation("store", "conversation"), "track_memory_operation"),
+    "track_document_operation": (lambda i: i.track_document_operation("upload", "pdf"), "track_document_operation"),
+    "set_component_healthy": (lambda i: i.set_component_healthy("vector_db"), "health"),
+}
+
+
+@pytest.mark.parametrize("name", list(TRACKING_CALLS))
+async def test_a_tracking_call_whose_recording_fails_never_raises_into_the_app(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    track, site = TRACKING_CALLS[name]
+    instrumentation = PrometheusInstrumentation(registry)
+    monkeypatch.setattr(instrumentation.guard, "admit", boom)
+    ran = 0
+
+    for _ in range(CALLS):
+        made = track(instrumentation)
+        if made is None:
+            ran += 1
+            continue
+        with made:
+            ran += 1
+        failure = ServiceError("the block's own")
+        with pytest.raises(ServiceError) as raised:
+            async with track(instrumentation):
+                raise failure
+        assert raised.value is failure
+
+    assert ran == CALLS
+    assert value(registry, INTERNAL_ERRORS, site=site) == CALLS * (1 if made is None else 2)
+    if name == "set_component_healthy":
+        assert instrumentation.component_health() == {"vector_db": "healthy"}  # /health still knows
