@@ -3,9 +3,10 @@
 Every decorator, on sync, async, generator and async-generator functions, with crowdmon's
 cardinality guard failing: each call returns what the function returned, raises what it raised
 (the same object), and each failed recording is counted in ``crowdmon_internal_errors_total{site}``
-and logged once; so does every tracking call, around a block or alone.  Inside real requests, a failing request-context lookup and a failing user
-``user_type_resolver`` change no response.  Exception messages, query strings, header values and
-bodies never become label values; what a user's resolver makes of them is held by the guard.
+and logged once; so does every tracking call, around a block or alone.  Inside real requests, a
+failing request-context lookup and a failing user ``user_type_resolver`` change no response.
+Exception messages, query strings, header values and bodies never become label values; what a
+user's resolver makes of them is held by the guard.
 """
 
 from __future__ import annotations
