@@ -191,6 +191,39 @@ def test_closing_an_async_generator_early_is_observed_and_closes_the_inner_one(
     assert durations(registry, "error") == 0
 
 
+@pytest.mark.parametrize("first", ["inner", "wrapper"])
+def test_an_async_generator_left_open_when_the_loop_shuts_down_is_closed_once_as_success(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation, first: str
+) -> None:
+    # The loop's shutdown closes every live async generator at once: the decorated one and the
+    # one it wraps, in either order, while an async clean-up is under way.
+    cleaned = []
+
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    async def tokens() -> AsyncIterator[str]:
+        try:
+            yield "EU"
+        finally:
+            await asyncio.sleep(0)
+            cleaned.append(True)
+
+    async def shutdown_while_open() -> list[object]:
+        stream = tokens()
+        assert await stream.__anext__() == "EU"
+        inner = stream.ag_frame.f_locals["generator"]  # type: ignore[attr-defined]
+        closing = [inner.aclose(), stream.aclose()]
+        return await asyncio.gather(*(closing if first == "inner" else closing[::-1]), return_exceptions=True)
+
+    outcomes = asyncio.run(shutdown_while_open())
+
+    assert cleaned == [True]
+    if first == "inner":
+        assert outcomes == [None, None]
+    assert durations(registry, "success") == 1
+    assert durations(registry, "error") == 0
+    assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="RuntimeError") == 0
+
+
 def test_async_generator_passes_sent_and_thrown_values_through(
     registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
 ) -> None:
