@@ -560,7 +560,7 @@ async def _timed_async_generator(probe: _Probe, generator: AsyncGenerator[Any, A
             except GeneratorExit:
                 # Suspended anywhere but at its yield, the generator is being closed already:
                 # the event loop's shutdown closes every live async generator, this one too.
-                if generator.ag_await is None:
+                if getattr(generator, "ag_await", None) is None:
                     await generator.aclose()
                 raise
             except BaseException as thrown:  # athrow() on the wrapper: pass it to the generator
