@@ -33,6 +33,7 @@ from crowdmon.catalogue import (
     ERROR_TYPES,
     HEALTH_STATES,
     HTTP_METRICS,
+    SELF_METRICS,
     UNKNOWN_VALUE,
     MetricKind,
     MetricSpec,
@@ -207,6 +208,10 @@ _SHARED: weakref.WeakKeyDictionary[CollectorRegistry, _MetricSet] = weakref.Weak
 _SHARED_LOCK = threading.Lock()
 
 
+#: The metric whose admitted labels every request metric is recorded under.
+REQUESTS_TOTAL = "crowdfunding_api_requests_total"
+
+
 def _checked_caps(caps: Mapping[str, int] | None) -> dict[str, int]:
     """``cardinality_caps`` with every key a catalogue metric (and one of its labels) and every
     cap a positive int, or a :class:`CrowdmonSetupError` saying which is not."""
@@ -220,6 +225,22 @@ def _checked_caps(caps: Mapping[str, int] | None) -> dict[str, int]:
             raise CrowdmonSetupError(
                 f"cardinality_caps key {key!r} names no catalogue metric{hint}; keys are 'metric' or "
                 "'metric:label', e.g. 'chat_messages_total:user_type'"
+            )
+        if known in HTTP_METRICS and metric != REQUESTS_TOTAL:
+            raise CrowdmonSetupError(
+                f"cardinality_caps key {key!r}: every crowdfunding_api_* metric records a request under "
+                f"the labels admitted for {REQUESTS_TOTAL}, so cap those instead, e.g. "
+                f"'{REQUESTS_TOTAL}:{label or 'handler'}'"
+            )
+        if known in SELF_METRICS:
+            raise CrowdmonSetupError(
+                f"cardinality_caps key {key!r}: crowdmon's own metrics take their label values from the "
+                "catalogue (metric and label names, internal sites) and are bounded already; leave them out"
+            )
+        if ":" in str(key) and not label:
+            raise CrowdmonSetupError(
+                f"cardinality_caps key {key!r} names no label; write {metric!r} to cap each of its "
+                f"labels, or '{metric}:<label>' for one of {', '.join(known.labels)}"
             )
         if label and label not in known.labels:
             raise CrowdmonSetupError(

@@ -83,6 +83,16 @@ def test_metric_lookup_errors_name_the_catalogue(registry: CollectorRegistry) ->
         ({"cardinality_caps": {"chat_mesages_total:user_type": 3}}, r"names no catalogue metric \(did you mean 'chat_messages_total'\?\)"),
         ({"cardinality_caps": {"chat_messages_total:tenant": 3}}, "chat_messages_total has no label 'tenant'; its labels are user_type, message_type"),
         ({"cardinality_caps": {"chat_messages_total": 0}}, r"cardinality_caps\['chat_messages_total'\] must be a positive int, got 0"),
+        # Caps the guard could not enforce: the request metrics share requests_total's labels,
+        # crowdmon's own metrics are bounded by the catalogue, and a key needs a label after ':'.
+        (
+            {"cardinality_caps": {"crowdfunding_api_request_duration_seconds:handler": 2}},
+            "every crowdfunding_api_\\* metric records a request under the labels admitted for "
+            "crowdfunding_api_requests_total, so cap those instead, e.g. 'crowdfunding_api_requests_total:handler'",
+        ),
+        ({"cardinality_caps": {"crowdfunding_api_requests_in_progress": 2}}, "e.g. 'crowdfunding_api_requests_total:handler'"),
+        ({"cardinality_caps": {"crowdmon_internal_errors_total:site": 2}}, "crowdmon's own metrics take their label values from the catalogue"),
+        ({"cardinality_caps": {"chat_messages_total:": 1}}, "names no label; write 'chat_messages_total' to cap each of its labels"),
         ({"default_cap": "50"}, "default_cap must be a positive int .*, got '50'"),
         ({"default_cap": True}, "default_cap must be a positive int .*, got True"),
     ],
