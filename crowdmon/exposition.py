@@ -175,12 +175,17 @@ def _encoder_for(accept: str) -> tuple[Any, str]:
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
-    """Whether ``Accept-Encoding`` lists ``gzip`` (or ``*``) without refusing it (``q=0``)."""
+    """Whether ``Accept-Encoding`` accepts gzip (``q`` above 0): as ``gzip`` or ``x-gzip`` if it
+    names either, else through ``*`` (which stands only for the codings it does not name)."""
+    named: list[float] = []
+    anything: list[float] = []
     for part in accept_encoding.split(","):
         coding = part.split(";")[0].strip().lower()
-        if coding in ("gzip", "x-gzip", "*") and _quality(part) > 0:
-            return True
-    return False
+        if coding in ("gzip", "x-gzip"):
+            named.append(_quality(part))
+        elif coding == "*":
+            anything.append(_quality(part))
+    return max(named or anything or [0.0]) > 0
 
 
 class _Restricted:

@@ -71,7 +71,16 @@ async def test_the_format_is_the_one_the_scraper_prefers_and_never_a_failure(reg
     assert registry.get_sample_value("crowdmon_internal_errors_total", {"site": "metrics.render"}) == 0
 
 
-@pytest.mark.parametrize(("accept_encoding", "gzipped"), [("gzip;q=0, identity", False), ("x-gzip-not", False), ("br, gzip;q=0.5", True), ("*", True)])
+@pytest.mark.parametrize(("accept_encoding", "gzipped"), [
+        ("gzip;q=0, identity", False),
+        ("x-gzip-not", False),
+        ("br, gzip;q=0.5", True),
+        ("*", True),
+        ("gzip;q=0, *", False),  # * stands only for the codings the header does not name
+        ("identity, gzip;q=0, *;q=0.5", False),
+        ("br, *;q=0", False),
+        ("gzip;q=0.1, *;q=0", True),
+    ])
 async def test_gzip_only_when_the_scraper_does_not_refuse_it(registry: CollectorRegistry, accept_encoding: str, gzipped: bool) -> None:
     async with client_for(registry) as client:
         raw = await client.send(client.build_request("GET", "/metrics", headers={"accept-encoding": accept_encoding}), stream=True)
