@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "export":
         from crowdmon.ops.cli import run_export
 
-        return run_export(args, parser)
+        return run_export(args, export)
     if args.command == "demo":
         from crowdmon.demo import run_demo
 
