@@ -20,7 +20,7 @@ import contextlib
 import functools
 import inspect
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
 from enum import Enum
 from time import perf_counter
 from types import FunctionType
@@ -220,6 +220,15 @@ class _CrowdmonWrapper(_FunctionWrapper):
         self._self_probe = probe
 
 
+class _AsyncCallableWrapper(_CrowdmonWrapper):
+    """For a callable object whose ``__call__`` is an ``async def``: the wrapper's ``__call__``
+    is one too, as frameworks tell such an object by it (Starlette runs a ``BackgroundTask`` or
+    an exception handler whose ``__call__`` is not a coroutine function in a worker thread)."""
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await super().__call__(*args, **kwargs)
+
+
 def _decorator(name: str, make_probe: Callable[[str], _Probe], enabled: bool | None) -> Callable[[F], F]:
     if enabled is None:
         enabled = os.environ.get(DISABLE_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
@@ -245,6 +254,8 @@ def _decorator(name: str, make_probe: Callable[[str], _Probe], enabled: bool | N
             wrapper = _maybe_awaitable_wrapper(probe)
         else:
             wrapper = _sync_errors_wrapper(probe) if probe.errors_only else _sync_wrapper(probe)
+        if shape == "coroutine" and not inspect.isroutine(target) and not isinstance(target, functools.partial):
+            return cast(F, _AsyncCallableWrapper(func, wrapper, probe))
         return cast(F, _CrowdmonWrapper(func, wrapper, probe))
 
     return decorate
@@ -433,17 +444,31 @@ def _maybe_awaitable_wrapper(probe: _Probe) -> Callable[..., Any]:
             # Timed from when it is awaited, if it ever is: a coroutine cancelled before its
             # first step or never awaited runs no code of ours, and must leave nothing open.
             probe.abandon(state)
-            return _awaited(result, probe)
+            return _awaited(_Unawaited(result), probe)
         succeeded(state)
         return result
 
     return call
 
 
-async def _awaited(coroutine: Awaitable[Any], probe: _Probe) -> Any:
+class _Unawaited:
+    """Holds the coroutine a plain ``def`` returned until :func:`_awaited` awaits it, and closes
+    it if that never happens (the caller closed or cancelled ours before its first step), as the
+    caller would have closed it: no "coroutine was never awaited" warning that it did not cause."""
+
+    __slots__ = ("coroutine",)
+
+    def __init__(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        self.coroutine = coroutine
+
+    def __del__(self) -> None:
+        self.coroutine.close()  # a no-op once it has run
+
+
+async def _awaited(unawaited: _Unawaited, probe: _Probe) -> Any:
     state = probe.begin()
     try:
-        result = await coroutine
+        result = await unawaited.coroutine
     except BaseException as error:
         probe.finish(state, error)
         raise

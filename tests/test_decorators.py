@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import sqlite3
+import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
@@ -22,7 +24,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from starlette._utils import is_async_callable
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -718,7 +722,6 @@ def test_any_stack_of_decorators_counts_one_exception_at_most_once_per_metric(
     ) == timing_layers
 
 
-@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_a_plain_wrapper_coroutine_never_awaited_or_cancelled_first_leaves_the_session_gauge_at_zero(
     registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
 ) -> None:
@@ -739,8 +742,39 @@ def test_a_plain_wrapper_coroutine_never_awaited_or_cancelled_first_leaves_the_s
         never_awaited.close()
         return await facade()
 
-    assert asyncio.run(scenario()) == "answer"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert asyncio.run(scenario()) == "answer"
+        gc.collect()
     assert value(registry, "active_sessions_current", user_type="free") == 0
+    # The coroutines facade() made were closed as the caller closed ours, as undecorated.
+    assert [str(warning.message) for warning in caught if "never awaited" in str(warning.message)] == []
+
+
+async def test_a_callable_object_with_an_async_call_stays_one_that_frameworks_await(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    sent: list[str] = []
+
+    class SendEmail:
+        async def __call__(self, to: str) -> None:
+            await asyncio.sleep(0)
+            sent.append(to)
+
+    send_email = tracked_external("smtp", endpoint="send", instrumentation=instrumentation)(SendEmail())
+
+    async def signup(request: Request) -> Response:
+        # Starlette runs a background task whose __call__ is not a coroutine function in a
+        # worker thread, where its coroutine would never be awaited.
+        return PlainTextResponse("welcome", background=BackgroundTask(send_email, "ann@example.com"))
+
+    app = Starlette(routes=[Route("/signup", signup, methods=["POST"])])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.post("/signup")).text == "welcome"
+
+    assert is_async_callable(send_email)
+    assert sent == ["ann@example.com"]
+    assert value(registry, "external_api_duration_seconds_count", service="smtp", endpoint="send", outcome="success") == 1
 
 
 @pytest.mark.parametrize("stack", ["alone", "under tracked_errors"])
