@@ -134,6 +134,8 @@ CASES = [
         series("crowdfunding_api_requests_total", "0+60x30", method="GET", handler="/search", status="200"),
         series("crowdfunding_api_requests_total", "0+1x30", method="GET", handler="/search", status="503"),
         series("crowdfunding_api_requests_total", "0+60x30", method="GET", handler="/documents/{doc_id}", status="200"),
+        # A probe of an unhealthy app answers 503 by design: ComponentUnhealthy pages for it.
+        series("crowdfunding_api_requests_total", "0+6x30", method="GET", handler="/health", status="503"),
     ]).expect("4m", "HighHTTPErrorRatio").expect(
         "15m", "HighHTTPErrorRatio",
         fired("http_error_ratio", {"handler": "/chat"}, "/chat answers 9.091% of requests with 5xx",
@@ -174,6 +176,8 @@ CASES = [
     Case("HighRequestLatency", [
         *histogram("crowdfunding_api_request_duration_seconds", {"0.5": "0x30", "1.0": "0x30", "2.5": "0+60x30", "+Inf": "0+60x30"}, method="GET", handler="/slow"),
         *histogram("crowdfunding_api_request_duration_seconds", {"0.5": "0+60x30", "1.0": "0+60x30", "2.5": "0+60x30", "+Inf": "0+60x30"}, method="GET", handler="/fast"),
+        # A health check waiting for its timeout is the probe's answer, not users' latency.
+        *histogram("crowdfunding_api_request_duration_seconds", {"0.5": "0x30", "1.0": "0x30", "2.5": "0+6x30", "+Inf": "0+6x30"}, method="GET", handler="/health"),
     ]).expect("9m", "HighRequestLatency").expect(
         "15m", "HighRequestLatency",
         fired("http_latency", {"handler": "/slow"}, "p95 request latency of /slow is 2.425s",
@@ -267,6 +271,14 @@ CASES = [
         "80m", "ActiveSessionsDropped",
         fired("sessions_drop", {}, "Active sessions dropped to 10",
               "Active sessions fell to 10, more than 50% below the count one hour earlier."),
+    ),
+    # A restart (or the last worker with sessions gone) leaves no series at all: that is 0.
+    Case("ActiveSessionsDropped, the series gone", [
+        series("active_sessions_current", "40x60 _x30", user_type="authenticated"),
+    ]).expect("65m", "ActiveSessionsDropped").expect(
+        "80m", "ActiveSessionsDropped",
+        fired("sessions_drop", {}, "Active sessions dropped to 0",
+              "Active sessions fell to 0, more than 50% below the count one hour earlier."),
     ),
     Case("ActiveSessionsDropped, too few sessions to judge", [
         series("active_sessions_current", "8x60 2x30", user_type="authenticated"),

@@ -123,11 +123,19 @@ def _error_rate(kind: str) -> AlertSpec:
     )
 
 
+def _users(s: Scope) -> list[str]:
+    """The matcher that leaves out requests to the probe handlers (health checks, scrapes): what
+    the HTTP alerts judge is users' traffic."""
+    probes = s.probe_handlers
+    return [matcher("handler", "!~", "|".join(map(re.escape, probes)))] if probes else []
+
+
 def _latency(key: str, alert: str, metric: str, by: str, what: str, dashboard: str) -> AlertSpec:
     threshold = f"{key}_p95_seconds"
+    requests = by == "handler"
 
     def expr(s: Scope, t: Thresholds) -> str:
-        return f"{quantile(0.95, metric, s, (by,))} > {_fmt(t[threshold])}"
+        return f"{quantile(0.95, metric, s, (by,), _users(s) if requests else ())} > {_fmt(t[threshold])}"
 
     return AlertSpec(
         key, alert, "latency", "warning", "10m", expr,
@@ -142,9 +150,10 @@ def _latency(key: str, alert: str, metric: str, by: str, what: str, dashboard: s
 
 def _ratio_alert(key: str, alert: str, category: str, severity: str, duration: str, metric: str, numerator: str, by: tuple[str, ...], compare: str, texts: tuple[str, str, str]) -> AlertSpec:
     label, op, value = numerator.split(" ")
+    requests = metric == "crowdfunding_api_requests_total"
 
     def expr(s: Scope, t: Thresholds) -> str:
-        return f"{ratio(metric, s, [matcher(label, op, value)], by)} {compare} {_fmt(t[key])}"
+        return f"{ratio(metric, s, [matcher(label, op, value)], by, _users(s) if requests else ())} {compare} {_fmt(t[key])}"
 
     return AlertSpec(key, alert, category, severity, duration, expr, *texts, threshold_key=key)
 
@@ -153,8 +162,9 @@ def _sessions_drop(s: Scope, t: Thresholds) -> str:
     current = gauge_sum("active_sessions_current", s)
     metric = spec("active_sessions_current")
     earlier = f"sum ({s.selector(metric, metric.name)} offset 1h)"
+    # No series now (a restart, or the last worker with sessions gone) reads as 0 sessions.
     return (
-        f"{current} < {_fmt(1 - t['sessions_drop_ratio'])} * {earlier} "
+        f"({current} or vector(0)) < {_fmt(1 - t['sessions_drop_ratio'])} * {earlier} "
         f"and {earlier} >= {_fmt(t['sessions_drop_min_sessions'])}"
     )
 
@@ -171,9 +181,7 @@ def _chat_stopped(s: Scope, t: Thresholds) -> str:
     # No chat series at all (none since a restart) reads as 0; an app that has had no chat
     # message in a day (or has no chat) is not alerted.
     chat = counter_rate("chat_messages_total", s, window=s.long_window, function="increase")
-    probes = s.probe_handlers
-    users = [matcher("handler", "!~", "|".join(map(re.escape, probes)))] if probes else []
-    requests = counter_rate("crowdfunding_api_requests_total", s, (), users, window=s.long_window, function="increase")
+    requests = counter_rate("crowdfunding_api_requests_total", s, (), _users(s), window=s.long_window, function="increase")
     metric = spec("chat_messages_total")
     seen = f"count (present_over_time({s.selector(metric, metric.name)}[1d]))"
     return f"({chat} or vector(0)) == 0 and {requests} > 0 and {seen} > 0"
