@@ -401,12 +401,12 @@ WHEN: dict[str, str] = {
     "component_unhealthy": "`component_health_status{status=\"unhealthy\"}` is 1 for a component on any instance",
     "component_degraded": "a component reports `degraded`",
     "component_health_unknown": "a component still reports `unknown` (no check ever set it)",
-    "http_error_ratio": "a handler's 5xx share over the rule window is above the threshold",
+    "http_error_ratio": "a handler's 5xx share over the rule window is above the threshold (probe handlers left out: an unhealthy app's `/health` answers 503 by design)",
     **{f"error_rate_{kind}": f"`{kind}` errors per second of a component are above the threshold" for kind in ERROR_TYPES},
     "external_error_ratio": "an external service's share of calls with `outcome=\"error\"` is above the threshold",
     "crowdmon_internal_errors": "crowdmon contained failures of its own code over the long rule window",
     "crowdmon_label_overflow": "a label reached its cardinality cap and values were folded into `<other>`",
-    "http_latency": "p95 request latency of a handler is above the threshold",
+    "http_latency": "p95 request latency of a handler other than the probe handlers is above the threshold",
     "chat_latency": "p95 chat processing time of an endpoint is above the threshold",
     "external_latency": "p95 latency of an external service is above the threshold",
     "vector_search_latency": "p95 vector search time of an operation is above the threshold",
@@ -414,7 +414,7 @@ WHEN: dict[str, str] = {
     "chat_stopped": "no chat message over the long rule window while the API serves requests other than probes, in an app with chat (a chat series was scraped in the last day)",
     "cache_hit_ratio_min": "the chat cache hit ratio is below the threshold",
     "document_failure_ratio": "an operation's share of document operations not ending in `success` is above the threshold",
-    "sessions_drop": "active sessions fell by more than the threshold share against one hour earlier (with at least `sessions_drop_min_sessions` then)",
+    "sessions_drop": "active sessions fell by more than the threshold share against one hour earlier (with at least `sessions_drop_min_sessions` then); no series now, as after a restart, counts as 0",
 }
 
 
