@@ -138,10 +138,11 @@ class ExchangeCore:
     _token: Any
 
     def receive(self) -> Awaitable[Message]:
-        # Once the body is complete the app's receives go straight to the server: a wait for a
-        # disconnect (Starlette's streaming responses keep one) then costs nothing when it is
-        # cancelled, and a disconnect nobody answered is found by ``unanswered``.
-        if self.body_complete:
+        # Once the body is complete and the response has started, the app's receives go
+        # straight to the server: a wait for a disconnect (Starlette's streaming responses keep
+        # one) then costs nothing when it is cancelled.  Until the response starts, a disconnect
+        # the app receives makes the request a 499, whatever response it starts afterwards.
+        if self.body_complete and self.status:
             return self.server_receive()  # type: ignore[no-any-return]
         return self._receive_body()  # type: ignore[attr-defined,no-any-return]
 

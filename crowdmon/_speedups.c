@@ -804,7 +804,8 @@ status_is_set(PyObject *status)
 static PyObject *
 exchange_receive(Exchange *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->body_complete) {
+    /* Past the body and the response's start, the server's own receive (see _core.py). */
+    if (self->body_complete && status_is_set(self->status) > 0) {
         PyObject *receive = Py_NewRef(self->server_receive);
         PyObject *result = PyObject_CallNoArgs(receive);
         Py_DECREF(receive);

@@ -240,6 +240,23 @@ async def test_client_disconnect_before_a_response_is_499(registry: CollectorReg
     assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="499") == 1
 
 
+async def test_a_long_poll_whose_client_left_after_its_body_is_499_whatever_it_answers(registry: CollectorRegistry) -> None:
+    # The usual long poll: read the whole body, then wait until there is news or the client is
+    # gone (Starlette's request.is_disconnected()), then answer anyway.
+    async def long_poll(scope: Scope, receive: Receive, send: Send) -> None:
+        assert (await receive())["type"] == "http.request"
+        assert (await receive())["type"] == "http.disconnect"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"no news"})
+
+    app = PrometheusMiddleware(long_poll, registry=registry)
+    await run_asgi(app, http_scope("/poll", method="POST"), incoming=[{"type": "http.request", "body": b"{}", "more_body": False}])
+
+    assert value(registry, REQUESTS, method="POST", handler="<unmatched>", status="499") == 1
+    assert value(registry, REQUESTS, method="POST", handler="<unmatched>", status="200") == 0
+    assert value(registry, REQUEST_SIZE + "_sum", method="POST", handler="<unmatched>") == 2
+
+
 async def test_cancelled_request_without_response_is_499_and_cancellation_propagates(registry: CollectorRegistry) -> None:
     started = asyncio.Event()
 
