@@ -35,7 +35,9 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str, mou
     if route is None:
         if "endpoint" not in scope:
             if "router" not in scope and "app" in scope:
-                return _label_of_copied_scope(scope, entry_root_path, status)
+                # The router never saw this scope: a middleware handed it a copy, as the ASGI
+                # spec asks of one that changes the scope, or answered before routing.
+                return _label_by_matching(scope, entry_root_path, status, getattr(scope["app"], "router", None))
             return UNMATCHED_HANDLER  # no route matched: every route's matches() names its endpoint
         found = _route_by_matching(_start(scope, entry_root_path))
         if found is None:
@@ -51,11 +53,14 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str, mou
     if mount_prefix:
         mount_prefix = mounts.prefix(scope, entry_root_path, route, mount_prefix)
     if isinstance(route, (Mount, Host)):
-        # The last route matched is a Mount: the mounted app found nothing of its own (a 404 in a
-        # sub-router) or is not a router at all (static files, a bare ASGI app).  Its root_path
-        # already ends with the mount's path, so the template is the prefix plus the remainder.
+        # The last route recorded is a Mount: the mounted app is not a router at all (static
+        # files, a bare ASGI app), or its router found nothing of its own (a 404, a trailing-slash
+        # redirect) or never saw this scope (a middleware of the mounted app handed it a copy).
         if status == 404:
             return UNMATCHED_HANDLER
+        if _routes_beneath(route):
+            return _label_by_matching(scope, entry_root_path, status, scope.get("router"))
+        # Its root_path already ends with the mount's path: the prefix plus the remainder.
         return mount_prefix + "/{path}"
     return mount_prefix + template
 
@@ -211,28 +216,32 @@ def _route_by_matching(probe: dict[str, Any]) -> tuple[_Chain, object] | None:
     return None
 
 
-def _label_of_copied_scope(scope: Scope, entry_root_path: str, status: int | str) -> str:
-    """The label of a request that reached a Starlette app (``scope["app"]``) whose router never
-    saw the middleware's scope: a middleware between them passed on a copy, as the ASGI spec
-    asks of one that changes the scope, or answered before routing.  The app's routes are asked
-    again, from its router, and the mounts crossed name the prefix (as templates; the copy's
-    ``root_path`` is not seen)."""
+def _label_by_matching(scope: Scope, entry_root_path: str, status: int | str, router: object) -> str:
+    """The label of a request whose routers did not all see the middleware's scope, from the
+    app's routes asked again from ``router`` (the outermost): the mounts crossed name the prefix
+    (as templates: the ``root_path`` they gave the copy is not seen), and a request no route
+    matches (a 404, a trailing-slash redirect) is unmatched."""
     try:
-        router = getattr(scope.get("app"), "router", None)
-        found = None if router is None else _route_by_matching(_start({**scope, "router": router}, entry_root_path))
+        if router is None:
+            return UNMATCHED_HANDLER
+        start = _start({**scope, "router": router}, entry_root_path)
+        found = _route_by_matching(dict(start))
         if found is None:
             return UNMATCHED_HANDLER
         chain, route = found
-        prefix = "".join(element.path_format.removesuffix("/{path}") for element in chain if isinstance(element, Mount))
-        if isinstance(route, (Mount, Host)):
+        template: object = "/{path}"
+        if isinstance(route, (Mount, Host)):  # a mounted app that is not a router
             if status == 404:
                 return UNMATCHED_HANDLER
-            own = route.path_format.removesuffix("/{path}") if isinstance(route, Mount) else ""
-            return prefix + own + "/{path}"
-        template = getattr(route, "path_format", None)
+            chain = (*chain, route)
+        else:
+            template = getattr(route, "path_format", None)
         if not isinstance(template, str) or not template:
             return UNMATCHED_HANDLER
-        return prefix + template
+        consumed = _replay(chain, start)
+        if consumed is None:
+            return UNMATCHED_HANDLER
+        return _templates(chain, consumed, entry_root_path) + template
     except Exception:
         return UNMATCHED_HANDLER
 

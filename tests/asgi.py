@@ -3,6 +3,7 @@ every message it sends, for pinning the middleware's semantics exactly."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,17 +38,24 @@ async def run_asgi(
     scope: dict[str, Any],
     incoming: Sequence[Message] = ({"type": "http.request", "body": b"", "more_body": False},),
 ) -> list[Message]:
-    """Run one request; ``incoming`` is what ``receive`` returns in turn, then a disconnect."""
+    """Run one request; ``incoming`` is what ``receive`` returns in turn, then, as a server does
+    for a client that stays, a disconnect once the response is complete (a receive before then
+    waits for it)."""
     pending = list(incoming)
     sent: list[Message] = []
+    response_complete = asyncio.Event()
 
     async def receive() -> Message:
         if pending:
             return pending.pop(0)
+        await response_complete.wait()
         return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
         sent.append(message)
+        # dict's own get: a test's message may refuse to be read through its class's get
+        if message["type"] == "http.response.body" and not dict.get(message, "more_body", False):
+            response_complete.set()
 
     await app(scope, receive, send)
     return sent

@@ -250,7 +250,7 @@ async def test_a_long_poll_whose_client_left_after_its_body_is_499_whatever_it_a
         await send({"type": "http.response.body", "body": b"no news"})
 
     app = PrometheusMiddleware(long_poll, registry=registry)
-    await run_asgi(app, http_scope("/poll", method="POST"), incoming=[{"type": "http.request", "body": b"{}", "more_body": False}])
+    await run_asgi(app, http_scope("/poll", method="POST"), incoming=[{"type": "http.request", "body": b"{}", "more_body": False}, {"type": "http.disconnect"}])
 
     assert value(registry, REQUESTS, method="POST", handler="<unmatched>", status="499") == 1
     assert value(registry, REQUESTS, method="POST", handler="<unmatched>", status="200") == 0
@@ -336,7 +336,7 @@ async def test_an_unanswered_request_whose_client_left_unnoticed_is_499(registry
         await receive()  # the body; the app never looks for the disconnect that follows
 
     app = PrometheusMiddleware(reads_then_returns, registry=registry)
-    await run_asgi(app, http_scope("/left"))
+    await run_asgi(app, http_scope("/left"), incoming=[{"type": "http.request", "body": b"", "more_body": False}, {"type": "http.disconnect"}])
 
     assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="499") == 1
     assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="500") == 0

@@ -147,6 +147,35 @@ async def test_templates_when_a_middleware_hands_the_router_a_copy_of_the_scope(
     assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="307") == 1
 
 
+async def test_inside_a_mount_a_copied_scope_and_a_trailing_slash_redirect_get_the_right_label(registry: CollectorRegistry) -> None:
+    # The outer router records the Mount; what the mounted router did is seen through a copy
+    # (a middleware of the mounted app) or not at all (its trailing-slash redirect).
+    from fastapi import FastAPI
+
+    async def item(request: Request) -> Response:
+        return PlainTextResponse("item")
+
+    copying = Starlette(routes=[Route("/items/{i}", item)], middleware=[Middleware(fastapi_app.ScopeCopyingMiddleware)])
+    orders = FastAPI()
+    orders.add_middleware(fastapi_app.ScopeCopyingMiddleware)
+    orders.add_api_route("/orders/{o}", item)
+    app = instrumented(
+        registry,
+        Mount("/t/{tenant}", app=copying),
+        Mount("/api", app=orders),
+        Mount("/m", routes=[Route("/things/{k}", item)], middleware=[Middleware(fastapi_app.ScopeCopyingMiddleware)]),
+        Mount("/tenants/{tenant}", routes=[Route("/items", item)]),
+    )
+
+    statuses = await get_all(app, "/t/acme/items/1", "/api/orders/7", "/m/things/3", "/tenants/acme/items/", "/api/orders/7/")
+
+    assert statuses == [200, 200, 200, 307, 307]
+    assert value(registry, REQUESTS, method="GET", handler="/t/{tenant}/items/{i}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/api/orders/{o}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="/m/things/{k}", status="200") == 1
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="307") == 2
+
+
 async def test_a_response_a_middleware_sends_before_routing_is_labelled_by_the_route_addressed(registry: CollectorRegistry) -> None:
     class Gate:
         """Answers 401 itself, before the router sees the request, unless it carries a token."""
