@@ -64,7 +64,9 @@ class MiddlewareCore:
         try:
             entry_root_path = scope.get("root_path") or ""
             path = scope["path"]
-            if entry_root_path and path.startswith(entry_root_path):
+            # The path the app routes, as Starlette finds it: the root path is taken off only
+            # if a "/" (or nothing) follows it in the path.
+            if entry_root_path and path.startswith(entry_root_path) and path[len(entry_root_path) : len(entry_root_path) + 1] in ("", "/"):
                 path = path[len(entry_root_path) :]
             if path in middleware.exclude_paths:
                 return None

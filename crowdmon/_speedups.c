@@ -317,6 +317,11 @@ begin_request(Core *self, PyObject *scope, PyObject **entry_root_path, PyObject 
         if (PyUnicode_Check(path) && PyUnicode_Check(root)) {
             Py_ssize_t found = PyUnicode_Tailmatch(path, root, 0, PY_SSIZE_T_MAX, -1);
             starts = found < 0 ? -1 : (int)found;
+            /* Taken off only if a "/" (or nothing) follows it, as Starlette finds the path. */
+            Py_ssize_t end = PyUnicode_GET_LENGTH(root);
+            if (starts > 0 && PyUnicode_GET_LENGTH(path) > end && PyUnicode_READ_CHAR(path, end) != '/') {
+                starts = 0;
+            }
         }
         else {
             PyObject *answer = PyObject_CallMethod(path, "startswith", "O", root);

@@ -451,6 +451,28 @@ async def test_metrics_path_and_excluded_paths_are_not_counted(registry: Collect
     assert value(registry, REQUESTS, method="GET", handler="/healthz", status="200") == 0
 
 
+@pytest.mark.parametrize(
+    ("root_path", "path", "excluded"),
+    [
+        ("/", "/metrics", True),  # FastAPI(root_path="/"): the root path is not taken off
+        ("/api", "/api/metrics", True),
+        ("/api", "/apimetrics", False),
+        ("/api", "/metrics", True),  # a server that left the root path out of the path
+        ("/metrics", "/metrics", False),  # the app's own root: its path is ""
+    ],
+)
+async def test_excluded_paths_are_matched_on_the_path_the_app_routes(registry: CollectorRegistry, root_path: str, path: str, excluded: bool) -> None:
+    async def ok(scope: Scope, receive: Receive, send: Send) -> None:
+        await PlainTextResponse("fine")(scope, receive, send)
+
+    app = PrometheusMiddleware(ok, registry=registry)
+    scope = http_scope(path)
+    scope["root_path"] = root_path  # the path as given: with the root path in it, or not
+    await run_asgi(app, scope)
+
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="200") == (0 if excluded else 1)
+
+
 async def test_a_failing_handler_resolver_never_fails_the_request(
     registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:

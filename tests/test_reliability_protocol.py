@@ -299,7 +299,7 @@ def expected_status(behaviour: Behaviour, run: Run, received_by_app: list[Messag
 def is_excluded(scope: Scope) -> bool:
     path: str = scope["path"]
     root_path = scope.get("root_path") or ""
-    if root_path and path.startswith(root_path):
+    if root_path and path.startswith(root_path) and path[len(root_path) : len(root_path) + 1] in ("", "/"):
         path = path[len(root_path) :]
     return path == "/metrics"
 
