@@ -104,7 +104,42 @@ def check_process_setup() -> bool:
         )
     if path:
         check_directory(path)
+    elif not file_backed and (workers := server_workers()) > 1:
+        raise CrowdmonSetupError(
+            f"this process is one of the {workers} workers its server was started with, each with "
+            f"memory of its own, and {ENV_VAR} is not set: each "
+            "worker's /metrics would count only its own requests, and counters would jump between "
+            f"scrapes. Set it in the environment the server starts with: mkdir -p /tmp/crowdmon-metrics "
+            f"&& export {ENV_VAR}=/tmp/crowdmon-metrics && python3 -m crowdmon.multiprocess"
+        )
     return bool(path)
+
+
+def server_workers() -> int:
+    """How many worker processes the server this process belongs to runs, as its command line
+    says (uvicorn's spawned workers and gunicorn's forked ones keep the server's): ``--workers N``,
+    gunicorn's ``-w N``, or ``WEB_CONCURRENCY``, both servers' default; 1 for anything else
+    (``--reload`` runs one worker at a time)."""
+    argv = sys.argv
+    if not argv:
+        return 1
+    program = os.path.basename(argv[0])
+    if program == "__main__.py":  # python3 -m uvicorn
+        program = os.path.basename(os.path.dirname(argv[0]))
+    if program not in ("uvicorn", "gunicorn") or "--reload" in argv:
+        return 1
+    workers = os.environ.get("WEB_CONCURRENCY")
+    for index, argument in enumerate(argv[1:], 1):
+        if argument == "--workers" or (program == "gunicorn" and argument == "-w"):
+            workers = argv[index + 1] if index + 1 < len(argv) else None
+        elif argument.startswith("--workers="):
+            workers = argument.partition("=")[2]
+        elif program == "gunicorn" and argument.startswith("-w") and argument[2:].isdigit():
+            workers = argument[2:]
+    try:
+        return max(1, int(workers)) if workers else 1
+    except ValueError:
+        return 1
 
 
 def prepare_directory(path: str | None = None) -> str:

@@ -3,9 +3,12 @@ gauges removed, the catalogue's gauge modes, and the README's deployment snippet
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -14,7 +17,7 @@ import httpx
 import pytest
 
 from crowdmon import CATALOGUE, CrowdmonSetupError, MetricKind
-from crowdmon.multiprocess import prepare_directory, prune_dead_processes
+from crowdmon.multiprocess import prepare_directory, prune_dead_processes, server_workers
 from tests.production_support import (
     APP,
     Prometheus,
@@ -84,6 +87,50 @@ def test_gunicorn_refuses_to_start_without_the_variable(tmp_path: Path) -> None:
 
     assert result.returncode != 0
     assert "PROMETHEUS_MULTIPROC_DIR is not set" in result.stderr
+
+
+def test_uvicorn_workers_refuse_to_start_without_the_variable(tmp_path: Path) -> None:
+    env = subprocess_env(server_env(tmp_path, multiprocess=False))
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = tmp_path / "uvicorn.log"
+    command = [PYTHON, "-m", "uvicorn", "--workers", "2", "--host", "127.0.0.1", "--port", str(free_port()), APP]
+    with log.open("wb") as sink:
+        server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "CrowdmonSetupError" not in log.read_text() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+    assert "this process is one of the 2 workers its server was started with" in log.read_text()
+    assert "export PROMETHEUS_MULTIPROC_DIR=" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "workers"),
+    [
+        (["/usr/bin/uvicorn", "--workers", "4", "app:app"], {}, 4),
+        (["/site-packages/uvicorn/__main__.py", "--workers=3", "app:app"], {}, 3),
+        (["/usr/bin/uvicorn", "app:app"], {"WEB_CONCURRENCY": "2"}, 2),
+        (["/usr/bin/uvicorn", "--workers", "4", "--reload", "app:app"], {}, 1),
+        (["/usr/bin/gunicorn", "-w", "4", "app:app"], {}, 4),
+        (["/usr/bin/gunicorn", "-w8", "app:app"], {}, 8),
+        (["/usr/bin/uvicorn", "-w", "4", "app:app"], {}, 1),  # not a uvicorn option
+        (["/usr/bin/hypercorn", "--workers", "4", "app:app"], {}, 1),
+        (["serve.py", "--workers", "4"], {}, 1),
+        (["/usr/bin/uvicorn", "--workers", "many"], {}, 1),
+    ],
+)
+def test_the_workers_a_server_was_started_with(monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str], workers: int) -> None:
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    assert server_workers() == workers
 
 
 def test_the_prepare_command_explains_a_missing_variable() -> None:
