@@ -4,10 +4,17 @@ Each label of each metric admits at most ``cap`` distinct values; later new valu
 :data:`~crowdmon.catalogue.OVERFLOW_VALUE` and ``crowdmon_label_overflow_total{metric,label}``
 counts every fold, so the folding is visible.  Admitted values are remembered forever: a label
 value, once a time series, stays one.
+
+In multiprocess mode every worker's series end up on one ``/metrics``, the dead workers' included,
+so the values are admitted for the whole server: :class:`SharedAdmissions` keeps them in the
+multiprocess directory, and a worker started later (a restart, gunicorn's ``--max-requests``)
+finds the labels as full as they are.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections.abc import Callable, Mapping
 
@@ -44,6 +51,10 @@ class CardinalityGuard:
         self._seen: dict[tuple[str, str], set[str]] = {}
         self._lock = threading.Lock()
         self.on_overflow = on_overflow
+        #: Where the values admitted by every process of a multi-worker server are kept.
+        self.shared: SharedAdmissions | None = None
+        # Labels that reached their cap across the server: what they admitted is in _seen.
+        self._full: set[tuple[str, str]] = set()
 
     @property
     def caps(self) -> dict[str, int]:
@@ -61,10 +72,24 @@ class CardinalityGuard:
         if seen is not None and value in seen:
             return value
         with self._lock:
-            seen = self._seen.setdefault((metric, label), set())
+            key = (metric, label)
+            seen = self._seen.setdefault(key, set())
             if value in seen:
                 return value
-            if len(seen) < self.cap_for(metric, label):
+            cap = self.cap_for(metric, label)
+            if self.shared is not None and key not in self._full:
+                try:
+                    admitted, everyone = self.shared.admit(metric, label, value, cap)
+                except (OSError, ValueError):  # the directory failed us: this process's count decides
+                    pass
+                else:
+                    seen |= everyone
+                    if len(everyone) >= cap:
+                        self._full.add(key)
+                    if admitted:
+                        return value
+                    cap = 0
+            if len(seen) < cap and key not in self._full:
                 seen.add(value)
                 return value
         if self.on_overflow is not None:
@@ -77,3 +102,40 @@ class CardinalityGuard:
     def distinct_values(self, metric: str, label: str) -> int:
         """How many distinct values ``label`` of ``metric`` holds (the overflow value excluded)."""
         return len(self._seen.get((metric, label), ()))
+
+
+class SharedAdmissions:
+    """The label values admitted by every process writing to one multiprocess ``directory``: a
+    file per label (``crowdmon_labels_<metric>__<label>.jsonl``, a JSON string per line),
+    read and appended under an exclusive lock.  A process asks only for values it has not seen,
+    and no more once the label is full, so the files are touched at most ``cap`` times per label
+    and process."""
+
+    PREFIX = "crowdmon_labels_"
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def path(self, metric: str, label: str) -> str:
+        return os.path.join(self.directory, f"{self.PREFIX}{metric}__{label}.jsonl")
+
+    def admit(self, metric: str, label: str, value: str, cap: int) -> tuple[bool, set[str]]:
+        """Whether ``value`` is admitted (it was already, or there was room), and every value
+        admitted so far."""
+        import fcntl  # POSIX, as prometheus_client's multiprocess mode
+
+        with open(self.path(metric, label), "a+", encoding="utf-8") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            try:
+                file.seek(0)
+                admitted = {json.loads(line) for line in file if line.endswith("\n")}
+                if value in admitted:
+                    return True, admitted
+                if len(admitted) >= cap:
+                    return False, admitted
+                file.write(json.dumps(value) + "\n")
+                file.flush()
+                admitted.add(value)
+                return True, admitted
+            finally:
+                fcntl.flock(file, fcntl.LOCK_UN)

@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from crowdmon._recorder import BufferedRequestRecorder, ClientRequestRecorder, RequestRecorder
 from crowdmon._sharded import ShardedHistogram
-from crowdmon.cardinality import DEFAULT_CAP, CardinalityGuard
+from crowdmon.cardinality import DEFAULT_CAP, CardinalityGuard, SharedAdmissions
 from crowdmon.catalogue import (
     BY_NAME,
     CATALOGUE,
@@ -98,9 +98,15 @@ class _MetricSet:
     def __init__(self, registry: CollectorRegistry | None, guard: CardinalityGuard) -> None:
         self.registry = registry
         self.guard = guard
-        from crowdmon.multiprocess import check_process_setup  # imports this module
+        from crowdmon.multiprocess import (  # imports this module
+            check_process_setup,
+            multiprocess_directory,
+        )
 
         self.multiprocess = check_process_setup()
+        directory = multiprocess_directory()
+        if self.multiprocess and directory:
+            guard.shared = SharedAdmissions(directory)  # one cap for all the server's workers
         target = registry
         registered: list[Any] = []
         try:

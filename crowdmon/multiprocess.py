@@ -29,6 +29,7 @@ import sys
 import tempfile
 from typing import Any
 
+from crowdmon.cardinality import SharedAdmissions
 from crowdmon.instrumentation import CrowdmonSetupError
 
 ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
@@ -145,11 +146,12 @@ def server_workers() -> int:
 def prepare_directory(path: str | None = None) -> str:
     """Check the multiprocess directory and remove the metric files of a previous run.
 
-    Only prometheus_client's ``*.db`` files are removed, so a mistyped path loses nothing else.
+    Only prometheus_client's ``*.db`` files and crowdmon's admitted label values
+    (``crowdmon_labels_*.jsonl``) are removed, so a mistyped path loses nothing else.
     Call it once per server start, before the workers start; returns the directory.
     """
     path = check_directory(path)
-    for name in glob.glob(os.path.join(path, "*.db")):
+    for name in [*glob.glob(os.path.join(path, "*.db")), *glob.glob(os.path.join(path, SharedAdmissions.PREFIX + "*.jsonl"))]:
         os.remove(name)
     return path
 

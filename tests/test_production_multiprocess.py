@@ -109,6 +109,55 @@ def test_uvicorn_workers_refuse_to_start_without_the_variable(tmp_path: Path) ->
     assert "export PROMETHEUS_MULTIPROC_DIR=" in log.read_text()
 
 
+RECORD_USER_TYPES = """
+import sys
+from prometheus_client import CollectorRegistry
+from crowdmon import PrometheusInstrumentation
+instrumentation = PrometheusInstrumentation(CollectorRegistry(), cardinality_caps={"chat_messages_total:user_type": 5})
+for user_type in sys.argv[1:]:
+    instrumentation.track_chat_message(user_type=user_type)
+"""
+
+
+def chat_counts(directory: Path) -> dict[str, float]:
+    """``chat_messages_total`` by ``user_type``, summed over every worker's files."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    counts: dict[str, float] = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == "chat_messages_total":
+                counts[sample.labels["user_type"]] = counts.get(sample.labels["user_type"], 0) + sample.value
+    return counts
+
+
+def test_a_label_cap_holds_for_all_the_workers_of_a_server_and_their_successors(tmp_path: Path) -> None:
+    # Each worker is a process of its own, and a dead worker's series stay in the totals: the
+    # cap must count the values every worker, alive or gone, admitted.
+    env = subprocess_env({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    workers = [
+        subprocess.Popen([PYTHON, "-c", RECORD_USER_TYPES, *(f"w{worker}-{n}" for n in range(20))], env=env, cwd=REPO_ROOT)
+        for worker in range(3)
+    ]
+    assert [worker.wait(timeout=60) for worker in workers] == [0, 0, 0]
+    successor = subprocess.run([PYTHON, "-c", RECORD_USER_TYPES, *(f"next-{n}" for n in range(20))], env=env, cwd=REPO_ROOT, timeout=60)
+    assert successor.returncode == 0
+
+    counts = chat_counts(tmp_path)
+    assert sum(counts.values()) == 80  # every message counted
+    assert len(counts) == 6  # five values admitted across the server, and <other>
+    assert counts["<other>"] == 75
+    assert not any(user_type.startswith("next-") for user_type in counts)
+
+    prepare_directory(str(tmp_path))  # a new server start: the labels are empty again
+    assert list(tmp_path.iterdir()) == []
+    assert subprocess.run([PYTHON, "-c", RECORD_USER_TYPES, "fresh"], env=env, cwd=REPO_ROOT, timeout=60).returncode == 0
+    assert chat_counts(tmp_path) == {"fresh": 1.0}
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "workers"),
     [
