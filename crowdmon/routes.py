@@ -34,11 +34,9 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str, mou
     route = scope.get("route")
     if route is None:
         if "endpoint" not in scope:
-            if "router" not in scope and "app" in scope:
-                # The router never saw this scope: a middleware handed it a copy, as the ASGI
-                # spec asks of one that changes the scope, or answered before routing.
-                return _label_by_matching(scope, entry_root_path, status, getattr(scope["app"], "router", None))
-            return UNMATCHED_HANDLER  # no route matched: every route's matches() names its endpoint
+            # No route matched: every route's matches() names its endpoint.  (Or the router never
+            # saw this scope: a middleware answered before routing, or handed the router a copy.)
+            return UNMATCHED_HANDLER
         found = _route_by_matching(_start(scope, entry_root_path))
         if found is None:
             return UNMATCHED_HANDLER
@@ -53,14 +51,19 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str, mou
     if mount_prefix:
         mount_prefix = mounts.prefix(scope, entry_root_path, route, mount_prefix)
     if isinstance(route, (Mount, Host)):
-        # The last route recorded is a Mount: the mounted app is not a router at all (static
-        # files, a bare ASGI app), or its router found nothing of its own (a 404, a trailing-slash
-        # redirect) or never saw this scope (a middleware of the mounted app handed it a copy).
+        # The last route recorded is a Mount (or Host).
         if status == 404:
             return UNMATCHED_HANDLER
         if _routes_beneath(route):
+            # A router is mounted here.  If a route of it matched, the scope names that route's
+            # endpoint (its router records no route: FastAPI's plain routes), found again; if
+            # not, the mounted router matched nothing on this scope (a trailing-slash redirect;
+            # or it never saw it, as above).
+            if scope.get("endpoint") is getattr(route, "app", None):
+                return UNMATCHED_HANDLER
             return _label_by_matching(scope, entry_root_path, status, scope.get("router"))
-        # Its root_path already ends with the mount's path: the prefix plus the remainder.
+        # Not a router (static files, a bare ASGI app); its root_path already ends with the
+        # mount's path: the prefix plus the remainder.
         return mount_prefix + "/{path}"
     return mount_prefix + template
 
@@ -217,10 +220,9 @@ def _route_by_matching(probe: dict[str, Any]) -> tuple[_Chain, object] | None:
 
 
 def _label_by_matching(scope: Scope, entry_root_path: str, status: int | str, router: object) -> str:
-    """The label of a request whose routers did not all see the middleware's scope, from the
-    app's routes asked again from ``router`` (the outermost): the mounts crossed name the prefix
-    (as templates: the ``root_path`` they gave the copy is not seen), and a request no route
-    matches (a 404, a trailing-slash redirect) is unmatched."""
+    """The label of a request routed through a mount to a route its router did not record, from
+    the app's routes asked again from ``router`` (the outermost): the mounts crossed name the
+    prefix, as templates."""
     try:
         if router is None:
             return UNMATCHED_HANDLER
