@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from crowdmon.catalogue import OVERFLOW_VALUE
 
@@ -80,7 +80,7 @@ class CardinalityGuard:
             if self.shared is not None and key not in self._full:
                 try:
                     admitted, everyone = self.shared.admit(metric, label, value, cap)
-                except (OSError, ValueError):  # the directory failed us: this process's count decides
+                except Exception:  # the directory failed us: this process's own count decides
                     pass
                 else:
                     seen |= everyone
@@ -119,23 +119,46 @@ class SharedAdmissions:
     def path(self, metric: str, label: str) -> str:
         return os.path.join(self.directory, f"{self.PREFIX}{metric}__{label}.jsonl")
 
+    @staticmethod
+    def available() -> bool:
+        """Whether this platform has the file locks the files are shared under (POSIX)."""
+        try:
+            import fcntl  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
     def admit(self, metric: str, label: str, value: str, cap: int) -> tuple[bool, set[str]]:
         """Whether ``value`` is admitted (it was already, or there was room), and every value
         admitted so far."""
-        import fcntl  # POSIX, as prometheus_client's multiprocess mode
+        import fcntl
 
         with open(self.path(metric, label), "a+", encoding="utf-8") as file:
             fcntl.flock(file, fcntl.LOCK_EX)
             try:
                 file.seek(0)
-                admitted = {json.loads(line) for line in file if line.endswith("\n")}
+                text = file.read()
+                admitted = set(_values(text))
                 if value in admitted:
                     return True, admitted
                 if len(admitted) >= cap:
                     return False, admitted
-                file.write(json.dumps(value) + "\n")
+                # A line a process left unfinished (killed mid-write, a full disk) is ended
+                # first, so it spoils only itself.
+                file.write(("\n" if text and not text.endswith("\n") else "") + json.dumps(value) + "\n")
                 file.flush()
                 admitted.add(value)
                 return True, admitted
             finally:
                 fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def _values(text: str) -> Iterator[str]:
+    """The values of a file of :class:`SharedAdmissions`: every whole line that is a JSON string."""
+    for line in text.split("\n")[:-1]:  # the last piece is unfinished, or empty
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, str):
+            yield value

@@ -105,7 +105,7 @@ class _MetricSet:
 
         self.multiprocess = check_process_setup()
         directory = multiprocess_directory()
-        if self.multiprocess and directory:
+        if self.multiprocess and directory and SharedAdmissions.available():
             guard.shared = SharedAdmissions(directory)  # one cap for all the server's workers
         target = registry
         registered: list[Any] = []

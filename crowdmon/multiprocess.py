@@ -117,19 +117,26 @@ def check_process_setup() -> bool:
 
 
 def server_workers() -> int:
-    """How many worker processes the server this process belongs to runs, as its command line
-    says (uvicorn's spawned workers and gunicorn's forked ones keep the server's): ``--workers N``,
-    gunicorn's ``-w N``, or ``WEB_CONCURRENCY``, both servers' default; 1 for anything else
-    (``--reload`` runs one worker at a time)."""
+    """How many worker processes the server this process belongs to runs, when its command line
+    says so for certain (uvicorn's spawned workers and gunicorn's forked ones keep the server's):
+    uvicorn's ``--workers N`` or, without it, ``WEB_CONCURRENCY`` (its default), unless
+    ``--reload`` (one worker at a time); gunicorn's ``-w N`` / ``--workers N`` (which override
+    its config file and ``GUNICORN_CMD_ARGS``; ``WEB_CONCURRENCY`` is only a default they
+    override in turn, so it does not count).  1 for anything else."""
     argv = sys.argv
     if not argv:
         return 1
     program = os.path.basename(argv[0])
     if program == "__main__.py":  # python3 -m uvicorn
         program = os.path.basename(os.path.dirname(argv[0]))
-    if program not in ("uvicorn", "gunicorn") or "--reload" in argv:
+    if program == "uvicorn":
+        if "--reload" in argv:
+            return 1
+        workers = os.environ.get("WEB_CONCURRENCY")
+    elif program == "gunicorn":
+        workers = None
+    else:
         return 1
-    workers = os.environ.get("WEB_CONCURRENCY")
     for index, argument in enumerate(argv[1:], 1):
         if argument == "--workers" or (program == "gunicorn" and argument == "-w"):
             workers = argv[index + 1] if index + 1 < len(argv) else None

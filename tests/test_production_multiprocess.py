@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from crowdmon import CATALOGUE, CrowdmonSetupError, MetricKind
+from crowdmon.cardinality import SharedAdmissions
 from crowdmon.multiprocess import prepare_directory, prune_dead_processes, server_workers
 from tests.production_support import (
     APP,
@@ -158,12 +159,29 @@ def test_a_label_cap_holds_for_all_the_workers_of_a_server_and_their_successors(
     assert chat_counts(tmp_path) == {"fresh": 1.0}
 
 
+def test_shared_admissions_survive_a_line_left_unfinished_and_odd_values(tmp_path: Path) -> None:
+    first, second = SharedAdmissions(str(tmp_path)), SharedAdmissions(str(tmp_path))
+    assert first.admit("chat_messages_total", "user_type", "line\nbreak", 4) == (True, {"line\nbreak"})
+    with open(first.path("chat_messages_total", "user_type"), "a", encoding="utf-8") as file:
+        file.write('"torn')  # a worker killed mid-write
+
+    assert second.admit("chat_messages_total", "user_type", "été", 4) == (True, {"line\nbreak", "été"})
+    assert second.admit("chat_messages_total", "user_type", "", 4) == (True, {"line\nbreak", "été", ""})
+    assert first.admit("chat_messages_total", "user_type", "fourth", 4)[0] is True
+    assert first.admit("chat_messages_total", "user_type", "fifth", 4) == (False, {"line\nbreak", "été", "", "fourth"})
+    assert second.admit("chat_messages_total", "user_type", "été", 4)[0] is True  # admitted already
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "workers"),
     [
         (["/usr/bin/uvicorn", "--workers", "4", "app:app"], {}, 4),
         (["/site-packages/uvicorn/__main__.py", "--workers=3", "app:app"], {}, 3),
         (["/usr/bin/uvicorn", "app:app"], {"WEB_CONCURRENCY": "2"}, 2),
+        (["/usr/bin/uvicorn", "--workers", "1", "app:app"], {"WEB_CONCURRENCY": "2"}, 1),
+        # gunicorn's config file or GUNICORN_CMD_ARGS may override WEB_CONCURRENCY: not certain
+        (["/usr/bin/gunicorn", "-c", "gunicorn.conf.py", "app:app"], {"WEB_CONCURRENCY": "4"}, 1),
+        (["/usr/bin/gunicorn", "--reload", "-w", "2", "app:app"], {}, 2),
         (["/usr/bin/uvicorn", "--workers", "4", "--reload", "app:app"], {}, 1),
         (["/usr/bin/gunicorn", "-w", "4", "app:app"], {}, 4),
         (["/usr/bin/gunicorn", "-w8", "app:app"], {}, 8),
