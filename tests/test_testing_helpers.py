@@ -112,6 +112,23 @@ def test_without_labels_the_helpers_add_up_the_family_and_a_wrong_label_name_is_
             assert_metric("active_sessions_current", {"user_type": "free"}, 1.0000001)
 
 
+def test_some_of_the_labels_add_up_the_samples_that_have_them_and_odd_values_are_refused() -> None:
+    with isolated_instrumentation():
+        with metric_delta("application_errors_total", {"component": "billing"}) as billing:
+            crowdmon.track_application_error(None, "billing", PermissionError("denied"))
+            crowdmon.track_application_error(None, "billing", ValueError("bad"))
+            crowdmon.track_application_error(None, "search", ValueError("bad"))
+        billing.assert_incremented(by=2)
+        with pytest.raises(AssertionError, match=r"to grow by 0\.0, but it changed by 2\.0"):
+            billing.assert_unchanged()
+        assert metric_value("application_errors_total", {"error_type": "validation"}) == 2
+        assert_metric("application_errors_total", {"error_type": "auth", "component": "billing", "user_type": "unknown"}, 1)
+        with pytest.raises(ValueError, match="label values are strings: cache_hit=False can never match; write cache_hit='false'"):
+            metric_value("chat_messages_total", {"cache_hit": False})  # type: ignore[dict-item]
+        with pytest.raises(ValueError, match="vector_search_duration_seconds_bucket needs its le label"):
+            metric_value("vector_search_duration_seconds_bucket", {"operation": "query"})
+
+
 def test_assert_instrumented_names_what_a_function_records() -> None:
     def plain() -> None:
         pass
