@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import gzip
 import hashlib
 import hmac
@@ -292,9 +293,11 @@ def _allowed(host: str | None, networks: tuple[IPNetwork, ...]) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False  # a unix socket path or a name: not an address on the list
+    # An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d: either form may be listed.
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+        candidates.append(address.ipv4_mapped)
+    return any(candidate in network for candidate in candidates for network in networks)
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
@@ -310,11 +313,64 @@ async def _respond(send: Send, status: int, body: bytes, headers: Headers, metho
 # -- metrics on a listener of their own --------------------------------------------------------
 
 
+#: Connections the metrics server serves at once (a thread each); more are closed at once.
+MAX_CONNECTIONS = 64
+#: Seconds a connection of the metrics server may stay silent before it is closed.
+CONNECTION_TIMEOUT = 10.0
+
+
+class _MetricsHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most :data:`MAX_CONNECTIONS` of them, none silent for longer
+    than :data:`CONNECTION_TIMEOUT`.  A connection from an address off ``allow_from`` gets its
+    403 at once, before any thread or request: it cannot hold one."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog (socketserver's default is 5)
+    #: Set by :class:`MetricsServer`: the app whose allow-list is checked on connection.
+    app: MetricsApp | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        app = self.app
+        if app is not None and app._networks is not None and not _allowed(str(client_address[0]), app._networks):
+            with contextlib.suppress(OSError):
+                request.settimeout(1.0)
+                request.sendall(_REFUSED)
+            return False  # the server closes the connection
+        return True
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _IPv6Server(_MetricsHTTPServer):
+    address_family = socket.AF_INET6
+
+
+_REFUSED = b"HTTP/1.0 403 Forbidden\r\nServer: crowdmon\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
 class MetricsServer:
     """A :class:`MetricsApp` served by a small threaded HTTP server; see :func:`serve_metrics`."""
 
     def __init__(self, app: MetricsApp, host: str, port: int, path: str) -> None:
-        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+        server_class = _IPv6Server if ":" in host else _MetricsHTTPServer
         try:
             self._server = server_class((host, port), _handler_for(app, path))
         except OSError as error:
@@ -324,6 +380,7 @@ class MetricsServer:
                 "when_ready hook)"
             ) from error
         self._server.daemon_threads = True
+        self._server.app = app
         self.host = host
         self.port = int(self._server.server_address[1])
         self.path = path
@@ -372,13 +429,13 @@ def serve_metrics(
     return MetricsServer(app, host, port, path)
 
 
-class _IPv6Server(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-
-
 def _handler_for(app: MetricsApp, path: str) -> type[BaseHTTPRequestHandler]:
     class MetricsHandler(BaseHTTPRequestHandler):
         server_version = "crowdmon"
+        timeout = CONNECTION_TIMEOUT  # a silent connection is closed, and its thread ends
+
+        def version_string(self) -> str:
+            return self.server_version  # not the Python version, to anyone who asks
 
         def do_GET(self) -> None:
             self._answer(send_body=True)

@@ -4,6 +4,9 @@ a separate listener, and the README's protection snippets."""
 from __future__ import annotations
 
 import base64
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+import crowdmon.exposition
 from crowdmon import (
     CrowdmonSetupError,
     MetricsApp,
@@ -279,6 +283,49 @@ def test_serve_metrics_on_a_separate_listener(registry: CollectorRegistry) -> No
     assert elsewhere.status_code == 404
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url)  # closed
+
+
+def test_the_metrics_listener_cannot_be_held_by_silent_connections(registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crowdmon.exposition, "CONNECTION_TIMEOUT", 0.5)
+    instrumentation = PrometheusInstrumentation(registry)
+    before = threading.active_count()
+    with serve_metrics(port=0, instrumentation=instrumentation, allow_from=["10.9.9.9"]) as fenced:
+        # Off the list: the 403 comes at once, from the listener's own thread.
+        silent = [socket.create_connection(("127.0.0.1", fenced.port)) for _ in range(50)]
+        refused = httpx.get(fenced.url)
+        assert threading.active_count() <= before + 1
+        assert silent[0].recv(100).startswith(b"HTTP/1.0 403 Forbidden")
+        for connection in silent:
+            connection.close()
+    assert (refused.status_code, refused.headers["server"]) == (403, "crowdmon")
+
+    with serve_metrics(port=0, instrumentation=instrumentation, bearer_token=TOKEN) as open_to_all:
+        silent = [socket.create_connection(("127.0.0.1", open_to_all.port)) for _ in range(100)]
+        time.sleep(0.2)
+        assert threading.active_count() <= before + 1 + crowdmon.exposition.MAX_CONNECTIONS
+        deadline = time.monotonic() + 10  # past the timeout the silent ones are closed, their threads gone
+        while threading.active_count() > before + 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert threading.active_count() <= before + 1
+        unauthorised = httpx.get(open_to_all.url)
+        for connection in silent:
+            connection.close()
+    assert unauthorised.status_code == 401
+    assert unauthorised.headers["server"] == "crowdmon"  # not the Python version
+
+
+async def test_allow_from_takes_an_ipv4_client_in_either_form() -> None:
+    async def scrape(allow_from: list[str], client: str) -> int:
+        app = MetricsApp(PrometheusInstrumentation(CollectorRegistry()), allow_from=allow_from)
+        scope = http_scope("/metrics")
+        scope["client"] = (client, 50000)
+        return int((await run_asgi(app, scope))[0]["status"])
+
+    assert await scrape(["::ffff:127.0.0.1"], "::ffff:127.0.0.1") == 200
+    assert await scrape(["::ffff:10.0.0.0/104"], "::ffff:10.0.0.5") == 200
+    assert await scrape(["127.0.0.1"], "::ffff:127.0.0.1") == 200
+    assert await scrape(["10.0.0.0/8"], "::ffff:10.0.0.5") == 200
+    assert await scrape(["10.0.0.0/8"], "::ffff:11.0.0.5") == 403
 
 
 def test_serve_metrics_refuses_a_busy_port(registry: CollectorRegistry) -> None:
