@@ -126,12 +126,18 @@ class ErrorTaxonomy:
         return found
 
     def _match_name(self, klass: type) -> tuple[int, str] | None:
-        entries = self._by_name.get(klass.__qualname__)
+        enclosing, _, name = klass.__qualname__.rpartition(".")
+        entries = self._by_name.get(name)
         if not entries:
             return None
         module = klass.__module__
         for prefix, added, category in entries:
-            if module == prefix or module.startswith(prefix + "."):
+            package = prefix
+            if enclosing:  # a nested class: the rule names its enclosing classes after the module
+                if not prefix.endswith("." + enclosing):
+                    continue
+                package = prefix[: -len(enclosing) - 1]
+            if module == package or module.startswith(package + "."):
                 return added, category
         return None
 

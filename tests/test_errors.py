@@ -78,6 +78,16 @@ def test_user_rules_by_class_and_by_dotted_name() -> None:
     assert taxonomy.classify(api_error()) == "external_service"
 
 
+def test_a_dotted_name_rule_matches_a_nested_class_by_its_enclosing_classes() -> None:
+    inner = types.new_class("Inner", (Exception,), {}, lambda ns: ns.update(__module__="stripe._error", __qualname__="StripeError.Inner"))
+    elsewhere = types.new_class("Inner", (Exception,), {}, lambda ns: ns.update(__module__="stripe._error", __qualname__="Other.Inner"))
+    taxonomy = ErrorTaxonomy({"stripe.StripeError.Inner": "external_service"})
+
+    assert taxonomy.classify(inner()) == "external_service"  # in a submodule, as for any rule
+    assert taxonomy.classify(elsewhere()) == "system"
+    assert ErrorTaxonomy({"stripe._error.StripeError.Inner": "database"}).classify(inner()) == "database"
+
+
 def test_first_match_along_the_mro_wins_and_user_rules_beat_defaults() -> None:
     class StorageError(Exception):
         pass
