@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -293,10 +294,13 @@ def _allowed(host: str | None, networks: tuple[IPNetwork, ...]) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False  # a unix socket path or a name: not an address on the list
-    # An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d: either form may be listed.
+    # An IPv4 client shows as a.b.c.d, or as ::ffff:a.b.c.d on a dual-stack listener: either
+    # form may be listed, whichever the client shows as.
     candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         candidates.append(address.ipv4_mapped)
+    elif isinstance(address, ipaddress.IPv4Address):
+        candidates.append(ipaddress.IPv6Address(f"::ffff:{address}"))
     return any(candidate in network for candidate in candidates for network in networks)
 
 
@@ -314,15 +318,17 @@ async def _respond(send: Send, status: int, body: bytes, headers: Headers, metho
 
 
 #: Connections the metrics server serves at once (a thread each); more are closed at once.
-MAX_CONNECTIONS = 64
-#: Seconds a connection of the metrics server may stay silent before it is closed.
+MAX_CONNECTIONS = 256
+#: Seconds a connection of the metrics server has to send its whole request (however slowly it
+#: trickles in), and may stay silent at any point, before it is closed.
 CONNECTION_TIMEOUT = 10.0
 
 
 class _MetricsHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most :data:`MAX_CONNECTIONS` of them, none silent for longer
-    than :data:`CONNECTION_TIMEOUT`.  A connection from an address off ``allow_from`` gets its
-    403 at once, before any thread or request: it cannot hold one."""
+    """A thread per connection, at most :data:`MAX_CONNECTIONS` of them, each given
+    :data:`CONNECTION_TIMEOUT` seconds to send its request: idle or trickling connections cannot
+    hold threads, nor slots for longer than that.  A connection from an address off
+    ``allow_from`` gets its 403 at once, before any thread or request: it cannot hold one."""
 
     daemon_threads = True
     request_queue_size = 128  # the listen backlog (socketserver's default is 5)
@@ -331,7 +337,31 @@ class _MetricsHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        # Connections still sending their request, and when they were accepted.
+        self._reading: dict[Any, float] = {}
+        self._reading_lock = threading.Lock()
+        self._closed = threading.Event()
         super().__init__(*args, **kwargs)
+        threading.Thread(target=self._cut_slow_requests, name="crowdmon-metrics-deadline", daemon=True).start()
+
+    def _cut_slow_requests(self) -> None:
+        """Twice a second: shut the connections whose request is not in after the timeout."""
+        while not self._closed.wait(0.5):
+            now = time.monotonic()
+            with self._reading_lock:
+                late = [request for request, since in self._reading.items() if now - since > CONNECTION_TIMEOUT]
+            for request in late:
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
+
+    def request_read(self, request: Any) -> None:
+        """The request on this connection is in: the deadline no longer applies."""
+        with self._reading_lock:
+            self._reading.pop(request, None)
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         app = self.app
@@ -353,9 +383,12 @@ class _MetricsHTTPServer(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._reading_lock:
+            self._reading[request] = time.monotonic()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.request_read(request)
             self._slots.release()
 
 
@@ -444,6 +477,9 @@ def _handler_for(app: MetricsApp, path: str) -> type[BaseHTTPRequestHandler]:
             self._answer(send_body=False)
 
         def _answer(self, send_body: bool) -> None:
+            server = self.server
+            if isinstance(server, _MetricsHTTPServer):
+                server.request_read(self.request)
             url = urlsplit(self.path)
             headers = {name.lower().encode("latin-1"): value.encode("latin-1") for name, value in self.headers.items()}
             refusal = app.refusal(headers, self.client_address[0])

@@ -4,6 +4,7 @@ a separate listener, and the README's protection snippets."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import threading
 import time
@@ -293,7 +294,7 @@ def test_the_metrics_listener_cannot_be_held_by_silent_connections(registry: Col
         # Off the list: the 403 comes at once, from the listener's own thread.
         silent = [socket.create_connection(("127.0.0.1", fenced.port)) for _ in range(50)]
         refused = httpx.get(fenced.url)
-        assert threading.active_count() <= before + 1
+        assert threading.active_count() <= before + 2  # the listener and its deadline
         assert silent[0].recv(100).startswith(b"HTTP/1.0 403 Forbidden")
         for connection in silent:
             connection.close()
@@ -302,16 +303,38 @@ def test_the_metrics_listener_cannot_be_held_by_silent_connections(registry: Col
     with serve_metrics(port=0, instrumentation=instrumentation, bearer_token=TOKEN) as open_to_all:
         silent = [socket.create_connection(("127.0.0.1", open_to_all.port)) for _ in range(100)]
         time.sleep(0.2)
-        assert threading.active_count() <= before + 1 + crowdmon.exposition.MAX_CONNECTIONS
+        assert threading.active_count() <= before + 2 + crowdmon.exposition.MAX_CONNECTIONS
         deadline = time.monotonic() + 10  # past the timeout the silent ones are closed, their threads gone
-        while threading.active_count() > before + 1 and time.monotonic() < deadline:
+        while threading.active_count() > before + 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert threading.active_count() <= before + 1
+        assert threading.active_count() <= before + 2
         unauthorised = httpx.get(open_to_all.url)
         for connection in silent:
             connection.close()
     assert unauthorised.status_code == 401
     assert unauthorised.headers["server"] == "crowdmon"  # not the Python version
+
+
+def test_connections_trickling_their_request_cannot_keep_the_scraper_out(registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crowdmon.exposition, "CONNECTION_TIMEOUT", 1.0)
+    monkeypatch.setattr(crowdmon.exposition, "MAX_CONNECTIONS", 4)
+    with serve_metrics(port=0, instrumentation=PrometheusInstrumentation(registry)) as server:
+        trickling = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+        started = time.monotonic()
+        answered = None
+        while answered is None and time.monotonic() - started < 5:
+            for connection in trickling:
+                with contextlib.suppress(OSError):
+                    connection.send(b"G")  # a byte at a time: never silent for the read timeout
+            time.sleep(0.2)
+            with contextlib.suppress(httpx.HTTPError):
+                answered = httpx.get(server.url, timeout=2)
+        waited = time.monotonic() - started
+        for connection in trickling:
+            connection.close()
+
+    assert answered is not None and answered.status_code == 200
+    assert 0.9 < waited < 3  # the four slots were taken until the deadline cut them
 
 
 async def test_allow_from_takes_an_ipv4_client_in_either_form() -> None:
@@ -326,6 +349,8 @@ async def test_allow_from_takes_an_ipv4_client_in_either_form() -> None:
     assert await scrape(["127.0.0.1"], "::ffff:127.0.0.1") == 200
     assert await scrape(["10.0.0.0/8"], "::ffff:10.0.0.5") == 200
     assert await scrape(["10.0.0.0/8"], "::ffff:11.0.0.5") == 403
+    assert await scrape(["::ffff:127.0.0.1"], "127.0.0.1") == 200  # an IPv4 listener's client
+    assert await scrape(["::ffff:10.0.0.0/104"], "10.0.0.5") == 200
 
 
 def test_serve_metrics_refuses_a_busy_port(registry: CollectorRegistry) -> None:
