@@ -89,7 +89,7 @@ class CardinalityGuard:
                     if admitted:
                         return value
                     cap = 0
-            if len(seen) < cap and key not in self._full:
+            if len(seen) < cap:  # a full label's values are all in seen
                 seen.add(value)
                 return value
         if self.on_overflow is not None:

@@ -412,7 +412,6 @@ class MetricsServer:
                 "(in a multi-worker server, serve metrics from one process only, e.g. gunicorn's "
                 "when_ready hook)"
             ) from error
-        self._server.daemon_threads = True
         self._server.app = app
         self.host = host
         self.port = int(self._server.server_address[1])

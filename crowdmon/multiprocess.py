@@ -158,8 +158,9 @@ def prepare_directory(path: str | None = None) -> str:
     Call it once per server start, before the workers start; returns the directory.
     """
     path = check_directory(path)
-    for name in [*glob.glob(os.path.join(path, "*.db")), *glob.glob(os.path.join(path, SharedAdmissions.PREFIX + "*.jsonl"))]:
-        os.remove(name)
+    for pattern in ("*.db", SharedAdmissions.PREFIX + "*.jsonl"):
+        for name in glob.glob(os.path.join(path, pattern)):
+            os.remove(name)
     return path
 
 

@@ -32,15 +32,22 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str, mou
     again as templates by ``mounts`` (the middleware's own, so it lives and dies with the app).
     """
     route = scope.get("route")
+    if isinstance(route, (Mount, Host)) and status != 404 and _routes_beneath(route):
+        # The last route recorded is a mount of a router that recorded none of its own.  If a
+        # route of it matched, the scope names that route's endpoint (FastAPI's plain routes),
+        # found again below; if not, it matched nothing on this scope (a trailing-slash
+        # redirect; or it never saw it, as below).
+        if scope.get("endpoint") is getattr(route, "app", None):
+            return UNMATCHED_HANDLER
+        route = None
     if route is None:
         if "endpoint" not in scope:
             # No route matched: every route's matches() names its endpoint.  (Or the router never
             # saw this scope: a middleware answered before routing, or handed the router a copy.)
             return UNMATCHED_HANDLER
-        found = _route_by_matching(_start(scope, entry_root_path))
-        if found is None:
+        route = _route_by_matching(scope, entry_root_path)
+        if route is None:
             return UNMATCHED_HANDLER
-        route = found[1]
     template = _template_of(scope, route)
     if not isinstance(template, str) or not template:
         return UNMATCHED_HANDLER
@@ -51,19 +58,11 @@ def handler_label_for(scope: Scope, entry_root_path: str, status: int | str, mou
     if mount_prefix:
         mount_prefix = mounts.prefix(scope, entry_root_path, route, mount_prefix)
     if isinstance(route, (Mount, Host)):
-        # The last route recorded is a Mount (or Host).
+        # The last route matched is a Mount: the mounted app found nothing of its own (a 404 in a
+        # sub-router) or is not a router at all (static files, a bare ASGI app).  Its root_path
+        # already ends with the mount's path, so the template is the prefix plus the remainder.
         if status == 404:
             return UNMATCHED_HANDLER
-        if _routes_beneath(route):
-            # A router is mounted here.  If a route of it matched, the scope names that route's
-            # endpoint (its router records no route: FastAPI's plain routes), found again; if
-            # not, the mounted router matched nothing on this scope (a trailing-slash redirect;
-            # or it never saw it, as above).
-            if scope.get("endpoint") is getattr(route, "app", None):
-                return UNMATCHED_HANDLER
-            return _label_by_matching(scope, entry_root_path, status, scope.get("router"))
-        # Not a router (static files, a bare ASGI app); its root_path already ends with the
-        # mount's path: the prefix plus the remainder.
         return mount_prefix + "/{path}"
     return mount_prefix + template
 
@@ -191,61 +190,28 @@ def _choose(routes: Any, probe: dict[str, Any]) -> tuple[object, dict[str, Any]]
     return chosen, chosen_scope
 
 
-def _route_by_matching(probe: dict[str, Any]) -> tuple[_Chain, object] | None:
+def _route_by_matching(scope: Scope, entry_root_path: str) -> object | None:
     """The route the app's routers chose for a request whose router did not record it in the
     scope, found again with the routes' own ``matches()`` from the outermost router (the first
-    full match wins, else the first partial one), through mounts and hosts, with the mounts and
-    hosts crossed on the way; ``None`` if no route matches (a 404) or the router cannot be asked."""
+    full match wins, else the first partial one), through mounts and hosts; ``None`` if no route
+    matches (a 404) or the router cannot be asked."""
     try:
+        probe = _start(scope, entry_root_path)
         routes = getattr(probe["router"], "routes", None)
-        chain: list[Mount | Host] = []
         for _ in range(_MOUNT_DEPTH):
             chosen, chosen_scope = _choose(routes, probe)
             if _included(chosen):
-                route = _route_in_included(chosen, probe)
-                return None if route is None else (tuple(chain), route)
-            if chosen is None:
-                return None
+                return _route_in_included(chosen, probe)
             if not isinstance(chosen, (Mount, Host)):
-                return tuple(chain), chosen
+                return chosen
             beneath = chosen.routes or _routes_beneath(chosen.app)
             if not beneath:
-                return tuple(chain), chosen  # a mounted app that is not a router: static files, a bare ASGI app
-            chain.append(chosen)
+                return chosen  # a mounted app that is not a router: static files, a bare ASGI app
             probe.update(chosen_scope)
             routes = beneath
     except Exception:
         pass
     return None
-
-
-def _label_by_matching(scope: Scope, entry_root_path: str, status: int | str, router: object) -> str:
-    """The label of a request routed through a mount to a route its router did not record, from
-    the app's routes asked again from ``router`` (the outermost): the mounts crossed name the
-    prefix, as templates."""
-    try:
-        if router is None:
-            return UNMATCHED_HANDLER
-        start = _start({**scope, "router": router}, entry_root_path)
-        found = _route_by_matching(dict(start))
-        if found is None:
-            return UNMATCHED_HANDLER
-        chain, route = found
-        template: object = "/{path}"
-        if isinstance(route, (Mount, Host)):  # a mounted app that is not a router
-            if status == 404:
-                return UNMATCHED_HANDLER
-            chain = (*chain, route)
-        else:
-            template = getattr(route, "path_format", None)
-        if not isinstance(template, str) or not template:
-            return UNMATCHED_HANDLER
-        consumed = _replay(chain, start)
-        if consumed is None:
-            return UNMATCHED_HANDLER
-        return _templates(chain, consumed, entry_root_path) + template
-    except Exception:
-        return UNMATCHED_HANDLER
 
 
 def _included(route: object) -> bool:
@@ -255,15 +221,13 @@ def _included(route: object) -> bool:
 
 def _route_in_included(included: Any, probe: dict[str, Any]) -> object | None:
     """The route an included router (and the routers included in it) chose: FastAPI's effective
-    route, whose ``starlette_route`` (for a plain route), or else the route context itself, has
-    the whole prefixed template as its ``path_format``."""
+    route, whose ``starlette_route`` carries the whole prefixed template."""
     for _ in range(_MOUNT_DEPTH):
         match, _child, inner, context = included._match(probe)
         if match is Match.NONE:
             return None
         if context is not None:
-            route: object = getattr(context, "starlette_route", None) or context
-            return route
+            return getattr(context, "starlette_route", None) or getattr(context, "original_route", None)
         if not _included(inner):
             return inner  # type: ignore[no-any-return]
         included = inner

@@ -62,19 +62,17 @@ def _read(registry: CollectorRegistry, sample: str, labels: Mapping[str, str] | 
     """The sample's value; the sum of the samples that have ``labels`` when they are only some of
     the family's labels, or of all its samples when ``labels`` is ``None``; ``None`` if there is
     none."""
-    if labels is None:
-        if sample.endswith("_bucket"):
-            raise ValueError(f"{sample} needs its labels, le included: its samples are cumulative, and adding them up means nothing")
-        values = [s.value for family in registry.collect() for s in family.samples if s.name == sample]
-        return sum(values) if values else None
-    _check_label_names(sample, labels)
-    wanted = dict(labels)
+    wanted = dict(labels or {})
+    if labels is not None:
+        _check_label_names(sample, labels)
     for label, value in wanted.items():
         if not isinstance(value, str):
             raise ValueError(f"label values are strings: {label}={value!r} can never match; write {label}={str(value).lower() if isinstance(value, bool) else str(value)!r}")
     if sample.endswith("_bucket") and "le" not in wanted:
-        raise ValueError(f"{sample} needs its le label: its samples are cumulative, and adding them up means nothing")
-    # Some of the labels: the samples that have them, added up (all of them: the one sample).
+        needs = "its labels, le included" if labels is None else "its le label"
+        raise ValueError(f"{sample} needs {needs}: its samples are cumulative, and adding them up means nothing")
+    # The samples that have the labels given, added up (all of them: the one sample; none
+    # given: the whole family).
     values = [
         s.value for family in registry.collect() for s in family.samples
         if s.name == sample and all(s.labels.get(label) == value for label, value in wanted.items())

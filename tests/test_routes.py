@@ -390,9 +390,9 @@ async def test_a_request_no_route_matched_is_not_routed_again(registry: Collecto
     asked: list[str] = []
     route_by_matching = crowdmon.routes._route_by_matching
 
-    def counting(probe: dict[str, Any]) -> object | None:
-        asked.append(probe["path"])
-        return route_by_matching(probe)
+    def counting(scope: Scope, entry_root_path: str) -> object | None:
+        asked.append(scope["path"])
+        return route_by_matching(scope, entry_root_path)
 
     monkeypatch.setattr(crowdmon.routes, "_route_by_matching", counting)
     app = FastAPI()
