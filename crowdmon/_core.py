@@ -13,7 +13,7 @@ seen for the first time) are Python methods of the subclasses, called from eithe
 from __future__ import annotations
 
 import operator
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from crowdmon.catalogue import UNMATCHED_HANDLER
 from crowdmon.context import current_request
 
 if TYPE_CHECKING:
+    from crowdmon._recorder import RequestEntry
     from crowdmon.middleware import PrometheusMiddleware
 
 
@@ -56,7 +57,7 @@ class MiddlewareCore:
         """The request's exchange (published as the request context), or ``None`` for a scope that
         is not recorded: not HTTP, or an excluded path (or a start that failed, which is reported).
         """
-        if scope["type"] != "http":
+        if scope.get("type") != "http":
             return None
         middleware: PrometheusMiddleware = self  # type: ignore[assignment]
         if middleware._follows_default and _instrumentation_module._default is not middleware.instrumentation:
@@ -91,6 +92,7 @@ class MiddlewareCore:
         exchange.server_receive = receive
         exchange.server_send = send
         exchange._token = None
+        exchange._record = middleware._record  # where the start was counted, whatever comes next
         exchange.started = perf_counter()
         try:
             exchange._token = current_request.set(exchange)
@@ -106,6 +108,7 @@ class ExchangeCore:
 
     __slots__ = (
         "_endpoint",
+        "_record",
         "_token",
         "_user_type",
         "body_complete",
@@ -138,6 +141,7 @@ class ExchangeCore:
     server_send: Any
     started: float
     _token: Any
+    _record: Callable[[RequestEntry], None]
 
     def receive(self) -> Awaitable[Message]:
         # Once the body is complete and the response has started, the app's receives go
@@ -203,7 +207,7 @@ class ExchangeCore:
         duration = ended_at - self.started
         request_bytes = self.request_bytes
         try:
-            record = middleware._record
+            record = self._record
             record((
                 self.method,
                 handler,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_right
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,6 +39,7 @@ from crowdmon.cardinality import CardinalityGuard
 from crowdmon.catalogue import BY_NAME, OTHER_METHOD, MetricSpec
 
 if TYPE_CHECKING:
+    from crowdmon._speedups import RequestSums
     from crowdmon.exemplars import ExemplarStore
 
 REQUESTS = BY_NAME["crowdfunding_api_requests_total"]
@@ -92,6 +93,9 @@ class RequestRecorder(Protocol):
     #: Entries recorded but not yet absorbed; the middleware calls :meth:`flush` at ``flush_at``.
     pending: list[RequestEntry]
     flush_at: int
+    @property
+    def sums(self) -> RequestSums | None:
+        """Where the compiled middleware adds the requests of known label sets itself, or ``None``."""
 
     def flush(self) -> None:
         """Bring every recorded request into the metrics."""
@@ -173,13 +177,13 @@ class _Plan:
     """What absorbing a batch will change, worked out before anything changes: everything that
     can fail on odd values (hashing, sorting) happens here."""
 
-    def __init__(self, started: list[object], batch: list[RequestEntry]) -> None:
+    def __init__(self, started: Mapping[object, int], batch: list[RequestEntry]) -> None:
         #: Entries sorted by label set (C compares the objects the entries share); each label
         #: set's values are sorted on their own later, where floats and ints compare fastest.
         self.ordered = sorted(batch, key=_KEY)
         self.spans = list(_label_sets(self.ordered))
         self.in_progress: Tally[str] = Tally()
-        for method, count in Tally(started).items():
+        for method, count in started.items():
             self.in_progress[method_label(method)] += count
         requests: dict[tuple[object, str, object], int] = {}
         for raw_key, start, stop in self.spans:
@@ -217,11 +221,16 @@ class BufferedRequestRecorder:
         self._series: dict[RequestKey, list[float]] = {}
         self._in_progress: dict[str, int] = {}
         compiled = speedups()
-        self._absorb: Callable[..., tuple[list[RequestEntry], dict[str, int]]] | None = None if compiled is None else compiled.absorb
-        #: Raw label sets whose values are already labels (a standard method, a status from 100
-        #: to 599) and that the guard admitted as they are: their series's cells, and whether
-        #: their responses send no body.  As bounded as the series.
-        self._known: dict[tuple[object, str, object], tuple[list[float], bool]] = {}
+        #: Counts the started requests' methods (C counts a run of one method object at once).
+        self._tally: Callable[[list[object]], Mapping[object, int]] = Tally if compiled is None else compiled.tally
+        #: Where the compiled middleware adds up, as they finish, the requests of each label set
+        #: whose raw values are already labels (a standard method, a status from 100 to 599) and
+        #: that the guard admitted as they are, and counts the starts of standard methods; the
+        #: rest comes through ``start`` and ``record``.  As bounded as the series.
+        self.sums: RequestSums | None = None
+        if compiled is not None:
+            offsets = (_LAYOUT.duration, _LAYOUT.request, _LAYOUT.response)
+            self.sums = compiled.RequestSums(STANDARD_METHODS, _LAYOUT.duration_bounds, _LAYOUT.size_bounds, offsets)
 
     def flush(self) -> None:
         with self._lock:
@@ -234,25 +243,25 @@ class BufferedRequestRecorder:
             starts = self._starts
             started = starts[: len(starts)]
             del starts[: len(started)]
-            if self._absorb is not None and self._known:
+            if self.sums is not None:
                 try:
-                    batch, finished = self._absorb(batch, self._known, _LAYOUT.duration_bounds, _LAYOUT.size_bounds, (_LAYOUT.duration, _LAYOUT.request, _LAYOUT.response))
+                    added, finished = self.sums.drain()
                 except Exception as error:
-                    # Only memory runs out here: the batch is lost, each request counted as a
-                    # failure, and the gauge stays right.
-                    self._report("middleware.record", error, len(batch))
-                    finished = dict(Tally(map(method_label, map(_METHOD, batch))))
-                    batch = []
-                in_progress = self._in_progress
-                for label, count in finished.items():
-                    in_progress[label] = in_progress.get(label, 0) - count
+                    # Only memory runs out here (a label set's sums may be half in its cells).
+                    self._report("middleware.record", error, 1)
+                else:
+                    in_progress = self._in_progress
+                    for label, count in added.items():
+                        in_progress[label] = in_progress.get(label, 0) + count
+                    for label, count in finished.items():
+                        in_progress[label] = in_progress.get(label, 0) - count
             try:
-                plan = _Plan(started, batch)
+                plan = _Plan(self._tally(started), batch)
             except Exception:
                 # A method or status no server or app should send (unhashable, not comparable
                 # with the others): the same again with every one of them made a plain value.
                 try:
-                    plan = _Plan([method_label(method) for method in started], [_plain(entry) for entry in batch])
+                    plan = _Plan(Tally(map(method_label, started)), [_plain(entry) for entry in batch])
                 except Exception as error:
                     # Still not (a handler label no middleware makes): the batch is lost, each
                     # request counted as a failure, and the gauge stays right.
@@ -282,8 +291,8 @@ class BufferedRequestRecorder:
                     # These requests are lost; each is counted as a failure of its own.
                     self._report("middleware.record", error, requests)
             targets[raw_key] = cells
-            if self._absorb is not None and cells is not None and raw_key[0] == key[0] and raw_key[2].__class__ is int and key[2] == _STATUS_LABELS.get(raw_key[2]) and self._series.get(key) is cells:
-                self._known[raw_key] = (cells, sends_no_body(raw_key[0], raw_key[2]))
+            if self.sums is not None and cells is not None and raw_key[0] == key[0] and raw_key[2].__class__ is int and key[2] == _STATUS_LABELS.get(raw_key[2]) and self._series.get(key) is cells:
+                self.sums.register(raw_key[0], raw_key[1], raw_key[2], cells, sends_no_body(raw_key[0], raw_key[2]))
         layout = _LAYOUT
         ordered = plan.ordered
         for raw_key, start, stop in plan.spans:
@@ -375,6 +384,7 @@ class ClientRequestRecorder:
     """Request recording through prometheus_client metrics (multiprocess mode)."""
 
     flush_at = 1
+    sums = None
 
     def __init__(self, guard: CardinalityGuard, registry: CollectorRegistry | None) -> None:
         self._guard = guard

@@ -1,7 +1,7 @@
 /*
  * The middleware's request path, compiled: MiddlewareCore.__call__ and ._begin, ExchangeCore's
- * receive, send, finish and end, and absorbing batches of finished requests.  crowdmon/_core.py
- * (and _receive_body in crowdmon/middleware.py, BufferedRequestRecorder.flush in
+ * receive, send, finish and end, and adding up the finished requests of known label sets.
+ * crowdmon/_core.py (and _receive_body in crowdmon/middleware.py, BufferedRequestRecorder in
  * crowdmon/_recorder.py) is the same code in Python; read it first.  Every branch here mirrors
  * one there, and the request-path tests run against both.
  *
@@ -136,6 +136,7 @@ typedef struct {
     PyObject *start;
     PyObject *record;
     PyObject *pending;
+    PyObject *sums;  /* the recorder's RequestSums, or None */
     Py_ssize_t flush_at;
     PyObject *flush;
     PyObject *report;
@@ -175,10 +176,19 @@ struct Exchange {
     PyObject *server_send;
     double started;
     PyObject *token;
+    /* Where the request's start was counted, so that it ends there too, whatever instrumentation
+       the middleware follows by then: the recorder's record and sums (NULL: the middleware's). */
+    PyObject *record;
+    PyObject *sums;
 };
 
 static PyTypeObject CoreType;
 static PyTypeObject ExchangeType;
+typedef struct Sums Sums;
+static PyTypeObject SumsType;
+static int sums_add(Sums *self, PyObject *method, PyObject *handler, PyObject *status, double duration,
+                    double received, double sent);
+static int sums_start(Sums *self, PyObject *method);
 typedef struct Exchange Exchange;
 static PyObject *receiving_new(Exchange *exchange);
 static PyObject *core_call(Core *self, PyObject *args, PyObject *kwargs);
@@ -240,6 +250,7 @@ core_traverse(Core *self, visitproc visit, void *arg)
     Py_VISIT(self->exclude_paths);
     Py_VISIT(self->start);
     Py_VISIT(self->record);
+    Py_VISIT(self->sums);
     Py_VISIT(self->pending);
     Py_VISIT(self->flush);
     Py_VISIT(self->report);
@@ -263,6 +274,7 @@ core_clear(Core *self)
     Py_CLEAR(self->exclude_paths);
     Py_CLEAR(self->start);
     Py_CLEAR(self->record);
+    Py_CLEAR(self->sums);
     Py_CLEAR(self->pending);
     Py_CLEAR(self->flush);
     Py_CLEAR(self->report);
@@ -356,19 +368,21 @@ begin_request(Core *self, PyObject *scope, PyObject **entry_root_path, PyObject 
         Py_DECREF(root);
         return -1;
     }
-    if (self->start == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "_start");
-        Py_DECREF(request_method);
-        Py_DECREF(root);
-        return -1;
+    if (self->sums == NULL || !Py_IS_TYPE(self->sums, &SumsType) || !sums_start((Sums *)self->sums, request_method)) {
+        if (self->start == NULL) {
+            PyErr_SetString(PyExc_AttributeError, "_start");
+            Py_DECREF(request_method);
+            Py_DECREF(root);
+            return -1;
+        }
+        PyObject *result = PyObject_CallOneArg(self->start, request_method);
+        if (result == NULL) {
+            Py_DECREF(request_method);
+            Py_DECREF(root);
+            return -1;
+        }
+        Py_DECREF(result);
     }
-    PyObject *result = PyObject_CallOneArg(self->start, request_method);
-    if (result == NULL) {
-        Py_DECREF(request_method);
-        Py_DECREF(root);
-        return -1;
-    }
-    Py_DECREF(result);
     *entry_root_path = root;
     *method = request_method;
     return 1;
@@ -382,7 +396,7 @@ core_begin(Core *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *scope = args[0];
-    PyObject *kind = get_item(scope, S_type);
+    PyObject *kind = get_or(scope, S_type, Py_None);
     if (kind == NULL) {
         return NULL;
     }
@@ -439,6 +453,8 @@ core_begin(Core *self, PyObject *const *args, Py_ssize_t nargs)
     exchange->server_receive = Py_NewRef(args[1]);
     exchange->server_send = Py_NewRef(args[2]);
     exchange->token = Py_NewRef(Py_None);
+    exchange->record = Py_XNewRef(self->record);
+    exchange->sums = Py_XNewRef(self->sums);
     if (now(&exchange->started) < 0) {
         Py_DECREF(exchange);
         return NULL;
@@ -469,6 +485,7 @@ static PyMemberDef core_members[] = {
     {"_start", T_OBJECT, offsetof(Core, start), 0, NULL},
     {"_record", T_OBJECT, offsetof(Core, record), 0, NULL},
     {"_pending", T_OBJECT, offsetof(Core, pending), 0, NULL},
+    {"_sums", T_OBJECT, offsetof(Core, sums), 0, NULL},
     {"_flush_at", T_PYSSIZET, offsetof(Core, flush_at), 0, NULL},
     {"_flush", T_OBJECT, offsetof(Core, flush), 0, NULL},
     {"_report", T_OBJECT, offsetof(Core, report), 0, NULL},
@@ -521,6 +538,8 @@ exchange_traverse(Exchange *self, visitproc visit, void *arg)
     Py_VISIT(self->server_receive);
     Py_VISIT(self->server_send);
     Py_VISIT(self->token);
+    Py_VISIT(self->record);
+    Py_VISIT(self->sums);
     return 0;
 }
 
@@ -538,6 +557,8 @@ exchange_clear(Exchange *self)
     Py_CLEAR(self->server_receive);
     Py_CLEAR(self->server_send);
     Py_CLEAR(self->token);
+    Py_CLEAR(self->record);
+    Py_CLEAR(self->sums);
     return 0;
 }
 
@@ -726,15 +747,28 @@ exchange_finish_at(Exchange *self, double ended_at)
     }
     set_field(&self->endpoint, handler);
     double duration = ended_at - self->started;
+    Py_ssize_t size = self->request_bytes;
+    int sized = self->body_complete || declared_size(self, &size) == 0;
+    PyObject *sums = self->record != NULL ? self->sums : middleware->sums;
+    PyObject *record = self->record != NULL ? self->record : middleware->record;
+    if (sized && sums != NULL && Py_IS_TYPE(sums, &SumsType)
+        && sums_add((Sums *)sums, self->method, handler, self->status, duration, (double)size,
+                    (double)self->response_bytes)) {
+        if (middleware->exemplars == NULL || middleware->exemplars == Py_None) {
+            Py_DECREF(handler);
+            outcome = 0;
+            goto done;
+        }
+        sized = -1;  /* added: only the exemplar is left */
+    }
     PyObject *duration_object = PyFloat_FromDouble(duration);
     if (duration_object == NULL) {
         Py_DECREF(handler);
         goto done;
     }
-    {
+    if (sized >= 0) {
         PyObject *entry = NULL;
-        Py_ssize_t size = self->request_bytes;
-        if (self->body_complete || declared_size(self, &size) == 0) {
+        if (sized) {
             PyObject *received = PyLong_FromSsize_t(size);
             PyObject *sent = PyLong_FromSsize_t(self->response_bytes);
             if (received != NULL && sent != NULL) {
@@ -745,11 +779,11 @@ exchange_finish_at(Exchange *self, double ended_at)
         }
         int recorded = -1;
         if (entry != NULL) {
-            if (middleware->record == NULL) {
+            if (record == NULL) {
                 PyErr_SetString(PyExc_AttributeError, "_record");
             }
             else {
-                PyObject *result = PyObject_CallOneArg(middleware->record, entry);
+                PyObject *result = PyObject_CallOneArg(record, entry);
                 if (result != NULL) {
                     Py_DECREF(result);
                     PyObject *pending = middleware->pending;
@@ -1442,6 +1476,24 @@ static PySendResult
 delegate_throw(PyObject *inner, PyObject *const *args, Py_ssize_t nargs, PyObject **result)
 {
     *result = NULL;
+    if (PyErr_GivenExceptionMatches(args[0], PyExc_GeneratorExit)) {
+        /* As a coroutine delegating with ``await`` does: the inner one is closed, and the
+           GeneratorExit raised here, whatever the inner one made of it. */
+        PyObject *close = NULL;
+        if (PyObject_GetOptionalAttr_compat(inner, S_close, &close) < 0) {
+            return PYGEN_ERROR;
+        }
+        if (close != NULL) {
+            PyObject *closed = PyObject_CallNoArgs(close);
+            Py_DECREF(close);
+            if (closed == NULL) {
+                return PYGEN_ERROR;
+            }
+            Py_DECREF(closed);
+        }
+        raise_thrown(args, nargs);
+        return PYGEN_ERROR;
+    }
     if (PyCoro_CheckExact(inner) || PyGen_CheckExact(inner)) {
         PyObject *call[4] = {inner, args[0], nargs > 1 ? args[1] : NULL, nargs > 2 ? args[2] : NULL};
         *result = PyObject_VectorcallMethod(S_throw, call, (size_t)(1 + nargs), NULL);
@@ -1871,7 +1923,7 @@ core_call(Core *self, PyObject *args, PyObject *kwargs)
     return (PyObject *)call;
 }
 
-/* -- absorbing a batch of finished requests ------------------------------------------------------ */
+/* -- the numbers of finished requests ----------------------------------------------------------- */
 
 /* The index of the first bound a value is not above (Prometheus's "le"), len(bounds) for +Inf. */
 static Py_ssize_t
@@ -1938,49 +1990,6 @@ same_value(PyObject *a, PyObject *b)
     return PyObject_RichCompareBool(a, b, Py_EQ) == 1;
 }
 
-/* One known label set met in a batch: its requests' numbers are added up here first, and to
-   its series's cells once, at the end of the batch. */
-typedef struct {
-    PyObject *found;    /* its value in ``known``: (cells, sends no body) */
-    PyObject *method, *handler, *status;  /* its label values, as the first entry had them */
-    int no_body;
-    double *sums;       /* one per cell */
-} Tally;
-
-#define TALLIES 32  /* label sets added up per batch; more are added request by request */
-
-static int
-add_request(double *cells_or_sums, PyObject *cells, const Py_ssize_t *offsets, const double *duration_bounds,
-            Py_ssize_t duration_count, const double *size_bounds, Py_ssize_t size_count, int no_body, PyObject *entry)
-{
-    double values[3] = {
-        PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(entry, 3)),
-        PyLong_AsDouble(PyTuple_GET_ITEM(entry, 4)),
-        no_body ? 0.0 : PyLong_AsDouble(PyTuple_GET_ITEM(entry, 5)),
-    };
-    if (PyErr_Occurred()) {
-        return -1;
-    }
-    Py_ssize_t places[7];
-    places[0] = 0;
-    for (int i = 0; i < 3; i++) {
-        const double *bounds = i == 0 ? duration_bounds : size_bounds;
-        Py_ssize_t count = i == 0 ? duration_count : size_count;
-        places[1 + 2 * i] = offsets[i] + bucket_of(values[i], bounds, count);
-        places[2 + 2 * i] = offsets[i] + count + 1;
-    }
-    double amounts[7] = {1.0, 1.0, values[0], 1.0, values[1], 1.0, values[2]};
-    for (int i = 0; i < 7; i++) {
-        if (cells_or_sums != NULL) {
-            cells_or_sums[places[i]] += amounts[i];
-        }
-        else if (add_to_cell(cells, places[i], amounts[i]) < 0) {
-            return -1;
-        }
-    }
-    return 0;
-}
-
 static int
 count_finished(PyObject *finished, PyObject *method, Py_ssize_t requests)
 {
@@ -1998,140 +2007,464 @@ count_finished(PyObject *finished, PyObject *method, Py_ssize_t requests)
     return failed;
 }
 
-/* absorb(batch, known, duration_bounds, size_bounds, offsets) -> (leftover, finished)
-
-   The requests of ``batch`` whose label set is in ``known`` (raw key -> (cells, sends no
-   body)) are added to their cells: the count, then the three histograms at ``offsets``
-   (duration, request size, response size: the first bucket of each).  The others (a label set
-   not yet known, or values of another type than a request path records) are returned in
-   order, for the Python code; ``finished`` counts the absorbed requests by method.  See
-   BufferedRequestRecorder.flush in crowdmon/_recorder.py. */
+/* tally(items) -> {item: how many}: collections.Counter's count, for the recorder's list of
+   started requests' methods, where one method object usually follows itself: a run of the same
+   object is counted with one comparison per item and added to the dict once. */
 static PyObject *
-absorb(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+tally(PyObject *Py_UNUSED(module), PyObject *items)
 {
-    if (nargs != 5 || !PyList_CheckExact(args[0]) || !PyDict_CheckExact(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "absorb(batch: list, known: dict, duration_bounds, size_bounds, offsets)");
+    if (!PyList_CheckExact(items)) {
+        PyErr_SetString(PyExc_TypeError, "tally(items: list)");
         return NULL;
     }
-    double duration_bounds[64], size_bounds[64];
-    Py_ssize_t duration_count = read_bounds(args[2], duration_bounds, 64);
-    Py_ssize_t size_count = duration_count < 0 ? -1 : read_bounds(args[3], size_bounds, 64);
-    Py_ssize_t offsets[3];
-    if (size_count < 0) {
+    PyObject *counts = PyDict_New();
+    if (counts == NULL) {
         return NULL;
     }
-    if (!PyTuple_CheckExact(args[4]) || PyTuple_GET_SIZE(args[4]) != 3) {
-        PyErr_SetString(PyExc_TypeError, "offsets must be a tuple of three ints");
-        return NULL;
-    }
-    for (int i = 0; i < 3; i++) {
-        offsets[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[4], i));
-        if (offsets[i] == -1 && PyErr_Occurred()) {
+    Py_ssize_t i = 0;
+    while (i < PyList_GET_SIZE(items)) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        Py_ssize_t run = 1;
+        while (i + run < PyList_GET_SIZE(items) && PyList_GET_ITEM(items, i + run) == item) {
+            run++;
+        }
+        Py_INCREF(item);
+        int failed = count_finished(counts, item, run);
+        Py_DECREF(item);
+        if (failed < 0) {
+            Py_DECREF(counts);
             return NULL;
         }
+        i += run;
     }
-    Py_ssize_t width = offsets[2] + size_count + 2;
-    PyObject *batch = args[0], *known = args[1];
-    PyObject *leftover = PyList_New(0);
-    PyObject *finished = PyDict_New();
-    double *sums = PyMem_Calloc((size_t)(TALLIES * width), sizeof(double));
-    Tally tallies[TALLIES];
-    int used = 0;
-    Tally *last = NULL;
-    if (leftover == NULL || finished == NULL || sums == NULL) {
-        goto failed;
+    return counts;
+}
+
+/* -- request sums: the requests of each known label set added up as they finish ---------------- */
+
+/* The recorder registers each label set whose raw values are already labels (a standard method,
+   the handler label, a status from 100 to 599) once the cardinality guard has admitted it, with
+   its series's cells.  A request of such a label set is then added to that label set's sums as it
+   finishes, with no object made for it, and the sums go to the cells when the recorder drains
+   them (at every scrape, and when its list of other requests is full).  Requests of other label
+   sets, and of any label set before it is registered, take the recorder's list. */
+
+#define SUM_METHODS 16
+
+typedef struct {
+    PyObject *method, *handler, *status;  /* method NULL: an empty slot */
+    PyObject *cells;
+    Py_hash_t hash;
+    int no_body;
+    int dirty;
+    double *sums;  /* one per cell */
+} SumsEntry;
+
+struct Sums {
+    PyObject_HEAD
+    SumsEntry *entries;
+    Py_ssize_t capacity;   /* a power of two, at least twice ``used`` */
+    Py_ssize_t used;
+    Py_ssize_t *dirty;     /* the entries added to since the last drain */
+    Py_ssize_t dirty_count;
+    Py_ssize_t last;       /* the entry the last request went to, or -1 */
+    double duration_bounds[64], size_bounds[64];
+    Py_ssize_t duration_count, size_count, offsets[3], width;
+    PyObject *methods[SUM_METHODS];  /* the methods whose starts are counted here */
+    Py_ssize_t started[SUM_METHODS];
+    Py_ssize_t method_count;
+    Py_ssize_t last_method;
+};
+
+/* Two exact str objects hold the same text. */
+static int
+same_text(PyObject *a, PyObject *b)
+{
+    if (a == b) {
+        return 1;
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i++) {
-        PyObject *entry = PyList_GET_ITEM(batch, i);
-        if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 6
-            || !PyFloat_CheckExact(PyTuple_GET_ITEM(entry, 3))
-            || !PyLong_CheckExact(PyTuple_GET_ITEM(entry, 4)) || !PyLong_CheckExact(PyTuple_GET_ITEM(entry, 5))) {
-            if (PyList_Append(leftover, entry) < 0) {
-                goto failed;
+    Py_ssize_t length = PyUnicode_GET_LENGTH(a);
+    return length == PyUnicode_GET_LENGTH(b) && PyUnicode_KIND(a) == PyUnicode_KIND(b)
+           && memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)(length * PyUnicode_KIND(a))) == 0;
+}
+
+/* Where the label set is (its index), or where it would go (-2 - index); -1 with an error. */
+static Py_ssize_t
+sums_find(Sums *self, PyObject *method, PyObject *handler, PyObject *status, Py_hash_t *hash)
+{
+    Py_hash_t handler_hash = PyObject_Hash(handler);
+    Py_hash_t status_hash = handler_hash == -1 ? -1 : PyObject_Hash(status);
+    if (status_hash == -1) {
+        return -1;
+    }
+    /* Not the method: a new str object per request under most servers, hashed anew each time;
+       the few methods of one handler and status share a probe sequence. */
+    Py_hash_t found_hash = (Py_hash_t)((Py_uhash_t)handler_hash * 1000003U ^ (Py_uhash_t)status_hash);
+    if (found_hash == -1) {
+        found_hash = -2;
+    }
+    *hash = found_hash;
+    size_t mask = (size_t)self->capacity - 1;
+    for (size_t i = (size_t)found_hash & mask;; i = (i + 1) & mask) {
+        SumsEntry *entry = &self->entries[i];
+        if (entry->method == NULL) {
+            return -2 - (Py_ssize_t)i;
+        }
+        if (entry->hash == found_hash && same_text(entry->method, method) && same_value(entry->handler, handler)
+            && same_value(entry->status, status)) {
+            return (Py_ssize_t)i;
+        }
+    }
+}
+
+/* The request added to its label set's sums (1), or not a registered label set (0). */
+static int
+sums_add(Sums *self, PyObject *method, PyObject *handler, PyObject *status, double duration, double received,
+         double sent)
+{
+    if (!PyUnicode_CheckExact(method) || !PyUnicode_CheckExact(handler) || !PyLong_CheckExact(status)
+        || self->used == 0) {
+        return 0;
+    }
+    Py_ssize_t index = self->last;
+    SumsEntry *entry = index < 0 ? NULL : &self->entries[index];
+    if (entry == NULL || entry->handler != handler || entry->status != status || !same_text(entry->method, method)) {
+        Py_hash_t hash;
+        index = sums_find(self, method, handler, status, &hash);
+        if (index < 0) {
+            if (index == -1) {
+                PyErr_Clear();
             }
+            return 0;
+        }
+        entry = &self->entries[index];
+        self->last = index;
+    }
+    if (!entry->dirty) {
+        entry->dirty = 1;
+        self->dirty[self->dirty_count++] = index;
+    }
+    double *sums = entry->sums;
+    const Py_ssize_t *offsets = self->offsets;
+    sums[0] += 1.0;
+    sums[offsets[0] + bucket_of(duration, self->duration_bounds, self->duration_count)] += 1.0;
+    sums[offsets[0] + self->duration_count + 1] += duration;
+    sums[offsets[1] + bucket_of(received, self->size_bounds, self->size_count)] += 1.0;
+    sums[offsets[1] + self->size_count + 1] += received;
+    if (entry->no_body) {
+        sent = 0.0;
+    }
+    sums[offsets[2] + bucket_of(sent, self->size_bounds, self->size_count)] += 1.0;
+    sums[offsets[2] + self->size_count + 1] += sent;
+    return 1;
+}
+
+/* The request's start counted (1), or its method is not one counted here (0). */
+static int
+sums_start(Sums *self, PyObject *method)
+{
+    if (!PyUnicode_CheckExact(method)) {
+        return 0;
+    }
+    Py_ssize_t last = self->last_method;
+    if (last >= 0 && same_text(self->methods[last], method)) {
+        self->started[last]++;
+        return 1;
+    }
+    for (Py_ssize_t i = 0; i < self->method_count; i++) {
+        if (same_text(self->methods[i], method)) {
+            self->last_method = i;
+            self->started[i]++;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int
+sums_grow(Sums *self)
+{
+    Py_ssize_t capacity = self->capacity * 2;
+    SumsEntry *entries = PyMem_Calloc((size_t)capacity, sizeof(SumsEntry));
+    Py_ssize_t *dirty = PyMem_Calloc((size_t)capacity, sizeof(Py_ssize_t));
+    if (entries == NULL || dirty == NULL) {
+        PyMem_Free(entries);
+        PyMem_Free(dirty);
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t dirty_count = 0;
+    size_t mask = (size_t)capacity - 1;
+    for (Py_ssize_t old = 0; old < self->capacity; old++) {
+        SumsEntry *entry = &self->entries[old];
+        if (entry->method == NULL) {
             continue;
         }
-        PyObject *method = PyTuple_GET_ITEM(entry, 0);
-        PyObject *handler = PyTuple_GET_ITEM(entry, 1);
-        PyObject *status = PyTuple_GET_ITEM(entry, 2);
-        Tally *tally = NULL;
-        if (last != NULL && same_value(last->handler, handler) && same_value(last->status, status) && same_value(last->method, method)) {
-            tally = last;  /* most requests: the label set of the one before */
+        size_t i = (size_t)entry->hash & mask;
+        while (entries[i].method != NULL) {
+            i = (i + 1) & mask;
         }
-        else {
-            PyObject *key = PyTuple_GetSlice(entry, 0, 3);
-            if (key == NULL) {
-                goto failed;
-            }
-            PyObject *found = PyDict_GetItemWithError(known, key);
-            Py_DECREF(key);
-            if (found == NULL && PyErr_Occurred()) {
-                goto failed;
-            }
-            if (found == NULL || !PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 2
-                || !PyList_CheckExact(PyTuple_GET_ITEM(found, 0)) || PyList_GET_SIZE(PyTuple_GET_ITEM(found, 0)) < width) {
-                if (PyList_Append(leftover, entry) < 0) {
-                    goto failed;
-                }
-                continue;
-            }
-            int no_body = PyObject_IsTrue(PyTuple_GET_ITEM(found, 1));
-            if (no_body < 0) {
-                goto failed;
-            }
-            for (int t = 0; t < used && tally == NULL; t++) {
-                if (tallies[t].found == found) {
-                    tally = &tallies[t];
-                }
-            }
-            if (tally == NULL && used < TALLIES) {
-                tally = &tallies[used];
-                *tally = (Tally){found, method, handler, status, no_body, sums + used * width};
-                used++;
-            }
-            if (tally == NULL) {  /* past TALLIES label sets in one batch: one request at a time */
-                if (add_request(NULL, PyTuple_GET_ITEM(found, 0), offsets, duration_bounds, duration_count,
-                                size_bounds, size_count, no_body, entry) < 0
-                    || count_finished(finished, method, 1) < 0) {
-                    goto failed;
-                }
-                continue;
-            }
-            last = tally;
+        entries[i] = *entry;
+        if (entry->dirty) {
+            dirty[dirty_count++] = (Py_ssize_t)i;
         }
-        if (add_request(tally->sums, NULL, offsets, duration_bounds, duration_count, size_bounds, size_count,
-                        tally->no_body, entry) < 0) {
+    }
+    PyMem_Free(self->entries);
+    PyMem_Free(self->dirty);
+    self->entries = entries;
+    self->dirty = dirty;
+    self->dirty_count = dirty_count;
+    self->capacity = capacity;
+    self->last = -1;
+    return 0;
+}
+
+static PyObject *
+sums_register(Sums *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyUnicode_CheckExact(args[0]) || !PyUnicode_CheckExact(args[1]) || !PyLong_CheckExact(args[2])
+        || !PyList_CheckExact(args[3]) || PyList_GET_SIZE(args[3]) < self->width) {
+        PyErr_SetString(PyExc_TypeError, "register(method: str, handler: str, status: int, cells: list, no_body: bool)");
+        return NULL;
+    }
+    int no_body = PyObject_IsTrue(args[4]);
+    if (no_body < 0) {
+        return NULL;
+    }
+    if ((self->used + 1) * 2 > self->capacity && sums_grow(self) < 0) {
+        return NULL;
+    }
+    Py_hash_t hash;
+    Py_ssize_t index = sums_find(self, args[0], args[1], args[2], &hash);
+    if (index == -1) {
+        return NULL;
+    }
+    if (index >= 0) {  /* registered again: the cells are those the series has now */
+        SumsEntry *entry = &self->entries[index];
+        Py_SETREF(entry->cells, Py_NewRef(args[3]));
+        entry->no_body = no_body;
+        Py_RETURN_NONE;
+    }
+    double *sums = PyMem_Calloc((size_t)self->width, sizeof(double));
+    if (sums == NULL) {
+        return PyErr_NoMemory();
+    }
+    SumsEntry *entry = &self->entries[-2 - index];
+    *entry = (SumsEntry){Py_NewRef(args[0]), Py_NewRef(args[1]), Py_NewRef(args[2]), Py_NewRef(args[3]), hash, no_body, 0, sums};
+    self->used++;
+    Py_RETURN_NONE;
+}
+
+/* drain() -> (started, finished): every registered label set's sums added to its cells and set
+   to zero; how many requests started per counted method, and finished per method, since the
+   last drain. */
+static PyObject *
+sums_drain(Sums *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *started = PyDict_New();
+    PyObject *finished = started == NULL ? NULL : PyDict_New();
+    if (finished == NULL) {
+        goto failed;
+    }
+    for (Py_ssize_t i = 0; i < self->method_count; i++) {
+        Py_ssize_t count = self->started[i];
+        if (count != 0) {
+            self->started[i] = 0;
+            if (count_finished(started, self->methods[i], count) < 0) {
+                goto failed;
+            }
+        }
+    }
+    while (self->dirty_count > 0) {
+        SumsEntry *entry = &self->entries[self->dirty[--self->dirty_count]];
+        entry->dirty = 0;
+        double *sums = entry->sums;
+        Py_ssize_t requests = (Py_ssize_t)sums[0];
+        for (Py_ssize_t c = 0; c < self->width; c++) {
+            double amount = sums[c];
+            sums[c] = 0.0;
+            if (amount != 0.0 && add_to_cell(entry->cells, c, amount) < 0) {
+                goto failed;
+            }
+        }
+        if (count_finished(finished, entry->method, requests) < 0) {
             goto failed;
         }
     }
-    for (int t = 0; t < used; t++) {
-        PyObject *cells = PyTuple_GET_ITEM(tallies[t].found, 0);
-        for (Py_ssize_t c = 0; c < width; c++) {
-            if (tallies[t].sums[c] != 0.0 && add_to_cell(cells, c, tallies[t].sums[c]) < 0) {
-                goto failed;
-            }
-        }
-        if (count_finished(finished, tallies[t].method, (Py_ssize_t)tallies[t].sums[0]) < 0) {
-            goto failed;
-        }
-    }
-    PyMem_Free(sums);
-    {
-        PyObject *result = PyTuple_Pack(2, leftover, finished);
-        Py_DECREF(leftover);
-        Py_DECREF(finished);
-        return result;
-    }
+    PyObject *result = PyTuple_Pack(2, started, finished);
+    Py_DECREF(started);
+    Py_DECREF(finished);
+    return result;
 failed:
-    PyMem_Free(sums);
-    Py_XDECREF(leftover);
+    Py_XDECREF(started);
     Py_XDECREF(finished);
     return NULL;
 }
 
+static int
+sums_traverse(Sums *self, visitproc visit, void *arg)
+{
+    for (Py_ssize_t i = 0; self->entries != NULL && i < self->capacity; i++) {
+        SumsEntry *entry = &self->entries[i];
+        Py_VISIT(entry->method);
+        Py_VISIT(entry->handler);
+        Py_VISIT(entry->status);
+        Py_VISIT(entry->cells);
+    }
+    for (Py_ssize_t i = 0; i < self->method_count; i++) {
+        Py_VISIT(self->methods[i]);
+    }
+    return 0;
+}
+
+static int
+sums_clear(Sums *self)
+{
+    for (Py_ssize_t i = 0; self->entries != NULL && i < self->capacity; i++) {
+        SumsEntry *entry = &self->entries[i];
+        Py_CLEAR(entry->method);
+        Py_CLEAR(entry->handler);
+        Py_CLEAR(entry->status);
+        Py_CLEAR(entry->cells);
+        PyMem_Free(entry->sums);
+        entry->sums = NULL;
+        entry->dirty = 0;
+    }
+    self->used = 0;
+    self->dirty_count = 0;
+    self->last = -1;
+    for (Py_ssize_t i = 0; i < self->method_count; i++) {
+        Py_CLEAR(self->methods[i]);
+    }
+    self->method_count = 0;
+    self->last_method = -1;
+    return 0;
+}
+
+static void
+sums_dealloc(Sums *self)
+{
+    PyObject_GC_UnTrack(self);
+    sums_clear(self);
+    PyMem_Free(self->entries);
+    PyMem_Free(self->dirty);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Sums(methods, duration_bounds, size_bounds, offsets) */
+static PyObject *
+sums_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *methods, *duration_bounds, *size_bounds, *offsets;
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)
+        || !PyArg_UnpackTuple(args, "Sums", 4, 4, &methods, &duration_bounds, &size_bounds, &offsets)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "Sums(methods, duration_bounds, size_bounds, offsets) takes no keywords");
+        }
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(methods) || PyTuple_GET_SIZE(methods) > SUM_METHODS || !PyTuple_CheckExact(offsets)
+        || PyTuple_GET_SIZE(offsets) != 3) {
+        PyErr_SetString(PyExc_TypeError, "Sums takes a tuple of at most 16 methods and a tuple of three offsets");
+        return NULL;
+    }
+    Sums *self = (Sums *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->last = -1;
+    self->last_method = -1;
+    self->capacity = 16;
+    self->entries = PyMem_Calloc((size_t)self->capacity, sizeof(SumsEntry));
+    self->dirty = PyMem_Calloc((size_t)self->capacity, sizeof(Py_ssize_t));
+    if (self->entries == NULL || self->dirty == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    self->duration_count = read_bounds(duration_bounds, self->duration_bounds, 64);
+    self->size_count = self->duration_count < 0 ? -1 : read_bounds(size_bounds, self->size_bounds, 64);
+    if (self->size_count < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    for (int i = 0; i < 3; i++) {
+        self->offsets[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(offsets, i));
+        if (self->offsets[i] == -1 && PyErr_Occurred()) {
+            Py_DECREF(self);
+            return NULL;
+        }
+    }
+    if (self->offsets[0] < 1 || self->offsets[1] < self->offsets[0] + self->duration_count + 2
+        || self->offsets[2] < self->offsets[1] + self->size_count + 2) {
+        PyErr_SetString(PyExc_ValueError, "the offsets overlap");
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->width = self->offsets[2] + self->size_count + 2;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(methods); i++) {
+        PyObject *method = PyTuple_GET_ITEM(methods, i);
+        if (!PyUnicode_CheckExact(method)) {
+            PyErr_SetString(PyExc_TypeError, "the methods must be str");
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->methods[self->method_count++] = Py_NewRef(method);
+    }
+    return (PyObject *)self;
+}
+
+/* add(method, handler, status, duration, received, sent) -> bool: what the middleware does as a
+   request finishes (True: added; False: the recorder's ``record`` takes it) */
+static PyObject *
+sums_add_method(Sums *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "add(method, handler, status, duration, received, sent)");
+        return NULL;
+    }
+    double numbers[3];
+    for (int i = 0; i < 3; i++) {
+        numbers[i] = PyFloat_AsDouble(args[3 + i]);
+        if (numbers[i] == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    return PyBool_FromLong(sums_add(self, args[0], args[1], args[2], numbers[0], numbers[1], numbers[2]));
+}
+
+/* start(method) -> bool: what the middleware does as a request starts (True: counted here) */
+static PyObject *
+sums_start_method(Sums *self, PyObject *method)
+{
+    return PyBool_FromLong(sums_start(self, method));
+}
+
+static PyMethodDef sums_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))sums_add_method, METH_FASTCALL,
+     "add(method, handler, status, duration, received, sent) -> bool: a finished request added, if its label set is registered"},
+    {"start", (PyCFunction)sums_start_method, METH_O, "start(method) -> bool: a started request counted, if its method is"},
+    {"register", (PyCFunction)(void (*)(void))sums_register, METH_FASTCALL,
+     "register(method, handler, status, cells, no_body): add this label set's requests to cells"},
+    {"drain", (PyCFunction)sums_drain, METH_NOARGS,
+     "drain() -> (started, finished): the sums into their cells; requests per method since the last"},
+    {NULL},
+};
+
+static PyTypeObject SumsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "crowdmon._speedups.RequestSums",
+    .tp_basicsize = sizeof(Sums),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The requests of each registered label set, added up as they finish.",
+    .tp_new = sums_new,
+    .tp_traverse = (traverseproc)sums_traverse,
+    .tp_clear = (inquiry)sums_clear,
+    .tp_dealloc = (destructor)sums_dealloc,
+    .tp_methods = sums_methods,
+};
+
 static PyMethodDef module_functions[] = {
-    {"absorb", (PyCFunction)(void (*)(void))absorb, METH_FASTCALL,
-     "absorb(batch, known, duration_bounds, size_bounds, offsets) -> (leftover, finished)"},
+    {"tally", (PyCFunction)tally, METH_O, "tally(items: list) -> {item: how many}"},
     {NULL},
 };
 
@@ -2242,7 +2575,7 @@ PyInit__speedups(void)
         return NULL;
     }
     if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&ExchangeType) < 0 || PyType_Ready(&CallType) < 0
-        || PyType_Ready(&ReceivingType) < 0) {
+        || PyType_Ready(&ReceivingType) < 0 || PyType_Ready(&SumsType) < 0) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&speedups_module);
@@ -2252,7 +2585,8 @@ PyInit__speedups(void)
     if (PyModule_AddObjectRef(module, "MiddlewareCore", (PyObject *)&CoreType) < 0
         || PyModule_AddObjectRef(module, "ExchangeCore", (PyObject *)&ExchangeType) < 0
         || PyModule_AddObjectRef(module, "MiddlewareCall", (PyObject *)&CallType) < 0
-        || PyModule_AddObjectRef(module, "MiddlewareReceive", (PyObject *)&ReceivingType) < 0) {
+        || PyModule_AddObjectRef(module, "MiddlewareReceive", (PyObject *)&ReceivingType) < 0
+        || PyModule_AddObjectRef(module, "RequestSums", (PyObject *)&SumsType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

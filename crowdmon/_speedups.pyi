@@ -2,13 +2,18 @@
 from crowdmon._core import ExchangeCore as ExchangeCore
 from crowdmon._core import MiddlewareCore as MiddlewareCore
 
-def absorb(
-    batch: list[tuple[object, str, object, float, int, int]],
-    known: dict[tuple[object, str, object], tuple[list[float], bool]],
-    duration_bounds: tuple[float, ...],
-    size_bounds: tuple[float, ...],
-    offsets: tuple[int, int, int],
-) -> tuple[list[tuple[object, str, object, float, int, int]], dict[str, int]]: ...
+class RequestSums:
+    """The requests of each registered label set, added up as they finish (see ``_recorder``)."""
+
+    def __init__(
+        self, methods: tuple[str, ...], duration_bounds: tuple[float, ...], size_bounds: tuple[float, ...], offsets: tuple[int, int, int], /
+    ) -> None: ...
+    def register(self, method: str, handler: str, status: int, cells: list[float], no_body: bool, /) -> None: ...
+    def add(self, method: object, handler: object, status: object, duration: float, received: float, sent: float, /) -> bool: ...
+    def start(self, method: object, /) -> bool: ...
+    def drain(self) -> tuple[dict[str, int], dict[str, int]]: ...
+
+def tally(items: list[object]) -> dict[object, int]: ...
 
 class MiddlewareCall:
     """What the compiled ``MiddlewareCore.__call__`` returns: awaitable, and a coroutine to asyncio."""

@@ -24,6 +24,7 @@ from crowdmon.instrumentation import (
     default_instrumentation,
 )
 from crowdmon.routes import HandlerResolver, MountTemplates, handler_label_for
+from crowdmon.timing import only_leaves
 
 _speedups = speedups()
 if TYPE_CHECKING or _speedups is None:
@@ -121,6 +122,7 @@ class PrometheusMiddleware(MiddlewareCore):
         self._pending = recorder.pending
         self._flush_at = recorder.flush_at
         self._flush = recorder.flush
+        self._sums = recorder.sums
         self._report = instrumentation.report_internal_error
         self.instrumentation = instrumentation
 
@@ -210,14 +212,16 @@ class _Exchange(ExchangeCore, RequestContext):
 
     async def _conclude(self, error: BaseException | None) -> None:
         """End a request whose app returned (``error`` is ``None``) or raised ``error`` without
-        starting a response; ``error`` is raised again once the request is recorded."""
+        starting a response; ``error`` is raised again once the request is recorded (or, after an
+        app that returned, a cancellation that came meanwhile)."""
         try:
             if error is None:
-                self.status = await self.unanswered()
+                self.status, error = await self._unanswered_or_cancelled()
             elif _is_cancellation(error):
                 self.status = CLIENT_CLOSED_REQUEST
             elif not isinstance(error, GeneratorExit):  # a coroutine being closed may not await
-                self.status = await self.unanswered()
+                # The app's own exception is what leaves, also if the task is cancelled meanwhile.
+                self.status = (await self._unanswered_or_cancelled())[0]
         finally:
             self.end()
         if error is not None:
@@ -229,7 +233,8 @@ class _Exchange(ExchangeCore, RequestContext):
 
         Asked only once the body is complete, when all a server can still deliver is
         ``http.disconnect``, so no body is taken from anyone: one receive that may not wait,
-        shielded from outer cancellation.  It never raises."""
+        shielded from outer cancellation.  It raises only a cancellation of the task itself
+        (asyncio's ``Task.cancel`` in the iteration the receive takes)."""
         if not self.body_complete:
             return 500  # any disconnect so far was seen by :meth:`_receive_body`
         try:
@@ -244,16 +249,31 @@ class _Exchange(ExchangeCore, RequestContext):
             pass
         return 500
 
+    async def _unanswered_or_cancelled(self) -> tuple[int, BaseException | None]:
+        """:meth:`unanswered`, and the cancellation that interrupted it, if one did: the request
+        then ends unanswered, as any request cancelled before its response starts (a 499)."""
+        try:
+            return await self.unanswered(), None
+        except BaseException as error:
+            if not _is_cancellation(error):
+                raise
+            return CLIENT_CLOSED_REQUEST, error
+
     async def _start_error(self, message: Message) -> None:
         """Start a 5xx response, once it is known whether the client is still there: an error
         middleware (Starlette's ``ServerErrorMiddleware``, inside ``setup_monitoring``'s
         middleware) answers an exception the app raised after its client left, and that client
         never gets the answer: a 499.  Asked only for 5xx responses, before they start, so a
-        client that leaves once it has its answer cannot be mistaken for one that left before."""
-        if await self.unanswered() == CLIENT_CLOSED_REQUEST:
+        client that leaves once it has its answer cannot be mistaken for one that left before.
+        A cancellation that comes while asking is raised once the message is with the server,
+        as it would have come at the app's next await."""
+        status, cancelled = await self._unanswered_or_cancelled()
+        if status == CLIENT_CLOSED_REQUEST and cancelled is None:
             self.status = CLIENT_CLOSED_REQUEST
         server_send = self.server_send
         await server_send(message)
+        if cancelled is not None:
+            raise cancelled
 
     def _pathsend(self, message: Message) -> None:
         """The ASGI path-send extension (Starlette's FileResponse, when the server offers it):
@@ -270,7 +290,10 @@ class _Exchange(ExchangeCore, RequestContext):
 
 
 def _is_cancellation(error: BaseException) -> bool:
+    """The running backend's cancellation, or a group of nothing else (trio's nurseries, an
+    asyncio ``TaskGroup`` whose tasks were all cancelled)."""
     try:
-        return isinstance(error, anyio.get_cancelled_exc_class())
+        cancelled = anyio.get_cancelled_exc_class()
     except Exception:
         return False
+    return only_leaves(error, lambda leaf: isinstance(leaf, cancelled))

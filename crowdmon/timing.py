@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import Callable
 from time import perf_counter
 from types import TracebackType
@@ -31,14 +32,26 @@ def outcome_of(error: BaseException | None, *, iterator: bool = False) -> str | 
         return SUCCESS
     if isinstance(error, Exception):
         return ERROR
-    if isinstance(error, asyncio.CancelledError) or _is_foreign_cancellation(error):
+    if _is_cancellation(error):
         return CANCELLED
     return None  # KeyboardInterrupt, SystemExit: the process is going away
 
 
-def _is_foreign_cancellation(error: BaseException) -> bool:
+def _is_cancellation(error: BaseException) -> bool:
     # trio's Cancelled (under anyio) is a BaseException that is not asyncio's.
-    return type(error).__name__ == "Cancelled"
+    return only_leaves(error, lambda leaf: isinstance(leaf, asyncio.CancelledError) or type(leaf).__name__ == "Cancelled")
+
+
+#: ``BaseExceptionGroup``, a builtin from Python 3.11 on.
+_GROUP: Any = getattr(builtins, "BaseExceptionGroup", None)
+
+
+def only_leaves(error: BaseException, leaf: Callable[[BaseException], bool]) -> bool:
+    """``leaf(error)``; for an exception group (a trio nursery's, an asyncio ``TaskGroup``'s),
+    whether every exception in it, however deeply nested, is such a leaf."""
+    if _GROUP is not None and isinstance(error, _GROUP):
+        return all(only_leaves(inner, leaf) for inner in error.exceptions)
+    return leaf(error)
 
 
 class Timing:

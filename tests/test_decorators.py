@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import functools
 import gc
 import sqlite3
@@ -301,6 +302,37 @@ def test_asyncio_cancellation_is_observed_as_cancelled_and_never_swallowed(
     assert durations(registry, "cancelled") == 1
     assert durations(registry, "error") == 0
     assert value(registry, "external_service_errors_total", service="llm", endpoint="complete", exception="CancelledError") == 0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_cancelled_task_group_inside_is_observed_as_cancelled(
+    backend: str, registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    """A nursery (trio) or task group whose tasks were all cancelled raises a group of
+    cancellations: the call was cancelled, not failed."""
+
+    @tracked_external("llm", endpoint="complete", instrumentation=instrumentation)
+    async def fan_out() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(anyio.sleep, 30)
+            await anyio.sleep(30)
+
+    async def main() -> bool:
+        with anyio.move_on_after(0.01) as scope:
+            await fan_out()
+        return scope.cancelled_caught
+
+    assert anyio.run(main, backend=backend) is True
+    assert durations(registry, "cancelled") == 1
+    assert durations(registry, "error") == 0
+
+
+def test_a_group_of_cancellations_and_nothing_else_is_cancelled() -> None:
+    from crowdmon.timing import outcome_of
+
+    assert outcome_of(builtins.BaseExceptionGroup("g", [asyncio.CancelledError(), builtins.BaseExceptionGroup("h", [asyncio.CancelledError()])])) == "cancelled"
+    assert outcome_of(builtins.BaseExceptionGroup("g", [asyncio.CancelledError(), KeyboardInterrupt()])) is None
+    assert outcome_of(builtins.ExceptionGroup("g", [ValueError()])) == "error"
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

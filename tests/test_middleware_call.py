@@ -159,6 +159,31 @@ def test_a_call_closed_while_the_app_waits_ends_the_request_as_a_500() -> None:
     assert value(registry, IN_PROGRESS, method="GET") == 0
 
 
+def test_a_generator_exit_thrown_into_a_call_closes_the_app_and_is_raised_as_a_coroutine_raises_it() -> None:
+    """A coroutine delegating with ``await`` closes the awaitable it waits on and raises the
+    GeneratorExit itself, even where that awaitable makes something else of it."""
+    registry = CollectorRegistry()
+
+    async def quits_quietly(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await pause()
+        except GeneratorExit:
+            return
+
+    async def plain(scope: Scope, receive: Receive, send: Send) -> None:
+        await quits_quietly(scope, receive, send)
+
+    for app in (plain, PrometheusMiddleware(quits_quietly, registry=registry)):
+        sent, send = collect()
+        call = app(http_scope("/x"), receive_nothing, send)
+        assert call.send(None) == "paused"  # type: ignore[attr-defined]
+        with pytest.raises(GeneratorExit):
+            call.throw(GeneratorExit())  # type: ignore[attr-defined]
+        assert sent == []
+    assert recorded(registry, "500") == 1
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
 def test_an_exception_thrown_into_a_call_not_yet_started_is_raised_and_nothing_recorded() -> None:
     registry = CollectorRegistry()
     middleware = PrometheusMiddleware(answer, registry=registry)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import contextvars
 import gc
 import time
@@ -19,7 +21,8 @@ from starlette.routing import Mount, Route
 import crowdmon
 from crowdmon import PrometheusMiddleware
 from crowdmon._types import Message, Receive, Scope, Send
-from tests.asgi import http_scope
+from crowdmon.testing import isolated_instrumentation, metric_value
+from tests.asgi import http_scope, run_asgi
 from tests.support import uvicorn_in_thread, value
 
 
@@ -169,3 +172,122 @@ async def test_an_app_whose_endpoint_refers_to_its_middleware_is_collected_once_
     del middleware, answer, client
     gc.collect()
     assert dropped() is None, [type(referrer) for referrer in gc.get_referrers(dropped())]
+
+
+class Boom(Exception):
+    pass
+
+
+def cancel_during_the_last_question(kind: str) -> Any:
+    """An app that read the whole body and then returns, raises or starts a 500, and a server
+    whose task is cancelled (a shutdown, a timeout around the app) in the one iteration
+    crowdmon's own receive (which may not wait) takes."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        if kind == "raise":
+            raise Boom("the app's own")
+        if kind == "5xx":
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+            await send({"type": "http.response.body", "body": b"x"})
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("kind", "raised", "reached_the_server", "status"),
+    [
+        ("return", asyncio.CancelledError, [], "499"),
+        ("raise", Boom, [], "499"),  # the app's own exception leaves, not the cancellation
+        ("5xx", asyncio.CancelledError, ["http.response.start"], "500"),  # the start reaches the server
+    ],
+)
+async def test_a_task_cancelled_while_crowdmon_asks_if_the_client_is_there(
+    registry: CollectorRegistry, kind: str, raised: type[BaseException], reached_the_server: list[str], status: str
+) -> None:
+    middleware = PrometheusMiddleware(cancel_during_the_last_question(kind), registry=registry)
+    asked = asyncio.Event()
+    incoming: list[Message] = [{"type": "http.request", "body": b"", "more_body": False}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        if incoming:
+            return incoming.pop()
+        asked.set()  # crowdmon's question: the app never asks twice
+        await asyncio.Event().wait()
+        raise AssertionError("never answered")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    task = asyncio.ensure_future(middleware(http_scope("/x"), receive, send))
+    while not asked.is_set():
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(raised):
+        await task
+    assert [message["type"] for message in sent] == reached_the_server
+    assert value(registry, "crowdfunding_api_requests_total", method="GET", handler="<unmatched>", status=status) == 1
+    assert value(registry, "crowdfunding_api_requests_in_progress", method="GET") == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (builtins.BaseExceptionGroup("nursery", [asyncio.CancelledError()]), "499"),
+        (builtins.BaseExceptionGroup("nursery", [builtins.BaseExceptionGroup("inner", [asyncio.CancelledError()]), asyncio.CancelledError()]), "499"),
+        (builtins.BaseExceptionGroup("nursery", [asyncio.CancelledError(), KeyError("x")]), "500"),  # not only cancelled
+    ],
+)
+async def test_a_group_of_cancellations_is_a_cancelled_request(registry: CollectorRegistry, error: BaseException, status: str) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise error
+
+    middleware = PrometheusMiddleware(app, registry=registry)
+    with pytest.raises(builtins.BaseExceptionGroup) as caught:
+        await run_asgi(middleware, http_scope("/x"))
+    assert caught.value is error
+    assert value(registry, "crowdfunding_api_requests_total", method="GET", handler="<unmatched>", status=status) == 1
+
+
+async def test_a_request_in_flight_when_the_default_instrumentation_changes_ends_where_it_started() -> None:
+    gate = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/slow":
+            await gate.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with isolated_instrumentation() as first:
+        middleware = PrometheusMiddleware(app)  # follows the default
+        slow = asyncio.ensure_future(run_asgi(middleware, http_scope("/slow")))
+        await asyncio.sleep(0.01)
+        with isolated_instrumentation() as second:
+            await run_asgi(middleware, http_scope("/fast"))  # the middleware follows the new default
+            gate.set()
+            await slow
+            for instrumentation in (first, second):
+                assert metric_value("crowdfunding_api_requests_in_progress", {"method": "GET"}, instrumentation=instrumentation) == 0
+                assert metric_value("crowdfunding_api_requests_total", instrumentation=instrumentation) == 1
+
+
+async def test_a_scope_without_a_type_is_handed_to_the_app_untouched(registry: CollectorRegistry) -> None:
+    seen: list[Scope] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope)
+
+    scope = http_scope("/x")
+    del scope["type"]
+    await PrometheusMiddleware(app, registry=registry)(scope, receive_nothing, send_nothing)
+    assert seen == [scope]
+    assert value(registry, "crowdmon_internal_errors_total", site="middleware.start") == 0
+
+
+async def receive_nothing() -> Message:
+    raise AssertionError("not called")
+
+
+async def send_nothing(message: Message) -> None:
+    raise AssertionError("not called")
