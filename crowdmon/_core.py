@@ -172,6 +172,8 @@ class ExchangeCore:
                         return self._start_error(message)  # type: ignore[attr-defined,no-any-return]
             elif kind == "http.response.pathsend" and self.status and not self.finished:
                 self._pathsend(message)  # type: ignore[attr-defined]
+            elif kind == "http.response.zerocopysend" and self.status and not self.finished:
+                self._zerocopysend(message)  # type: ignore[attr-defined]
         except Exception as error:
             self.middleware._report("middleware.send", error)
         server_send = self.server_send

@@ -30,7 +30,7 @@ static PyObject *S_type, *S_http, *S_path, *S_root_path, *S_method, *S_body, *S_
     *S_response_start, *S_response_body, *S_response_pathsend, *S_default,
     *S_follow_the_default, *S_start_error, *S_pathsend, *S_route_label,
     *S_exemplar, *S_get, *S_site_start, *S_site_context, *S_site_send, *S_site_handler,
-    *S_site_record;
+    *S_site_record, *S_response_zerocopysend, *S_zerocopysend;
 
 /* time.perf_counter() as a double: the same clock, read without a call where it is CLOCK_MONOTONIC. */
 static int
@@ -917,10 +917,12 @@ follow_send(Exchange *self, PyObject *message, PyObject **answer)
             outcome = -1;
         }
     }
-    else if (is == 0 && (is = equals(kind, S_response_pathsend)) > 0) {
+    else if (is == 0 && ((is = equals(kind, S_response_pathsend)) > 0
+                         || (is == 0 && (is = equals(kind, S_response_zerocopysend)) > 0))) {
         int started = status_is_set(self->status);
         if (started > 0 && !self->finished) {
-            PyObject *result = PyObject_CallMethodOneArg((PyObject *)self, S_pathsend, message);
+            PyObject *name = equals(kind, S_response_pathsend) > 0 ? S_pathsend : S_zerocopysend;
+            PyObject *result = PyObject_CallMethodOneArg((PyObject *)self, name, message);
             Py_XDECREF(result);
             outcome = result == NULL ? -1 : 0;
         }
@@ -2494,6 +2496,7 @@ intern_all(void)
         {&S_response_pathsend, "http.response.pathsend"}, {&S_default, "_default"},
         {&S_follow_the_default, "_follow_the_default"},
         {&S_start_error, "_start_error"}, {&S_pathsend, "_pathsend"},
+        {&S_response_zerocopysend, "http.response.zerocopysend"}, {&S_zerocopysend, "_zerocopysend"},
         {&S_route_label, "_route_label"}, {&S_exemplar, "_exemplar"}, {&S_get, "get"},
         {&S_site_start, "middleware.start"}, {&S_site_context, "middleware.context"},
         {&S_site_send, "middleware.send"}, {&S_site_handler, "middleware.handler"},

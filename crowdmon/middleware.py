@@ -281,6 +281,21 @@ class _Exchange(ExchangeCore, RequestContext):
         self.response_bytes += os.stat(message["path"]).st_size
         self.finish(perf_counter())
 
+    def _zerocopysend(self, message: Message) -> None:
+        """The ASGI zero-copy-send extension: ``count`` bytes of ``file`` (a file object or a
+        descriptor), or to its end from ``offset`` or, without one, from where the file stands;
+        the last message of the response unless ``more_body``."""
+        count = message.get("count")
+        if count is None:
+            file = message["file"]
+            descriptor = file if isinstance(file, int) else file.fileno()
+            offset = message.get("offset")
+            start = os.lseek(descriptor, 0, os.SEEK_CUR) if offset is None else offset
+            count = max(os.fstat(descriptor).st_size - start, 0)
+        self.response_bytes += count
+        if not message.get("more_body", False):
+            self.finish(perf_counter())
+
     def _exemplar(self, handler: str, duration: float) -> None:
         middleware = self.middleware
         try:

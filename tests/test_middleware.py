@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
 from crowdmon._types import Message, Receive, Scope, Send
+from crowdmon.context import current_request
 from tests.asgi import http_scope, run_asgi
 from tests.support import value
 
@@ -160,6 +161,29 @@ async def test_a_file_sent_by_path_counts_its_size(registry: CollectorRegistry, 
     assert [message["type"] for message in sent] == ["http.response.start", "http.response.pathsend"]
     assert value(registry, RESPONSE_SIZE + "_sum", method="GET", handler="/file") == 50_000
     assert value(registry, REQUESTS, method="GET", handler="/file", status="200") == 1
+    assert value(registry, IN_PROGRESS, method="GET") == 0
+
+
+async def test_a_file_sent_by_zero_copy_counts_the_bytes_it_sends(registry: CollectorRegistry, tmp_path: Path) -> None:
+    served = tmp_path / "video.bin"
+    served.write_bytes(b"v" * 5_000)
+
+    async def zero_copy(scope: Scope, receive: Receive, send: Send) -> None:
+        with served.open("rb") as file:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.zerocopysend", "file": file, "count": 100, "more_body": True})
+            await send({"type": "http.response.zerocopysend", "file": file.fileno(), "offset": 1_000, "more_body": True})
+            file.seek(4_700)  # without an offset: from where the file stands, to its end
+            await send({"type": "http.response.zerocopysend", "file": file, "more_body": False})
+            assert current_request.get().finished  # type: ignore[union-attr]
+
+    app = PrometheusMiddleware(zero_copy, registry=registry)
+    scope = http_scope("/video") | {"extensions": {"http.response.zerocopysend": {}}}
+    sent = await run_asgi(app, scope)
+
+    assert [message["type"] for message in sent] == ["http.response.start"] + ["http.response.zerocopysend"] * 3
+    assert value(registry, RESPONSE_SIZE + "_sum", method="GET", handler="<unmatched>") == 100 + 4_000 + 300
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="200") == 1
     assert value(registry, IN_PROGRESS, method="GET") == 0
 
 
