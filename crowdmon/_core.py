@@ -73,8 +73,8 @@ class MiddlewareCore:
                 return None
             # The method as the server gave it: it is made a label when the batch is absorbed.
             method = scope["method"]
-            start = middleware._start  # an attribute, called: no method lookup
-            start(method)
+            recording = middleware._recording  # (start, record, sums), read once
+            recording[0](method)
         except Exception as error:
             middleware._report("middleware.start", error)
             return None
@@ -92,7 +92,7 @@ class MiddlewareCore:
         exchange.server_receive = receive
         exchange.server_send = send
         exchange._token = None
-        exchange._record = middleware._record  # where the start was counted, whatever comes next
+        exchange._recording = recording  # where the start was counted, whatever comes next
         exchange.started = perf_counter()
         try:
             exchange._token = current_request.set(exchange)
@@ -108,7 +108,7 @@ class ExchangeCore:
 
     __slots__ = (
         "_endpoint",
-        "_record",
+        "_recording",
         "_token",
         "_user_type",
         "body_complete",
@@ -141,7 +141,7 @@ class ExchangeCore:
     server_send: Any
     started: float
     _token: Any
-    _record: Callable[[RequestEntry], None]
+    _recording: tuple[Callable[[object], None], Callable[[RequestEntry], None], object]
 
     def receive(self) -> Awaitable[Message]:
         # Once the body is complete and the response has started, the app's receives go
@@ -209,7 +209,7 @@ class ExchangeCore:
         duration = ended_at - self.started
         request_bytes = self.request_bytes
         try:
-            record = self._record
+            record = self._recording[1]
             record((
                 self.method,
                 handler,

@@ -245,9 +245,10 @@ class BufferedRequestRecorder:
             del starts[: len(started)]
             if self.sums is not None:
                 try:
-                    added, finished = self.sums.drain()
+                    added, finished, lost = self.sums.drain()
                 except Exception as error:
-                    # Only memory runs out here (a label set's sums may be half in its cells).
+                    # Only memory runs out here, before anything was drained: all of it waits
+                    # for the next flush.
                     self._report("middleware.record", error, 1)
                 else:
                     in_progress = self._in_progress
@@ -255,6 +256,8 @@ class BufferedRequestRecorder:
                         in_progress[label] = in_progress.get(label, 0) + count
                     for label, count in finished.items():
                         in_progress[label] = in_progress.get(label, 0) - count
+                    if lost:
+                        self._report("middleware.record", MemoryError(f"{lost} request series cells not written"), 1)
             try:
                 plan = _Plan(self._tally(started), batch)
             except Exception:
@@ -291,7 +294,16 @@ class BufferedRequestRecorder:
                     # These requests are lost; each is counted as a failure of its own.
                     self._report("middleware.record", error, requests)
             targets[raw_key] = cells
-            if self.sums is not None and cells is not None and raw_key[0] == key[0] and raw_key[2].__class__ is int and key[2] == _STATUS_LABELS.get(raw_key[2]) and self._series.get(key) is cells:
+            if (
+                self.sums is not None
+                and cells is not None
+                and raw_key[0].__class__ is str  # exact values only: a str subclass is recorded as any odd value
+                and raw_key[1].__class__ is str
+                and raw_key[2].__class__ is int
+                and raw_key[0] == key[0]
+                and key[2] == _STATUS_LABELS.get(raw_key[2])
+                and self._series.get(key) is cells
+            ):
                 self.sums.register(raw_key[0], raw_key[1], raw_key[2], cells, sends_no_body(raw_key[0], raw_key[2]))
         layout = _LAYOUT
         ordered = plan.ordered

@@ -133,10 +133,10 @@ typedef struct {
     PyObject_HEAD
     PyObject *app;
     PyObject *exclude_paths;
-    PyObject *start;
-    PyObject *record;
+    /* (start, record, sums): the recorder's, set in one step so that a request's start and end
+       go to the same recorder */
+    PyObject *recording;
     PyObject *pending;
-    PyObject *sums;  /* the recorder's RequestSums, or None */
     Py_ssize_t flush_at;
     PyObject *flush;
     PyObject *report;
@@ -177,9 +177,9 @@ struct Exchange {
     double started;
     PyObject *token;
     /* Where the request's start was counted, so that it ends there too, whatever instrumentation
-       the middleware follows by then: the recorder's record and sums (NULL: the middleware's). */
-    PyObject *record;
-    PyObject *sums;
+       the middleware follows by then: the middleware's (start, record, sums) as the request began
+       (NULL: the middleware's at the end). */
+    PyObject *recording;
 };
 
 static PyTypeObject CoreType;
@@ -248,9 +248,7 @@ core_traverse(Core *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->app);
     Py_VISIT(self->exclude_paths);
-    Py_VISIT(self->start);
-    Py_VISIT(self->record);
-    Py_VISIT(self->sums);
+    Py_VISIT(self->recording);
     Py_VISIT(self->pending);
     Py_VISIT(self->flush);
     Py_VISIT(self->report);
@@ -272,9 +270,7 @@ core_clear(Core *self)
 {
     Py_CLEAR(self->app);
     Py_CLEAR(self->exclude_paths);
-    Py_CLEAR(self->start);
-    Py_CLEAR(self->record);
-    Py_CLEAR(self->sums);
+    Py_CLEAR(self->recording);
     Py_CLEAR(self->pending);
     Py_CLEAR(self->flush);
     Py_CLEAR(self->report);
@@ -304,8 +300,19 @@ core_dealloc(Core *self)
 
 /* The part of ``_begin`` inside its ``try``: 1 if the request is recorded (``*method`` and
    ``*entry_root_path`` set), 0 if its path is excluded, -1 with an exception set. */
+/* The middleware's (start, record, sums), checked (a new reference). */
+static PyObject *
+recording_of(PyObject *recording)
+{
+    if (recording == NULL || !PyTuple_CheckExact(recording) || PyTuple_GET_SIZE(recording) != 3) {
+        PyErr_SetString(PyExc_TypeError, "_recording must be a tuple (start, record, sums)");
+        return NULL;
+    }
+    return Py_NewRef(recording);
+}
+
 static int
-begin_request(Core *self, PyObject *scope, PyObject **entry_root_path, PyObject **method)
+begin_request(Core *self, PyObject *scope, PyObject **entry_root_path, PyObject **method, PyObject **recording)
 {
     PyObject *root = get_or(scope, S_root_path, Py_None);
     if (root == NULL) {
@@ -368,15 +375,17 @@ begin_request(Core *self, PyObject *scope, PyObject **entry_root_path, PyObject 
         Py_DECREF(root);
         return -1;
     }
-    if (self->sums == NULL || !Py_IS_TYPE(self->sums, &SumsType) || !sums_start((Sums *)self->sums, request_method)) {
-        if (self->start == NULL) {
-            PyErr_SetString(PyExc_AttributeError, "_start");
-            Py_DECREF(request_method);
-            Py_DECREF(root);
-            return -1;
-        }
-        PyObject *result = PyObject_CallOneArg(self->start, request_method);
+    PyObject *taken = recording_of(self->recording);
+    if (taken == NULL) {
+        Py_DECREF(request_method);
+        Py_DECREF(root);
+        return -1;
+    }
+    PyObject *sums = PyTuple_GET_ITEM(taken, 2);
+    if (!Py_IS_TYPE(sums, &SumsType) || !sums_start((Sums *)sums, request_method)) {
+        PyObject *result = PyObject_CallOneArg(PyTuple_GET_ITEM(taken, 0), request_method);
         if (result == NULL) {
+            Py_DECREF(taken);
             Py_DECREF(request_method);
             Py_DECREF(root);
             return -1;
@@ -385,6 +394,7 @@ begin_request(Core *self, PyObject *scope, PyObject **entry_root_path, PyObject 
     }
     *entry_root_path = root;
     *method = request_method;
+    *recording = taken;
     return 1;
 }
 
@@ -421,8 +431,8 @@ core_begin(Core *self, PyObject *const *args, Py_ssize_t nargs)
             Py_DECREF(result);
         }
     }
-    PyObject *entry_root_path = NULL, *method = NULL;
-    int recorded = begin_request(self, scope, &entry_root_path, &method);
+    PyObject *entry_root_path = NULL, *method = NULL, *recording = NULL;
+    int recorded = begin_request(self, scope, &entry_root_path, &method, &recording);
     if (recorded < 0) {
         return contain((PyObject *)self, S_site_start) < 0 ? NULL : Py_NewRef(Py_None);
     }
@@ -434,12 +444,14 @@ core_begin(Core *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "_exchange_type must be a subclass of ExchangeCore");
         Py_DECREF(entry_root_path);
         Py_DECREF(method);
+        Py_DECREF(recording);
         return NULL;
     }
     Exchange *exchange = (Exchange *)type->tp_alloc(type, 0);
     if (exchange == NULL) {
         Py_DECREF(entry_root_path);
         Py_DECREF(method);
+        Py_DECREF(recording);
         return NULL;
     }
     exchange->scope = Py_NewRef(scope);
@@ -453,8 +465,7 @@ core_begin(Core *self, PyObject *const *args, Py_ssize_t nargs)
     exchange->server_receive = Py_NewRef(args[1]);
     exchange->server_send = Py_NewRef(args[2]);
     exchange->token = Py_NewRef(Py_None);
-    exchange->record = Py_XNewRef(self->record);
-    exchange->sums = Py_XNewRef(self->sums);
+    exchange->recording = recording;
     if (now(&exchange->started) < 0) {
         Py_DECREF(exchange);
         return NULL;
@@ -482,10 +493,8 @@ static PyMethodDef core_methods[] = {
 static PyMemberDef core_members[] = {
     {"app", T_OBJECT, offsetof(Core, app), 0, NULL},
     {"exclude_paths", T_OBJECT, offsetof(Core, exclude_paths), 0, NULL},
-    {"_start", T_OBJECT, offsetof(Core, start), 0, NULL},
-    {"_record", T_OBJECT, offsetof(Core, record), 0, NULL},
+    {"_recording", T_OBJECT, offsetof(Core, recording), 0, NULL},
     {"_pending", T_OBJECT, offsetof(Core, pending), 0, NULL},
-    {"_sums", T_OBJECT, offsetof(Core, sums), 0, NULL},
     {"_flush_at", T_PYSSIZET, offsetof(Core, flush_at), 0, NULL},
     {"_flush", T_OBJECT, offsetof(Core, flush), 0, NULL},
     {"_report", T_OBJECT, offsetof(Core, report), 0, NULL},
@@ -538,8 +547,7 @@ exchange_traverse(Exchange *self, visitproc visit, void *arg)
     Py_VISIT(self->server_receive);
     Py_VISIT(self->server_send);
     Py_VISIT(self->token);
-    Py_VISIT(self->record);
-    Py_VISIT(self->sums);
+    Py_VISIT(self->recording);
     return 0;
 }
 
@@ -557,8 +565,7 @@ exchange_clear(Exchange *self)
     Py_CLEAR(self->server_receive);
     Py_CLEAR(self->server_send);
     Py_CLEAR(self->token);
-    Py_CLEAR(self->record);
-    Py_CLEAR(self->sums);
+    Py_CLEAR(self->recording);
     return 0;
 }
 
@@ -738,6 +745,7 @@ exchange_finish_at(Exchange *self, double ended_at)
     Py_INCREF(middleware_object);
     Core *middleware = (Core *)middleware_object;
     int outcome = -1;
+    PyObject *recording = NULL;
     PyObject *handler = handler_label(self, middleware);
     if (handler == NULL) {
         if (contain(middleware_object, S_site_handler) < 0) {
@@ -749,8 +757,12 @@ exchange_finish_at(Exchange *self, double ended_at)
     double duration = ended_at - self->started;
     Py_ssize_t size = self->request_bytes;
     int sized = self->body_complete || declared_size(self, &size) == 0;
-    PyObject *sums = self->record != NULL ? self->sums : middleware->sums;
-    PyObject *record = self->record != NULL ? self->record : middleware->record;
+    recording = recording_of(self->recording != NULL ? self->recording : middleware->recording);
+    if (recording == NULL) {
+        Py_DECREF(handler);
+        goto done;
+    }
+    PyObject *record = PyTuple_GET_ITEM(recording, 1), *sums = PyTuple_GET_ITEM(recording, 2);
     if (sized && sums != NULL && Py_IS_TYPE(sums, &SumsType)
         && sums_add((Sums *)sums, self->method, handler, self->status, duration, (double)size,
                     (double)self->response_bytes)) {
@@ -820,6 +832,7 @@ exchange_finish_at(Exchange *self, double ended_at)
     Py_DECREF(handler);
     outcome = 0;
 done:
+    Py_XDECREF(recording);
     Py_DECREF(middleware_object);
     return outcome;
 }
@@ -2257,9 +2270,11 @@ sums_register(Sums *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* drain() -> (started, finished): every registered label set's sums added to its cells and set
-   to zero; how many requests started per counted method, and finished per method, since the
-   last drain. */
+/* drain() -> (started, finished, lost): every registered label set's sums added to its cells and
+   set to zero; how many requests started per counted method, and finished per method, since the
+   last drain; and how many cells could not be written (memory ran out: their amounts are lost).
+   The counts are taken first, and nothing changes if that fails, so the in-progress gauge stays
+   right whatever happens. */
 static PyObject *
 sums_drain(Sums *self, PyObject *Py_UNUSED(ignored))
 {
@@ -2269,33 +2284,45 @@ sums_drain(Sums *self, PyObject *Py_UNUSED(ignored))
         goto failed;
     }
     for (Py_ssize_t i = 0; i < self->method_count; i++) {
-        Py_ssize_t count = self->started[i];
-        if (count != 0) {
-            self->started[i] = 0;
-            if (count_finished(started, self->methods[i], count) < 0) {
-                goto failed;
-            }
+        if (self->started[i] != 0 && count_finished(started, self->methods[i], self->started[i]) < 0) {
+            goto failed;
         }
     }
+    for (Py_ssize_t d = 0; d < self->dirty_count; d++) {
+        SumsEntry *entry = &self->entries[self->dirty[d]];
+        if (count_finished(finished, entry->method, (Py_ssize_t)entry->sums[0]) < 0) {
+            goto failed;
+        }
+    }
+    PyObject *result = PyTuple_Pack(3, started, finished, ZERO);
+    Py_DECREF(started);
+    Py_DECREF(finished);
+    if (result == NULL) {
+        return NULL;
+    }
+    /* Counted: from here on nothing fails. */
+    memset(self->started, 0, sizeof(self->started));
+    Py_ssize_t lost = 0;
     while (self->dirty_count > 0) {
         SumsEntry *entry = &self->entries[self->dirty[--self->dirty_count]];
         entry->dirty = 0;
         double *sums = entry->sums;
-        Py_ssize_t requests = (Py_ssize_t)sums[0];
         for (Py_ssize_t c = 0; c < self->width; c++) {
             double amount = sums[c];
             sums[c] = 0.0;
             if (amount != 0.0 && add_to_cell(entry->cells, c, amount) < 0) {
-                goto failed;
+                PyErr_Clear();
+                lost++;
             }
         }
-        if (count_finished(finished, entry->method, requests) < 0) {
-            goto failed;
-        }
     }
-    PyObject *result = PyTuple_Pack(2, started, finished);
-    Py_DECREF(started);
-    Py_DECREF(finished);
+    PyObject *lost_count = lost == 0 ? NULL : PyLong_FromSsize_t(lost);
+    if (lost_count == NULL) {
+        PyErr_Clear();  /* at worst, lost cells are reported as none */
+    }
+    else {
+        Py_SETREF(PyTuple_GET_ITEM(result, 2), lost_count);
+    }
     return result;
 failed:
     Py_XDECREF(started);
@@ -2448,7 +2475,7 @@ static PyMethodDef sums_methods[] = {
     {"register", (PyCFunction)(void (*)(void))sums_register, METH_FASTCALL,
      "register(method, handler, status, cells, no_body): add this label set's requests to cells"},
     {"drain", (PyCFunction)sums_drain, METH_NOARGS,
-     "drain() -> (started, finished): the sums into their cells; requests per method since the last"},
+     "drain() -> (started, finished, lost): the sums into their cells; requests per method since the last"},
     {NULL},
 };
 

@@ -117,12 +117,12 @@ class PrometheusMiddleware(MiddlewareCore):
         """Record into ``instrumentation``: its recorder's methods kept as attributes."""
         recorder = instrumentation.requests
         self._exemplars = request_exemplars(self._exemplar_option, instrumentation)
-        self._start = recorder.start
-        self._record = recorder.record
+        # One attribute, set at once: a request started through one recorder ends in it, also
+        # while another thread follows the default to a new one.
+        self._recording = (recorder.start, recorder.record, recorder.sums)
         self._pending = recorder.pending
         self._flush_at = recorder.flush_at
         self._flush = recorder.flush
-        self._sums = recorder.sums
         self._report = instrumentation.report_internal_error
         self.instrumentation = instrumentation
 

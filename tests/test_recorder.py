@@ -262,6 +262,10 @@ def test_batches_hold_exactly_what_prometheus_client_would(requests: list[Reques
     assert all(value(ours, IN_PROGRESS, method=m) == 0 for m in ("GET", "POST", "OTHER"))
 
 
+class Method(str):
+    """A method a server or framework hands over as a str subclass (an enum's member, say)."""
+
+
 def test_label_sets_seen_before_are_added_up_compiled_and_the_numbers_are_the_pythons() -> None:
     """Once a label set is registered, the compiled middleware adds its requests to the
     recorder's ``sums`` as they finish; a recorder without sums, fed the same requests through
@@ -275,7 +279,7 @@ def test_label_sets_seen_before_are_added_up_compiled_and_the_numbers_are_the_py
         [("GET", "/a", 200, 0.004, 0, 10), ("HEAD", "/a", 200, 0.2, 0, 10), ("POST", "/b", 201, 3.0, 2000, 5)],
         [("GET", "/a", 200, 0.006, 0, 10), ("HEAD", "/a", 200, 0.1, 0, 99), ("POST", "/b", 201, 100.0, 10**6, 5),
          ("GET", "/a", 204, 0.001, 0, 7), ("PROPFIND", "/a", 200, 0.5, 0, 1), ("GET", "/a", HTTPStatus.OK, 0.5, 0, 1),
-         ("GE", "/a", 200, 0.5, 0, 1), ("GET", "/a", 1000, 0.5, 0, 1)],
+         ("GE", "/a", 200, 0.5, 0, 1), ("GET", "/a", 1000, 0.5, 0, 1), (Method("GET"), "/a", 201, 0.5, 0, 1)],
         [("GET", "/a", 204, 0.001, 0, 7), ("GET", "/a", 200, 0.05, 3, 4)] * 50,
     ]
     added = []
@@ -292,8 +296,9 @@ def test_label_sets_seen_before_are_added_up_compiled_and_the_numbers_are_the_py
                     added.append(entry[:3])
             recorder.flush()
     if crowdmon.middleware.COMPILED:
-        # Each batch registers its new label sets for the next; HTTPStatus.OK, not an exact int,
-        # and the label sets that are not labels as they are (PROPFIND, GE, 1000) are recorded.
+        # Each batch registers its new label sets for the next; HTTPStatus.OK and Method("GET"),
+        # not an exact int and str, and the label sets that are not labels as they are
+        # (PROPFIND, GE, 1000) are recorded.
         assert set(added) == {("GET", "/a", 200), ("HEAD", "/a", 200), ("POST", "/b", 201), ("GET", "/a", 204)}
         assert len(added) == 3 + 100
     assert compiled._series.keys() == python._series.keys()

@@ -6,6 +6,8 @@ import asyncio
 import builtins
 import contextvars
 import gc
+import sys
+import threading
 import time
 import weakref
 from typing import Any
@@ -19,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 import crowdmon
+import crowdmon.instrumentation
 from crowdmon import PrometheusMiddleware
 from crowdmon._types import Message, Receive, Scope, Send
 from crowdmon.testing import isolated_instrumentation, metric_value
@@ -291,3 +294,50 @@ async def receive_nothing() -> Message:
 
 async def send_nothing(message: Message) -> None:
     raise AssertionError("not called")
+
+
+def test_requests_in_threads_end_where_they_started_while_the_default_keeps_changing() -> None:
+    """Event loops in three threads serve through one middleware that follows the default,
+    while a fourth thread keeps switching the default between two instrumentations (threads
+    switched as often as Python allows): every request starts and ends in the same one."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    requests_per_thread = 2000
+    with isolated_instrumentation() as first:
+        second = crowdmon.PrometheusInstrumentation(CollectorRegistry())
+        middleware = PrometheusMiddleware(app)
+        stop = threading.Event()
+
+        def switch() -> None:
+            while not stop.is_set():
+                for instrumentation in (second, first):
+                    crowdmon.instrumentation.replace_default_instrumentation(instrumentation)
+
+        def serve() -> None:
+            async def run() -> None:
+                for _ in range(requests_per_thread):
+                    await run_asgi(middleware, http_scope("/"))
+
+            asyncio.run(run())
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            switcher = threading.Thread(target=switch)
+            servers = [threading.Thread(target=serve) for _ in range(3)]
+            switcher.start()
+            for thread in servers:
+                thread.start()
+            for thread in servers:
+                thread.join()
+            stop.set()
+            switcher.join()
+        finally:
+            sys.setswitchinterval(interval)
+        totals = [metric_value("crowdfunding_api_requests_total", instrumentation=each) for each in (first, second)]
+        assert sum(totals) == 3 * requests_per_thread and min(totals) > 0
+        for instrumentation in (first, second):
+            assert metric_value("crowdfunding_api_requests_in_progress", {"method": "GET"}, instrumentation=instrumentation) == 0
