@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +90,23 @@ def wait_for_http(url: str, timeout: float = 15.0, process: subprocess.Popen[byt
 
 
 PYTHON = sys.executable
+
+
+def run_threads_while(beside: Callable[[], None], workers: list[Callable[[], None]]) -> None:
+    """``workers`` each in a thread of its own, and ``beside`` called over and over in one more
+    (a scraper, say) until they are all done."""
+    done = threading.Event()
+
+    def repeat() -> None:
+        while not done.is_set():
+            beside()
+
+    alongside = threading.Thread(target=repeat)
+    threads = [threading.Thread(target=work) for work in workers]
+    alongside.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done.set()
+    alongside.join()

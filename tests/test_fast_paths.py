@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from crowdmon import PrometheusInstrumentation, instrumented_metrics
 from crowdmon._sharded import ShardedHistogram
 from crowdmon.decorators import tracked_database_query, tracked_external
-from tests.support import PYTHON, subprocess_env, value
+from tests.support import PYTHON, run_threads_while, subprocess_env, value
 
 QUERY = "database_query_duration_seconds"
 EXTERNAL = "external_api_duration_seconds"
@@ -93,26 +93,13 @@ def test_decorated_function_counts_exactly_from_many_threads_while_scraped(regis
         return n
 
     threads, calls = 8, 2000
-    done = threading.Event()
 
     def work() -> None:
         for n in range(calls):
             with contextlib.suppress(LookupError):
                 query(n)
 
-    def scrape() -> None:
-        while not done.is_set():
-            generate_latest(registry)
-
-    scraper = threading.Thread(target=scrape)
-    scraper.start()
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join()
-    done.set()
-    scraper.join()
+    run_threads_while(lambda: generate_latest(registry), [work] * threads)
 
     # Errors are observed too (the outcome rule); the duration has no outcome label.
     assert value(registry, QUERY + "_count", operation="select") == threads * calls

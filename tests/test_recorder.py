@@ -30,7 +30,7 @@ from crowdmon._recorder import (
 )
 from crowdmon._types import Receive, Scope, Send
 from tests.asgi import http_scope, run_asgi
-from tests.support import scraped, value
+from tests.support import run_threads_while, scraped, value
 
 REQUESTS = "crowdfunding_api_requests_total"
 DURATION = "crowdfunding_api_request_duration_seconds"
@@ -127,26 +127,16 @@ def test_event_loops_in_threads_are_counted_exactly_while_scraped(registry: Coll
     scopes = [http_scope("/items/3"), http_scope("/items/7"), http_scope("/items/5", "HEAD")]
     asyncio.run(run_all(app, scopes))  # each label set seen once, then registered by a scrape
     generate_latest(registry)
-    stop = threading.Event()
     gauge_seen: set[float] = set()
 
     def scrape() -> None:
-        while not stop.is_set():
-            generate_latest(registry)
-            gauge_seen.add(value(registry, IN_PROGRESS, method="GET"))
+        generate_latest(registry)
+        gauge_seen.add(value(registry, IN_PROGRESS, method="GET"))
 
     def serve() -> None:
         asyncio.run(run_all(app, scopes * 300))
 
-    scraper = threading.Thread(target=scrape)
-    servers = [threading.Thread(target=serve) for _ in range(4)]
-    scraper.start()
-    for thread in servers:
-        thread.start()
-    for thread in servers:
-        thread.join()
-    stop.set()
-    scraper.join()
+    run_threads_while(scrape, [serve] * 4)
 
     per_set = 1 + 4 * 300
     assert value(registry, REQUESTS, method="GET", handler="/items/{size}", status="200") == per_set

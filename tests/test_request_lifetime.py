@@ -7,7 +7,6 @@ import builtins
 import contextvars
 import gc
 import sys
-import threading
 import time
 import weakref
 from typing import Any
@@ -26,7 +25,7 @@ from crowdmon import PrometheusMiddleware
 from crowdmon._types import Message, Receive, Scope, Send
 from crowdmon.testing import isolated_instrumentation, metric_value
 from tests.asgi import http_scope, run_asgi
-from tests.support import uvicorn_in_thread, value
+from tests.support import run_threads_while, uvicorn_in_thread, value
 
 
 class Marker:
@@ -309,12 +308,10 @@ def test_requests_in_threads_end_where_they_started_while_the_default_keeps_chan
     with isolated_instrumentation() as first:
         second = crowdmon.PrometheusInstrumentation(CollectorRegistry())
         middleware = PrometheusMiddleware(app)
-        stop = threading.Event()
 
         def switch() -> None:
-            while not stop.is_set():
-                for instrumentation in (second, first):
-                    crowdmon.instrumentation.replace_default_instrumentation(instrumentation)
+            for instrumentation in (second, first):
+                crowdmon.instrumentation.replace_default_instrumentation(instrumentation)
 
         def serve() -> None:
             async def run() -> None:
@@ -326,15 +323,7 @@ def test_requests_in_threads_end_where_they_started_while_the_default_keeps_chan
         interval = sys.getswitchinterval()
         sys.setswitchinterval(1e-6)
         try:
-            switcher = threading.Thread(target=switch)
-            servers = [threading.Thread(target=serve) for _ in range(3)]
-            switcher.start()
-            for thread in servers:
-                thread.start()
-            for thread in servers:
-                thread.join()
-            stop.set()
-            switcher.join()
+            run_threads_while(switch, [serve] * 3)
         finally:
             sys.setswitchinterval(interval)
         totals = [metric_value("crowdfunding_api_requests_total", instrumentation=each) for each in (first, second)]
