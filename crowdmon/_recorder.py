@@ -10,6 +10,9 @@ batches, when a batch is full and before every scrape, so what a scrape shows is
 per-entry work of absorbing is done by C (``sorted``, ``bisect``, ``map`` over ``itemgetter``,
 ``sum``, ``Counter``, ``dict.fromkeys``); Python loops run once per label set and bucket.
 ``append`` and slicing are atomic, so counts stay exact under threads and asyncio alike.
+Where the package is compiled, a request of a label set already admitted does not even append:
+the compiled middleware adds it to that label set's sums in C as it finishes (``sums``, a
+``RequestSums``), and :meth:`BufferedRequestRecorder.flush` drains the sums into the series.
 :class:`ClientRequestRecorder` (prometheus_client multiprocess mode) writes prometheus_client
 metrics at once, through children resolved once per label set: their values live in files
 another worker may be scraped from.
@@ -201,10 +204,10 @@ class _Plan:
 class BufferedRequestRecorder:
     """Request recording for one process, absorbed in batches; a prometheus_client collector.
 
-    Where the package is compiled, the requests of a batch whose label set was seen in an
-    earlier batch are added up by C (``absorb`` in ``crowdmon/_speedups.c``), per label set,
-    and written to their series once; the rest take the Python path below, which admits new
-    label sets."""
+    Where the package is compiled, each label set the Python path below admits (with values
+    that are labels as they are) is registered with ``sums`` (``RequestSums`` in
+    ``crowdmon/_speedups.c``): the compiled middleware adds that label set's later requests to
+    its sums in C, and :meth:`flush` drains them into the series with the lists."""
 
     flush_at = FLUSH_AT
     #: Set by :mod:`crowdmon.exemplars` when a middleware asks for exemplars.
