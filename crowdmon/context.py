@@ -7,6 +7,7 @@ request they serve, without the business code passing them along.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
@@ -66,19 +67,26 @@ class RequestContext:
         """The resolver's answer for this request (the resolver runs once per request; if it
         raises, the exception propagates and the request's user type is ``unknown``)."""
         if self._user_type is None:
-            scope = self.scope
-            if scope is None:
-                return UNKNOWN_VALUE  # the request ended before anyone asked
-            try:
-                resolved = self.user_type_resolver(scope)
-            except Exception:
-                self._user_type = UNKNOWN_VALUE  # asked once per request, whatever it answers
-                raise
-            self._user_type = resolved if isinstance(resolved, str) else str(resolved)
+            # Threads a request hands work to (asyncio.to_thread, the threadpool) share its
+            # context: one of them asks, the others wait for its answer.
+            with _RESOLVING:
+                if self._user_type is None:
+                    scope = self.scope
+                    if scope is None:
+                        return UNKNOWN_VALUE  # the request ended before anyone asked
+                    try:
+                        resolved = self.user_type_resolver(scope)
+                    except Exception:
+                        self._user_type = UNKNOWN_VALUE  # asked once per request, whatever it answers
+                        raise
+                    self._user_type = resolved if isinstance(resolved, str) else str(resolved)
         return self._user_type
 
 
 current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_request", default=None)
+
+#: Held while a user-type resolver runs (re-entrant: a resolver may read the request context).
+_RESOLVING = threading.RLock()
 
 
 def current_endpoint() -> str | None:

@@ -34,6 +34,8 @@ def outcome_of(error: BaseException | None, *, iterator: bool = False) -> str | 
         return ERROR
     if _is_cancellation(error):
         return CANCELLED
+    if only_leaves(error, lambda leaf: isinstance(leaf, Exception) or _is_cancellation(leaf)):
+        return ERROR  # a group of failures and cancellations: something failed
     return None  # KeyboardInterrupt, SystemExit: the process is going away
 
 

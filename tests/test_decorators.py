@@ -332,6 +332,7 @@ def test_a_group_of_cancellations_and_nothing_else_is_cancelled() -> None:
 
     assert outcome_of(builtins.BaseExceptionGroup("g", [asyncio.CancelledError(), builtins.BaseExceptionGroup("h", [asyncio.CancelledError()])])) == "cancelled"
     assert outcome_of(builtins.BaseExceptionGroup("g", [asyncio.CancelledError(), KeyboardInterrupt()])) is None
+    assert outcome_of(builtins.BaseExceptionGroup("g", [asyncio.CancelledError(), ValueError()])) == "error"
     assert outcome_of(builtins.ExceptionGroup("g", [ValueError()])) == "error"
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
+import time
 
 import httpx
 import pytest
@@ -312,6 +314,35 @@ def test_user_type_resolver_passed_to_setup_monitoring_and_its_failures_containe
     assert value(registry, "chat_processing_duration_seconds_count", endpoint="/chat", user_type="premium") == 1
     # The broken request asked its resolver once: two reads of the user type, one failure.
     assert value(registry, "crowdmon_internal_errors_total", site="user_type_resolver") == 1
+
+
+def test_a_request_that_hands_work_to_threads_asks_its_resolver_once() -> None:
+    """``asyncio.to_thread`` workers share the request's context: the first to need the user type
+    asks the resolver, the others wait for its answer."""
+    registry = CollectorRegistry()
+    asked: list[str] = []
+
+    def slow_plan(scope: dict[str, object]) -> str:
+        asked.append(threading.current_thread().name)
+        time.sleep(0.05)  # a lookup of the user's plan
+        return "premium"
+
+    monitoring: PrometheusInstrumentation
+
+    def store(index: int) -> None:
+        monitoring.track_chat_message(message_type="user")
+
+    async def fan_out(request: Request) -> Response:
+        await asyncio.gather(*(asyncio.to_thread(store, index) for index in range(4)))
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/fan-out", fan_out)])
+    monitoring = setup_monitoring(app, registry=registry, user_type_resolver=slow_plan)
+    with uvicorn_in_thread(app) as base_url:
+        assert httpx.get(f"{base_url}/fan-out").status_code == 200
+
+    assert len(asked) == 1
+    assert value(registry, "chat_messages_total", user_type="premium", message_type="user", cache_hit="false", rag_used="false") == 4
 
 
 def test_outside_a_request_endpoint_and_user_type_are_unknown(
