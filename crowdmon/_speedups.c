@@ -2273,49 +2273,68 @@ sums_register(Sums *self, PyObject *const *args, Py_ssize_t nargs)
 /* drain() -> (started, finished, lost): every registered label set's sums added to its cells and
    set to zero; how many requests started per counted method, and finished per method, since the
    last drain; and how many cells could not be written (memory ran out: their amounts are lost).
-   The counts are taken first, and nothing changes if that fails, so the in-progress gauge stays
-   right whatever happens. */
+   The numbers are taken out first, with no object made meanwhile, so no other thread can run
+   and add to them halfway; if their objects cannot be made, they are all put back for the next
+   drain. The in-progress gauge stays right whatever happens. */
 static PyObject *
 sums_drain(Sums *self, PyObject *Py_UNUSED(ignored))
 {
+    Py_ssize_t taken = self->dirty_count, width = self->width;
+    Py_ssize_t *indexes = PyMem_Malloc((size_t)(taken > 0 ? taken : 1) * sizeof(Py_ssize_t));
+    double *amounts = PyMem_Malloc((size_t)(taken > 0 ? taken : 1) * (size_t)width * sizeof(double));
+    if (indexes == NULL || amounts == NULL) {
+        PyMem_Free(indexes);
+        PyMem_Free(amounts);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t started_counts[SUM_METHODS];
+    memcpy(started_counts, self->started, sizeof(started_counts));
+    memset(self->started, 0, sizeof(self->started));
+    for (Py_ssize_t d = 0; d < taken; d++) {
+        SumsEntry *entry = &self->entries[self->dirty[d]];
+        indexes[d] = self->dirty[d];
+        memcpy(amounts + d * width, entry->sums, (size_t)width * sizeof(double));
+        memset(entry->sums, 0, (size_t)width * sizeof(double));
+        entry->dirty = 0;
+    }
+    self->dirty_count = 0;
+
+    PyObject *result = NULL;
     PyObject *started = PyDict_New();
     PyObject *finished = started == NULL ? NULL : PyDict_New();
     if (finished == NULL) {
-        goto failed;
+        goto put_back;
     }
     for (Py_ssize_t i = 0; i < self->method_count; i++) {
-        if (self->started[i] != 0 && count_finished(started, self->methods[i], self->started[i]) < 0) {
-            goto failed;
+        if (started_counts[i] != 0 && count_finished(started, self->methods[i], started_counts[i]) < 0) {
+            goto put_back;
         }
     }
-    for (Py_ssize_t d = 0; d < self->dirty_count; d++) {
-        SumsEntry *entry = &self->entries[self->dirty[d]];
-        if (count_finished(finished, entry->method, (Py_ssize_t)entry->sums[0]) < 0) {
-            goto failed;
+    for (Py_ssize_t d = 0; d < taken; d++) {
+        if (count_finished(finished, self->entries[indexes[d]].method, (Py_ssize_t)amounts[d * width]) < 0) {
+            goto put_back;
         }
     }
-    PyObject *result = PyTuple_Pack(3, started, finished, ZERO);
+    result = PyTuple_Pack(3, started, finished, ZERO);
+    if (result == NULL) {
+        goto put_back;
+    }
     Py_DECREF(started);
     Py_DECREF(finished);
-    if (result == NULL) {
-        return NULL;
-    }
-    /* Counted: from here on nothing fails. */
-    memset(self->started, 0, sizeof(self->started));
+    /* Handed over: the amounts go to the cells (floats only: no Python code runs). */
     Py_ssize_t lost = 0;
-    while (self->dirty_count > 0) {
-        SumsEntry *entry = &self->entries[self->dirty[--self->dirty_count]];
-        entry->dirty = 0;
-        double *sums = entry->sums;
-        for (Py_ssize_t c = 0; c < self->width; c++) {
-            double amount = sums[c];
-            sums[c] = 0.0;
-            if (amount != 0.0 && add_to_cell(entry->cells, c, amount) < 0) {
+    for (Py_ssize_t d = 0; d < taken; d++) {
+        PyObject *cells = self->entries[indexes[d]].cells;
+        for (Py_ssize_t c = 0; c < width; c++) {
+            double amount = amounts[d * width + c];
+            if (amount != 0.0 && add_to_cell(cells, c, amount) < 0) {
                 PyErr_Clear();
                 lost++;
             }
         }
     }
+    PyMem_Free(indexes);
+    PyMem_Free(amounts);
     PyObject *lost_count = lost == 0 ? NULL : PyLong_FromSsize_t(lost);
     if (lost_count == NULL) {
         PyErr_Clear();  /* at worst, lost cells are reported as none */
@@ -2324,7 +2343,23 @@ sums_drain(Sums *self, PyObject *Py_UNUSED(ignored))
         Py_SETREF(PyTuple_GET_ITEM(result, 2), lost_count);
     }
     return result;
-failed:
+put_back:
+    /* Nothing was handed over: all of it waits for the next drain. */
+    for (Py_ssize_t i = 0; i < self->method_count; i++) {
+        self->started[i] += started_counts[i];
+    }
+    for (Py_ssize_t d = 0; d < taken; d++) {
+        SumsEntry *entry = &self->entries[indexes[d]];
+        for (Py_ssize_t c = 0; c < width; c++) {
+            entry->sums[c] += amounts[d * width + c];
+        }
+        if (!entry->dirty) {
+            entry->dirty = 1;
+            self->dirty[self->dirty_count++] = indexes[d];
+        }
+    }
+    PyMem_Free(indexes);
+    PyMem_Free(amounts);
     Py_XDECREF(started);
     Py_XDECREF(finished);
     return NULL;
