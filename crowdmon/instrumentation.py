@@ -41,7 +41,7 @@ from crowdmon.catalogue import (
 )
 from crowdmon.context import current_request
 from crowdmon.errors import classify_error
-from crowdmon.timing import Timing
+from crowdmon.timing import Timing, is_exception_group, only_leaves
 
 logger = logging.getLogger("crowdmon")
 
@@ -640,24 +640,17 @@ def first_count(error: BaseException, metric: str, since: float | None = None) -
     raised from or while handling, was counted there already during the same call (started at
     ``since``, a ``perf_counter`` time) or the same request.  The same exception object raised
     again by a later call or request (a module-level exception, a failed task awaited again) is
-    a failure of its own and is counted again.  Marks it counted, with the time."""
+    a failure of its own and is counted again.  An exception group whose every failure was
+    counted there already (a ``TaskGroup`` of decorated calls) is not counted again either.
+    Marks it counted, with the time."""
     request = current_request.get()
     request_started = getattr(request, "started", None)  # the middleware's request object has it
     if isinstance(request_started, float) and (since is None or request_started > since):
         since = request_started
-    current: BaseException | None = error
-    seen = 0
-    pending: list[BaseException] = []
-    while current is not None and seen < 16:
-        seen += 1
-        counted_at = getattr(current, _COUNTED, None)
-        at = counted_at.get(metric) if isinstance(counted_at, dict) else None
-        if at is not None and (since is None or at >= since):
-            return False
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None:
-                pending.append(linked)
-        current = pending.pop() if pending else None
+    if _counted_before(error, metric, since) or (
+        is_exception_group(error) and only_leaves(error, lambda leaf: _counted_before(leaf, metric, since))
+    ):
+        return False
     try:
         counted = getattr(error, _COUNTED, None)
         if isinstance(counted, dict):
@@ -667,6 +660,25 @@ def first_count(error: BaseException, metric: str, since: float | None = None) -
     except Exception:  # an exception class that refuses attributes is counted every time
         pass
     return True
+
+
+def _counted_before(error: BaseException, metric: str, since: float | None) -> bool:
+    """Whether ``error``, or an exception it was raised from or while handling, was counted in
+    ``metric`` at ``since`` or later."""
+    current: BaseException | None = error
+    seen = 0
+    pending: list[BaseException] = []
+    while current is not None and seen < 16:
+        seen += 1
+        counted_at = getattr(current, _COUNTED, None)
+        at = counted_at.get(metric) if isinstance(counted_at, dict) else None
+        if at is not None and (since is None or at >= since):
+            return True
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                pending.append(linked)
+        current = pending.pop() if pending else None
+    return False
 
 
 def label(value: object) -> str:

@@ -48,6 +48,10 @@ def _is_cancellation(error: BaseException) -> bool:
 _GROUP: Any = getattr(builtins, "BaseExceptionGroup", None)
 
 
+def is_exception_group(error: BaseException) -> bool:
+    return _GROUP is not None and isinstance(error, _GROUP)
+
+
 def only_leaves(error: BaseException, leaf: Callable[[BaseException], bool]) -> bool:
     """``leaf(error)``; for an exception group (a trio nursery's, an asyncio ``TaskGroup``'s),
     whether every exception in it, however deeply nested, is such a leaf."""

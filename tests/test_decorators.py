@@ -327,6 +327,43 @@ def test_a_cancelled_task_group_inside_is_observed_as_cancelled(
     assert durations(registry, "error") == 0
 
 
+def test_a_task_group_of_counted_failures_is_not_counted_again_by_an_outer_decorator(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    """Two decorated calls fail in a ``TaskGroup``: each failure is counted where it was raised,
+    and the ``ExceptionGroup`` carrying them adds nothing to the same metric on its way out of
+    an outer decorator; a group with a failure nobody counted is counted."""
+
+    @tracked_external("openai", endpoint="chat/completions", instrumentation=instrumentation)
+    async def call_llm(index: int) -> None:
+        raise ConnectionError(f"down {index}")
+
+    async def uncounted() -> None:
+        raise ConnectionError("not decorated")
+
+    @tracked_errors(component="rag_system", instrumentation=instrumentation)
+    async def fan_out(also_uncounted: bool) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(call_llm(1))
+            group.create_task(call_llm(2))
+            if also_uncounted:
+                group.create_task(uncounted())
+
+    def errors(service: str) -> float:
+        return sum(
+            value(registry, "external_service_errors_total", service=service, endpoint=endpoint, exception=exception)
+            for endpoint in ("chat/completions", "unknown")
+            for exception in ("ConnectionError", "ExceptionGroup")
+        )
+
+    with pytest.raises(builtins.ExceptionGroup):
+        asyncio.run(fan_out(False))
+    assert (errors("openai"), errors("rag_system")) == (2, 0)
+    with pytest.raises(builtins.ExceptionGroup):
+        asyncio.run(fan_out(True))
+    assert (errors("openai"), errors("rag_system")) == (4, 1)
+
+
 def test_a_group_of_cancellations_and_nothing_else_is_cancelled() -> None:
     from crowdmon.timing import outcome_of
 
