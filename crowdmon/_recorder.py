@@ -134,7 +134,6 @@ class _Layout:
 
 _LAYOUT = _Layout()
 _KEY: Callable[[RequestEntry], tuple[object, str, object]] = itemgetter(0, 1, 2)
-_METHOD: Callable[[RequestEntry], object] = itemgetter(0)
 _DURATION: Callable[[RequestEntry], float] = itemgetter(3)
 _RECEIVED: Callable[[RequestEntry], int] = itemgetter(4)
 _SENT: Callable[[RequestEntry], int] = itemgetter(5)

@@ -11,7 +11,6 @@ still unmatched is ``system``.
 from __future__ import annotations
 
 import asyncio
-import builtins
 import itertools
 import sqlite3
 import threading
@@ -19,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from crowdmon.catalogue import ERROR_TYPES
+from crowdmon.timing import is_exception_group
 
 #: The category of an exception no rule matches.
 FALLBACK_CATEGORY = "system"
@@ -160,13 +160,9 @@ def _candidates(error: BaseException) -> Iterator[BaseException]:
         yield current
         if current.__cause__ is not None:
             pending.insert(0, current.__cause__)
-        if _GROUP is not None and isinstance(current, _GROUP):
+        if is_exception_group(current):
             nested = getattr(current, "exceptions", ())
             pending.extend(nested if isinstance(nested, tuple) else ())
-
-
-# ``BaseExceptionGroup`` is a builtin from Python 3.11 on.
-_GROUP: type[BaseException] | None = getattr(builtins, "BaseExceptionGroup", None)
 
 
 #: The taxonomy decorators and ``track_application_error`` use unless given another.

@@ -49,13 +49,14 @@ _GROUP: Any = getattr(builtins, "BaseExceptionGroup", None)
 
 
 def is_exception_group(error: BaseException) -> bool:
+    """Whether ``error`` is a ``BaseExceptionGroup`` (Python 3.11 on; on 3.10 nothing is)."""
     return _GROUP is not None and isinstance(error, _GROUP)
 
 
 def only_leaves(error: BaseException, leaf: Callable[[BaseException], bool]) -> bool:
     """``leaf(error)``; for an exception group (a trio nursery's, an asyncio ``TaskGroup``'s),
     whether every exception in it, however deeply nested, is such a leaf."""
-    if _GROUP is not None and isinstance(error, _GROUP):
+    if _GROUP is not None and isinstance(error, _GROUP):  # narrowed to the group type
         return all(only_leaves(inner, leaf) for inner in error.exceptions)
     return leaf(error)
 
