@@ -1,6 +1,6 @@
 """Multi-worker servers: prometheus_client's multiprocess mode, prepared and kept clean.
 
-Under gunicorn (or ``uvicorn --workers N``) each worker is a process with its own memory, so
+Under gunicorn (or ``uvicorn --workers N``, ``granian --workers N``) each worker is a process with its own memory, so
 prometheus_client keeps every value in files under ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics``
 sums them.  Three things make the totals exact:
 
@@ -12,8 +12,8 @@ sums them.  Three things make the totals exact:
 
 This module is a gunicorn config module: ``gunicorn -c python:crowdmon.multiprocess ...`` gets
 :func:`on_starting` (checks and empties the directory) and :func:`child_exit` (marks the dead
-worker).  With a config file of your own, import both hooks into it.  ``uvicorn --workers N`` has
-no hooks: empty the directory before starting it (``python3 -m crowdmon.multiprocess``); dead
+worker).  With a config file of your own, import both hooks into it.  ``uvicorn --workers N`` and
+``granian --workers N`` have no hooks: empty the directory before starting it (``python3 -m crowdmon.multiprocess``); dead
 workers are then cleaned at scrape time by :class:`crowdmon.MetricsApp`, which removes the live
 gauges of every process id that no longer exists (:func:`prune_dead_processes`).
 Without a hook, a restarted worker's dead predecessor is noticed at the next scrape.
@@ -116,23 +116,29 @@ def check_process_setup() -> bool:
     return bool(path)
 
 
+#: The environment variable a server takes its worker count from when ``--workers`` is not given.
+_WORKERS_DEFAULT = {"uvicorn": "WEB_CONCURRENCY", "granian": "GRANIAN_WORKERS"}
+
+
 def server_workers() -> int:
     """How many worker processes the server this process belongs to runs, when its command line
-    says so for certain (uvicorn's spawned workers and gunicorn's forked ones keep the server's):
+    says so for certain (uvicorn's and granian's spawned workers and gunicorn's forked ones keep
+    the server's):
     uvicorn's ``--workers N`` or, without it, ``WEB_CONCURRENCY`` (its default), unless
-    ``--reload`` (one worker at a time); gunicorn's ``-w N`` / ``--workers N`` (which override
-    its config file and ``GUNICORN_CMD_ARGS``; ``WEB_CONCURRENCY`` is only a default they
-    override in turn, so it does not count).  1 for anything else."""
+    ``--reload`` (one worker at a time); granian's ``--workers N`` or, without it,
+    ``GRANIAN_WORKERS``, unless ``--reload``; gunicorn's ``-w N`` / ``--workers N`` (which
+    override its config file and ``GUNICORN_CMD_ARGS``; ``WEB_CONCURRENCY`` is only a default
+    they override in turn, so it does not count).  1 for anything else."""
     argv = sys.argv
     if not argv:
         return 1
     program = os.path.basename(argv[0])
-    if program == "__main__.py":  # python3 -m uvicorn
+    if program == "__main__.py":  # python3 -m uvicorn, python3 -m granian
         program = os.path.basename(os.path.dirname(argv[0]))
-    if program == "uvicorn":
+    if program in _WORKERS_DEFAULT:
         if "--reload" in argv:
             return 1
-        workers = os.environ.get("WEB_CONCURRENCY")
+        workers = os.environ.get(_WORKERS_DEFAULT[program])
     elif program == "gunicorn":
         workers = None
     else:

@@ -1,4 +1,4 @@
-"""The app the production tests serve with gunicorn, ``uvicorn --workers`` and hypercorn.
+"""The app the production tests serve with gunicorn, ``uvicorn --workers``, granian and hypercorn.
 
 ``METRICS_TOKEN`` in the environment protects ``/metrics`` with that bearer token (the README's
 "Protecting /metrics" set-up).  ``HOLD_DIR`` is where ``/hold`` requests leave a marker naming

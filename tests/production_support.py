@@ -137,13 +137,21 @@ def uvicorn_workers_command(port: int) -> list[str]:
     return [PYTHON, "-m", "uvicorn", *argv[1:-1], "--log-level", "warning", APP]
 
 
+def granian_workers_command(port: int) -> list[str]:
+    """The README's ``granian --workers`` command, on 127.0.0.1:``port`` with the test app."""
+    argv = readme_command("granian-workers", "granian")
+    argv = with_options(argv, workers="2", host="127.0.0.1", port=str(port))
+    return [PYTHON, "-m", "granian", *argv[1:-1], "--log-level", "warning", APP]
+
+
 def hypercorn_command(port: int) -> list[str]:
     return [PYTHON, "-m", "hypercorn", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "3", APP]
 
 
-def prepare_for_uvicorn(env: dict[str, str]) -> None:
-    """The README's step before ``uvicorn --workers``: check and empty the directory."""
-    argv = readme_command("uvicorn-workers", "python3")
+def prepare_directory_as_readme_says(env: dict[str, str], snippet: str = "uvicorn-workers") -> None:
+    """The README's step before ``uvicorn --workers`` (or another server without hooks): check
+    and empty the directory."""
+    argv = readme_command(snippet, "python3")
     result = subprocess.run([PYTHON, *argv[1:]], env=subprocess_env(env), cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (0, "")
     assert "is ready for a multi-worker server" in result.stdout

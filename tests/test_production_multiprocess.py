@@ -187,6 +187,12 @@ def test_shared_admissions_survive_a_line_left_unfinished_and_odd_values(tmp_pat
         (["/usr/bin/gunicorn", "-w8", "app:app"], {}, 8),
         (["/usr/bin/uvicorn", "-w", "4", "app:app"], {}, 1),  # not a uvicorn option
         (["/usr/bin/hypercorn", "--workers", "4", "app:app"], {}, 1),
+        (["/usr/bin/granian", "--interface", "asgi", "--workers", "3", "app:app"], {}, 3),
+        (["/site-packages/granian/__main__.py", "--workers=2", "--workers-lifetime", "60", "app:app"], {}, 2),
+        (["/usr/bin/granian", "--interface", "asgi", "app:app"], {"GRANIAN_WORKERS": "4"}, 4),
+        (["/usr/bin/granian", "--workers", "2", "app:app"], {"WEB_CONCURRENCY": "4"}, 2),
+        (["/usr/bin/granian", "app:app"], {"WEB_CONCURRENCY": "4"}, 1),  # not granian's variable
+        (["/usr/bin/granian", "--reload", "--workers", "2", "app:app"], {}, 1),
         (["serve.py", "--workers", "4"], {}, 1),
         (["/usr/bin/uvicorn", "--workers", "many"], {}, 1),
     ],
@@ -194,6 +200,7 @@ def test_shared_admissions_survive_a_line_left_unfinished_and_odd_values(tmp_pat
 def test_the_workers_a_server_was_started_with(monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str], workers: int) -> None:
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    monkeypatch.delenv("GRANIAN_WORKERS", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
 

@@ -1,6 +1,7 @@
-"""Real servers on 127.0.0.1 (gunicorn with 2 uvicorn workers, ``uvicorn --workers 2``, hypercorn),
-driven by ``hey``, scraped over HTTP and by a real Prometheus: every total is exact, whichever
-worker answers, and a worker killed mid-run leaves no gauge behind."""
+"""Real servers on 127.0.0.1 (gunicorn with 2 uvicorn workers, ``uvicorn --workers 2``,
+``granian --workers 2``, hypercorn), driven by ``hey``, scraped over HTTP and by a real
+Prometheus: every total is exact, whichever worker answers, and a worker killed mid-run leaves no
+gauge behind."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from tests.production_support import (
     TOKEN,
     Prometheus,
     Server,
+    granian_workers_command,
     gunicorn_command,
     hey,
     hypercorn_command,
-    prepare_for_uvicorn,
+    prepare_directory_as_readme_says,
     prometheus_config,
     serve,
     server_env,
@@ -223,9 +225,19 @@ def test_uvicorn_with_two_workers(tmp_path: Path, prometheus_for: list[Prometheu
     port = free_port()
     env = server_env(tmp_path, multiprocess=True)
     (Path(env["PROMETHEUS_MULTIPROC_DIR"]) / "counter_999999.db").write_bytes(b"a previous run")
-    prepare_for_uvicorn(env)
+    prepare_directory_as_readme_says(env)
     prometheus = start_prometheus(port, tmp_path, prometheus_for)
     with serve(uvicorn_workers_command(port), port, tmp_path, env) as server:
+        run_multiworker_matrix(server, tmp_path, prometheus)
+
+
+def test_granian_with_two_workers(tmp_path: Path, prometheus_for: list[Prometheus]) -> None:
+    port = free_port()
+    env = server_env(tmp_path, multiprocess=True)
+    (Path(env["PROMETHEUS_MULTIPROC_DIR"]) / "counter_999999.db").write_bytes(b"a previous run")
+    prepare_directory_as_readme_says(env, "granian-workers")
+    prometheus = start_prometheus(port, tmp_path, prometheus_for)
+    with serve(granian_workers_command(port), port, tmp_path, env) as server:
         run_multiworker_matrix(server, tmp_path, prometheus)
 
 
