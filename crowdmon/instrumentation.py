@@ -460,8 +460,10 @@ class PrometheusInstrumentation:
 
     def count_external_error(self, service: str, endpoint: str, error: BaseException, since: float | None = None) -> None:
         """Count ``error`` once in ``external_service_errors_total{service,endpoint,exception}``;
-        ``since`` is when the failed call started (see :func:`first_count`)."""
-        if first_count(error, "external_service_errors_total", since):
+        ``since`` is when the failed call started (see :func:`first_count`).  A group of failures
+        and cancellations is not an ``Exception`` and is not counted: its failures were counted
+        where they were raised."""
+        if isinstance(error, Exception) and first_count(error, "external_service_errors_total", since):
             self._shared.metrics["external_service_errors_total"].labels(
                 service, endpoint, type(error).__name__
             ).inc()
@@ -633,6 +635,9 @@ class SessionScope:
 
 
 _COUNTED = "_crowdmon_counted"
+#: In the marks, the process that made them: an exception pickled back from a worker process
+#: (a ``ProcessPoolExecutor``'s) keeps its attributes, and was not counted in this one.
+_PROCESS = "pid"
 
 
 def first_count(error: BaseException, metric: str, since: float | None = None) -> bool:
@@ -652,14 +657,22 @@ def first_count(error: BaseException, metric: str, since: float | None = None) -
     ):
         return False
     try:
-        counted = getattr(error, _COUNTED, None)
-        if isinstance(counted, dict):
+        counted = _marks(error)
+        if counted is not None:
             counted[metric] = perf_counter()
         else:
-            setattr(error, _COUNTED, {metric: perf_counter()})
+            setattr(error, _COUNTED, {_PROCESS: os.getpid(), metric: perf_counter()})
     except Exception:  # an exception class that refuses attributes is counted every time
         pass
     return True
+
+
+def _marks(error: BaseException) -> dict[str, float] | None:
+    """The metrics ``error`` was counted in by this process, with the times."""
+    counted = getattr(error, _COUNTED, None)
+    if isinstance(counted, dict) and counted.get(_PROCESS) == os.getpid():
+        return counted
+    return None
 
 
 def _counted_before(error: BaseException, metric: str, since: float | None) -> bool:
@@ -670,8 +683,8 @@ def _counted_before(error: BaseException, metric: str, since: float | None) -> b
     pending: list[BaseException] = []
     while current is not None and seen < 16:
         seen += 1
-        counted_at = getattr(current, _COUNTED, None)
-        at = counted_at.get(metric) if isinstance(counted_at, dict) else None
+        counted_at = _marks(current)
+        at = counted_at.get(metric) if counted_at is not None else None
         if at is not None and (since is None or at >= since):
             return True
         for linked in (current.__cause__, current.__context__):

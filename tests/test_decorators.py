@@ -341,6 +341,66 @@ def test_a_task_group_of_counted_failures_is_not_counted_again_by_an_outer_decor
     assert (errors("openai"), errors("rag_system")) == (4, 1)
 
 
+def test_a_group_of_failures_and_cancellations_is_an_error_counted_only_where_it_failed(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    """What a cancelled nursery holding one failure raises: the outer call's outcome is
+    ``error``, and only the failure, where it was raised, is counted; the same through the
+    context manager."""
+
+    @tracked_external("openai", endpoint="chat/completions", instrumentation=instrumentation)
+    async def call_llm() -> None:
+        raise ConnectionError("down")
+
+    @tracked_external("openai", endpoint="chat/completions", instrumentation=instrumentation)
+    async def fan_out() -> None:
+        try:
+            await call_llm()
+        except ConnectionError as failure:
+            raise builtins.BaseExceptionGroup("nursery", [failure, asyncio.CancelledError()]) from None
+
+    with pytest.raises(builtins.BaseExceptionGroup):
+        asyncio.run(fan_out())
+    with pytest.raises(builtins.BaseExceptionGroup), instrumentation.track_external_api_call("openai", "chat/completions"):
+        raise builtins.BaseExceptionGroup("nursery", [ValueError("bad"), asyncio.CancelledError()])
+
+    def errors(exception: str) -> float:
+        return value(registry, "external_service_errors_total", service="openai", endpoint="chat/completions", exception=exception)
+
+    assert (errors("ConnectionError"), errors("BaseExceptionGroup"), errors("ValueError")) == (1, 0, 0)
+    assert value(registry, "external_api_duration_seconds_count", service="openai", endpoint="chat/completions", outcome="error") == 3
+
+
+def _fail_in_a_worker_process() -> None:
+    from crowdmon import default_instrumentation
+
+    @tracked_errors(component="rag_system", instrumentation=default_instrumentation())
+    def index_documents() -> None:
+        raise ConnectionError("the vector store is down")
+
+    index_documents()
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_failure_counted_in_a_worker_process_is_counted_again_in_this_one(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation, start: str
+) -> None:
+    """The worker's count stays in the worker's own registry; the exception pickled back to this
+    process keeps crowdmon's mark, which must not pass for a count made here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    @tracked_errors(component="rag_system", instrumentation=instrumentation)
+    def index_in_a_worker() -> None:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(start)) as pool:
+            pool.submit(_fail_in_a_worker_process).result()
+
+    with pytest.raises(ConnectionError) as raised:
+        index_in_a_worker()
+    assert str(raised.value) == "the vector store is down"
+    assert value(registry, "application_errors_total", error_type="external_service", component="rag_system", user_type="unknown") == 1
+
+
 def test_a_group_of_cancellations_and_nothing_else_is_cancelled() -> None:
     from crowdmon.timing import outcome_of
 
