@@ -68,25 +68,40 @@ class RequestContext:
         raises, the exception propagates and the request's user type is ``unknown``)."""
         if self._user_type is None:
             # Threads a request hands work to (asyncio.to_thread, the threadpool) share its
-            # context: one of them asks, the others wait for its answer.
+            # context: one of them asks, the others wait for its answer.  Other requests do not
+            # wait: each request has a lock of its own while its resolver runs.
             with _RESOLVING:
-                if self._user_type is None:
-                    scope = self.scope
-                    if scope is None:
-                        return UNKNOWN_VALUE  # the request ended before anyone asked
-                    try:
-                        resolved = self.user_type_resolver(scope)
-                    except Exception:
-                        self._user_type = UNKNOWN_VALUE  # asked once per request, whatever it answers
-                        raise
-                    self._user_type = resolved if isinstance(resolved, str) else str(resolved)
-        return self._user_type
+                lock = _RESOLVERS.setdefault(id(self), (self, threading.RLock()))[1]
+            try:
+                with lock:
+                    if self._user_type is None:
+                        self._resolve()
+            finally:
+                with _RESOLVING:
+                    _RESOLVERS.pop(id(self), None)
+        resolved = self._user_type
+        return UNKNOWN_VALUE if resolved is None else resolved
+
+    def _resolve(self) -> None:
+        scope = self.scope
+        if scope is None:
+            self._user_type = UNKNOWN_VALUE  # the request ended before anyone asked
+            return
+        try:
+            resolved = self.user_type_resolver(scope)
+        except Exception:
+            self._user_type = UNKNOWN_VALUE  # asked once per request, whatever it answers
+            raise
+        self._user_type = resolved if isinstance(resolved, str) else str(resolved)
 
 
 current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_request", default=None)
 
-#: Held while a user-type resolver runs (re-entrant: a resolver may read the request context).
-_RESOLVING = threading.RLock()
+#: The lock of each request whose user-type resolver is running (re-entrant: a resolver may read
+#: the request context), by the request context's id; the context is kept with it, so the id
+#: stays its own.  _RESOLVING guards the table, for an instant at a time.
+_RESOLVERS: dict[int, tuple[RequestContext, threading.RLock]] = {}
+_RESOLVING = threading.Lock()
 
 
 def current_endpoint() -> str | None:

@@ -345,6 +345,40 @@ def test_a_request_that_hands_work_to_threads_asks_its_resolver_once() -> None:
     assert value(registry, "chat_messages_total", user_type="premium", message_type="user", cache_hit="false", rag_used="false") == 4
 
 
+def test_a_resolver_that_blocks_holds_up_only_its_own_request() -> None:
+    """While one request's resolver waits (in the threadpool, for a sync endpoint), another
+    request asking for its own user type on the event loop is answered at once."""
+    registry = CollectorRegistry()
+    release = threading.Event()
+
+    def plan_of(scope: dict[str, object]) -> str:
+        if scope["path"] == "/slow":
+            release.wait(10)  # a lookup that hangs
+        return "premium" if scope["path"] == "/slow" else "free"
+
+    def slow(request: Request) -> Response:
+        return JSONResponse({"user_type": crowdmon.current_user_type()})
+
+    async def fast(request: Request) -> Response:
+        return JSONResponse({"user_type": crowdmon.current_user_type()})
+
+    app = Starlette(routes=[Route("/slow", slow), Route("/fast", fast)])
+    setup_monitoring(app, registry=registry, user_type_resolver=plan_of)
+    with uvicorn_in_thread(app) as base_url, httpx.Client(base_url=base_url, timeout=5) as client:
+        waiting = threading.Thread(target=lambda: client.get("/slow"))
+        waiting.start()
+        try:
+            deadline = time.monotonic() + 5
+            while value(registry, "crowdfunding_api_requests_in_progress", method="GET") != 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert client.get("/fast").json() == {"user_type": "free"}  # before the slow one ends
+            assert not release.is_set()
+        finally:
+            release.set()
+            waiting.join(10)
+
+
 def test_outside_a_request_endpoint_and_user_type_are_unknown(
     registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
 ) -> None:
