@@ -44,7 +44,7 @@ class _SyncRun:
         self.lock = threading.Lock()
         self.state = "queued"  # then "running" and "done", or "dropped" if it never started
         self.answer: Any = None
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
 
     def __call__(self, check: Any) -> None:
         """In the worker thread: the check's answer or exception, kept for every waiting request."""
@@ -54,7 +54,7 @@ class _SyncRun:
             self.state = "running"
         try:
             self.answer = check()
-        except Exception as error:
+        except BaseException as error:  # SystemExit too: in a worker thread it ends only the thread
             self.error = error
         finally:
             with self.lock:
@@ -112,13 +112,27 @@ async def _run_one(check: HealthCheck, key: tuple[int, str]) -> tuple[str, str]:
         if _being_cancelled():
             raise
         # The check's own: it awaited something cancelled elsewhere.  A failed check, not ours.
-        logger.warning("health check for %r failed", check.component, exc_info=error)
-        return "unhealthy", f"raised {type(error).__name__}"
+        return _failed(check.component, error)
+    except _ThreadExited as exited:
+        return _failed(check.component, exited.error)
     except Exception as error:
-        # The class name only: a message may carry hosts, credentials or user data.
-        logger.warning("health check for %r failed", check.component, exc_info=error)
-        return "unhealthy", f"raised {type(error).__name__}"
+        return _failed(check.component, error)
     return _state_of(check.component, answer)
+
+
+def _failed(component: str, error: BaseException) -> tuple[str, str]:
+    # The class name only: a message may carry hosts, credentials or user data.
+    logger.warning("health check for %r failed", component, exc_info=error)
+    return "unhealthy", f"raised {type(error).__name__}"
+
+
+class _ThreadExited(Exception):
+    """A sync check ended its worker thread with a ``BaseException`` that is not an
+    ``Exception`` (``SystemExit``): the check failed, and the server goes on."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(type(error).__name__)
+        self.error = error
 
 
 async def _run_in_thread(check: HealthCheck, key: tuple[int, str]) -> Any:
@@ -139,7 +153,9 @@ async def _run_in_thread(check: HealthCheck, key: tuple[int, str]) -> Any:
             # awaited once, by the request that started the run; this one calls for its own.
             return await anyio.to_thread.run_sync(check.check, abandon_on_cancel=True)
     if run.error is not None:
-        raise run.error
+        if isinstance(run.error, Exception):
+            raise run.error
+        raise _ThreadExited(run.error)
     return run.answer
 
 

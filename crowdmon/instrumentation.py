@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import logging
 import math
 import os
@@ -512,6 +513,7 @@ class PrometheusInstrumentation:
 
     def register_component(self, component: str) -> None:
         """Make ``component`` known; it reports ``unknown`` until its state is set."""
+        _check_component(component)
         with self._shared.health_lock:
             if component not in self._shared.health:
                 self._set_health_locked(component, "unknown")
@@ -526,15 +528,10 @@ class PrometheusInstrumentation:
         """Run ``check`` (sync or async) on every ``/health`` request and set ``component``'s
         state from its answer: ``True``/``None`` healthy, ``False`` unhealthy, or a state name.
         An exception or a run longer than ``timeout`` seconds makes the component unhealthy."""
-        if not callable(check):
-            raise CrowdmonSetupError(
-                f"the health check for {component!r} must be a callable (sync or async) taking no "
-                f"arguments, got {check!r}"
-            )
+        _check_component(component)
+        _check_health_check(component, check)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
             raise CrowdmonSetupError(f"health check timeout must be a positive, finite number of seconds, got {timeout!r}")
-        if not isinstance(component, str) or not component:
-            raise CrowdmonSetupError(f"component must be a non-empty string, got {component!r}")
         self.register_component(component)
         with self._shared.health_lock:
             self._shared.health_checks[component] = HealthCheck(component, check, float(timeout))
@@ -546,6 +543,7 @@ class PrometheusInstrumentation:
 
     def set_component_health(self, component: str, state: str) -> None:
         """Set ``component_health_status`` one-hot: 1 for ``state``, 0 for the other states."""
+        _check_component(component)
         if state not in HEALTH_STATES:
             raise ValueError(f"health state must be one of {HEALTH_STATES}, got {state!r}")
         with self._shared.health_lock:
@@ -577,6 +575,33 @@ class PrometheusInstrumentation:
         """Every registered component and its current state."""
         with self._shared.health_lock:
             return dict(self._shared.health)
+
+
+def _check_component(component: object) -> None:
+    if not isinstance(component, str) or not component:
+        raise CrowdmonSetupError(
+            f"a component is named by a non-empty string such as 'database', got {component!r}"
+        )
+
+
+def _check_health_check(component: str, check: object) -> None:
+    """A health check is called with no arguments and returns (or its coroutine returns) its answer."""
+    fix = f"the health check for {component!r} must be a callable (sync or async) taking no arguments"
+    if not callable(check):
+        raise CrowdmonSetupError(f"{fix}, got {check!r}")
+    if inspect.isgeneratorfunction(check) or inspect.isasyncgenfunction(check):
+        raise CrowdmonSetupError(f"{fix} and returning its answer, got the generator function {check!r}: return, do not yield")
+    try:
+        signature = inspect.signature(check)
+    except (TypeError, ValueError):  # a callable without a signature (some builtins) is taken on trust
+        return
+    try:
+        signature.bind()
+    except TypeError as error:
+        raise CrowdmonSetupError(
+            f"{fix}; {check!r} cannot be called so ({error}): bind its arguments first, "
+            "e.g. functools.partial(check, connection)"
+        ) from None
 
 
 class _Unrecorded:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import anyio.to_thread
@@ -129,6 +130,41 @@ def test_a_check_that_raises_or_times_out_makes_its_component_unhealthy(registry
     assert [status_of(registry, name) for name in ("llm", "stripe", "database")] == ["unhealthy"] * 3
 
 
+def test_components_are_named_by_non_empty_strings(instrumentation: PrometheusInstrumentation) -> None:
+    for call in (instrumentation.register_component, instrumentation.set_component_healthy, instrumentation.set_component_unhealthy):
+        for component in (None, "", 42):
+            with pytest.raises(CrowdmonSetupError, match="a component is named by a non-empty string"):
+                call(component)  # type: ignore[arg-type]
+    assert instrumentation.component_health() == {}
+
+
+async def test_a_sync_check_exiting_its_thread_has_failed_for_every_probe_it_holds(registry: CollectorRegistry) -> None:
+    """``SystemExit`` in a worker thread ends only that thread: the check failed, the server
+    goes on, and the probes that shared the run see the same failure."""
+    monitoring = PrometheusInstrumentation(registry)
+
+    def database() -> bool:
+        time.sleep(0.2)
+        raise SystemExit(3)
+
+    monitoring.register_health_check("database", database)
+    app = HealthApp(monitoring)
+
+    answers = await asyncio.gather(health(app), health(app))
+
+    failed = {"status": "unhealthy", "components": {"database": "unhealthy"}, "failures": {"database": "raised SystemExit"}}
+    assert answers == [(503, failed)] * 2
+    assert status_of(registry, "database") == "unhealthy"
+
+
+def _yielding_check() -> Iterator[bool]:
+    yield True
+
+
+async def _async_yielding_check() -> AsyncIterator[bool]:
+    yield True
+
+
 @pytest.mark.parametrize(
     ("component", "check", "timeout", "message"),
     [
@@ -138,6 +174,10 @@ def test_a_check_that_raises_or_times_out_makes_its_component_unhealthy(registry
         ("db", lambda: True, float("nan"), "positive, finite number of seconds, got nan"),
         ("db", lambda: True, float("inf"), "positive, finite number of seconds, got inf"),
         ("", lambda: True, 1.0, "non-empty string"),
+        (None, lambda: True, 1.0, "non-empty string such as 'database', got None"),
+        ("db", lambda connection: True, 1.0, "cannot be called so (missing a required argument: 'connection')"),
+        ("db", _yielding_check, 1.0, "return, do not yield"),
+        ("db", _async_yielding_check, 1.0, "return, do not yield"),
     ],
 )
 def test_bad_health_checks_fail_at_registration(
