@@ -20,7 +20,7 @@ import contextlib
 import functools
 import inspect
 import os
-from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator, Iterator
 from enum import Enum
 from time import perf_counter
 from types import FunctionType
@@ -273,7 +273,32 @@ def _callable_target(name: str, func: object) -> Any:
             f"@{name}(...) can only decorate a function, method, classmethod or staticmethod, "
             f"got {type(func).__name__} {func!r}; put the decorator directly above a def"
         )
+    if getattr(func, "__code__", None) in _CONTEXT_MANAGER_FACTORIES:
+        raise TypeError(
+            f"@{name}(...) above @contextmanager or @asynccontextmanager would time only the making "
+            f"of the context manager {_function_label(func)}, not its block: put @{name}(...) below "
+            "it, directly above the generator function (its duration then runs from entering the "
+            "block to leaving it, and an exception raised in the block is its outcome)"
+        )
     return func
+
+
+def _factory_code(decorator: Callable[[Any], Any]) -> object:
+    """The code of the functions ``decorator`` (contextlib's) makes: the same for every function."""
+
+    def probe() -> Iterator[None]:
+        yield
+
+    async def async_probe() -> AsyncIterator[None]:
+        yield
+
+    return decorator(async_probe if decorator is contextlib.asynccontextmanager else probe).__code__
+
+
+#: The code of what @contextmanager and @asynccontextmanager turn a generator function into.
+_CONTEXT_MANAGER_FACTORIES = frozenset(
+    _factory_code(decorator) for decorator in (contextlib.contextmanager, contextlib.asynccontextmanager)
+)
 
 
 def _shape(target: Any) -> str:

@@ -4,6 +4,7 @@ records, and the mistakes that fail at decoration time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import textwrap
 from collections.abc import AsyncIterator, Iterator
@@ -264,6 +265,34 @@ def test_enum_label_values_are_accepted(registry: CollectorRegistry, instrumenta
     assert value(registry, "external_api_duration_seconds_count", service="openai", endpoint="embeddings", outcome="success") == 1
 
 
+def _transaction() -> Iterator[None]:
+    yield
+
+
+async def _async_transaction() -> AsyncIterator[None]:
+    yield
+
+
+def test_below_contextmanager_a_decorator_times_the_block_and_its_failure(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    @contextlib.contextmanager
+    @tracked_external("database", endpoint="transaction", instrumentation=instrumentation)
+    def transaction() -> Iterator[None]:
+        yield
+
+    with transaction():
+        pass
+    with pytest.raises(ConnectionError), transaction():
+        raise ConnectionError("the commit failed")
+
+    def count(outcome: str) -> float:
+        return value(registry, "external_api_duration_seconds_count", service="database", endpoint="transaction", outcome=outcome)
+
+    assert (count("success"), count("error")) == (1, 1)
+    assert value(registry, "external_service_errors_total", service="database", endpoint="transaction", exception="ConnectionError") == 1
+
+
 @pytest.mark.parametrize(
     ("apply", "error", "message"),
     [
@@ -278,8 +307,10 @@ def test_enum_label_values_are_accepted(registry: CollectorRegistry, instrumenta
         (lambda: tracked_memory_operation(lambda: None), CrowdmonSetupError, "write @tracked_memory_operation(operation=...) above the function, not a bare @tracked_memory_operation"),  # type: ignore[arg-type]
         (lambda: tracked_document_operation("add"), CrowdmonSetupError, "@tracked_document_operation needs document_type=...: write @tracked_document_operation(operation=..., document_type=...)"),
         (lambda: tracked_external("openai", instrumentation="default")(lambda: None), CrowdmonSetupError, "instrumentation= takes a PrometheusInstrumentation (or None for the default one), got 'default'"),  # type: ignore[arg-type]
+        (lambda: tracked_external("db", endpoint="tx")(contextlib.contextmanager(_transaction)), TypeError, "above @contextmanager or @asynccontextmanager would time only the making of the context manager _transaction, not its block: put @tracked_external(...) below it"),
+        (lambda: tracked_errors(component="database")(contextlib.asynccontextmanager(_async_transaction)), TypeError, "put @tracked_errors(...) below it, directly above the generator function"),
     ],
-    ids=["not-callable", "class", "bare-decorator", "unknown-category", "int-label", "empty-label", "enabled-type", "taxonomy-type", "bare-with-two-labels", "missing-label", "instrumentation-type"],
+    ids=["not-callable", "class", "bare-decorator", "unknown-category", "int-label", "empty-label", "enabled-type", "taxonomy-type", "bare-with-two-labels", "missing-label", "instrumentation-type", "above-contextmanager", "above-asynccontextmanager"],
 )
 def test_mistakes_fail_at_decoration_time_with_the_fix(apply: Any, error: type[Exception], message: str) -> None:
     with pytest.raises(error) as raised:
