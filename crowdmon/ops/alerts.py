@@ -16,6 +16,7 @@ from typing import Any
 
 from crowdmon.catalogue import ERROR_TYPES, spec
 from crowdmon.ops.queries import (
+    ANSWERS,
     PROBE_HANDLERS,
     Scope,
     counter_rate,
@@ -40,10 +41,11 @@ THRESHOLD_DOCS: dict[str, tuple[float, str]] = {
     "external_latency_p95_seconds": (10.0, "p95 latency of an external service"),
     "vector_search_latency_p95_seconds": (0.5, "p95 vector search time of an operation"),
     "database_latency_p95_seconds": (0.5, "p95 database query time of an operation"),
-    "cache_hit_ratio_min": (0.05, "lowest acceptable share of chat messages served from the cache"),
+    "cache_hit_ratio_min": (0.05, "lowest acceptable share of chat answers (messages other than the user's own) served from the cache"),
     "document_failure_ratio": (0.2, "share of an operation's document operations not ending in success"),
     "sessions_drop_ratio": (0.5, "share of active sessions lost compared with one hour earlier"),
     "sessions_drop_min_sessions": (10.0, "sessions an hour earlier below which a drop is not alerted"),
+    "ratio_min_events": (10.0, "events over the rule window below which a group's ratio is not alerted (a handler's requests, a service's calls, chat answers, an operation's document operations)"),
 }
 DEFAULT_THRESHOLDS: dict[str, float] = {key: value for key, (value, _) in THRESHOLD_DOCS.items()}
 #: Thresholds that are shares: fractions from 0 to 1 (0.05 is 5%).
@@ -148,12 +150,20 @@ def _latency(key: str, alert: str, metric: str, by: str, what: str, dashboard: s
     )
 
 
-def _ratio_alert(key: str, alert: str, category: str, severity: str, duration: str, metric: str, numerator: str, by: tuple[str, ...], compare: str, texts: tuple[str, str, str]) -> AlertSpec:
+def _ratio_alert(key: str, alert: str, category: str, severity: str, duration: str, metric: str, numerator: str, by: tuple[str, ...], compare: str, texts: tuple[str, str, str], of: Sequence[str] = ()) -> AlertSpec:
+    """A share of ``metric``'s events (of those matching ``of``) compared with a threshold, for
+    groups with at least ``ratio_min_events`` events over the window: two failures of a rarely
+    used handler are not an error ratio worth a page."""
     label, op, value = numerator.split(" ")
     requests = metric == "crowdfunding_api_requests_total"
 
     def expr(s: Scope, t: Thresholds) -> str:
-        return f"{ratio(metric, s, [matcher(label, op, value)], by, _users(s) if requests else ())} {compare} {_fmt(t[key])}"
+        whole = [*(_users(s) if requests else ()), *of]
+        events = counter_rate(metric, s, by, whole, function="increase")
+        return (
+            f"{ratio(metric, s, [matcher(label, op, value)], by, whole)} {compare} {_fmt(t[key])} "
+            f"and {events} >= {_fmt(t['ratio_min_events'])}"
+        )
 
     return AlertSpec(key, alert, category, severity, duration, expr, *texts, threshold_key=key)
 
@@ -250,10 +260,11 @@ ALERTS: tuple[AlertSpec, ...] = (
         "chat_messages_total", "cache_hit = true", (), "<",
         (
             "Chat cache hit ratio is {{ $value | humanizePercentage }}",
-            "Only {{ $value | humanizePercentage }} of chat messages were served from the cache over {window}, below {threshold_percent}.",
+            "Only {{ $value | humanizePercentage }} of chat answers (messages other than the user's own) were served from the cache over {window}, below {threshold_percent}.",
             "1. Check that the cache is reachable and was not just emptied (a restart empties it).\n"
             f"2. Compare with RAG usage on the {_dashboard('Chat Metrics')}: new kinds of questions miss the cache.",
         ),
+        ANSWERS,
     ),
     _ratio_alert(
         "document_failure_ratio", "DocumentOperationFailures", "business", "warning", "15m",

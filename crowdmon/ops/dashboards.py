@@ -26,15 +26,16 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     ) from error
 
 from crowdmon.ops.queries import (
-    DASHBOARD_SCOPE as S,
-)
-from crowdmon.ops.queries import (
+    ANSWERS,
     counter_rate,
     gauge_sum,
     health_code,
     quantile,
     rate_or_zero,
     ratio,
+)
+from crowdmon.ops.queries import (
+    DASHBOARD_SCOPE as S,
 )
 
 PanelKind = Literal["timeseries", "stat", "statetimeline", "table"]
@@ -172,8 +173,8 @@ CHAT_METRICS = DashboardSpec(
             "Messages",
             (
                 PanelSpec("Chat message rate by type", "Messages per second per message type.", (Target(counter_rate("chat_messages_total", S, ("message_type",)), "{{message_type}}"),), unit="ops"),
-                PanelSpec("Cache hit ratio", "Share of messages answered from the cache.", (Target(ratio("chat_messages_total", S, ['cache_hit="true"']), "cache hits"),), unit="percentunit", width=6),
-                PanelSpec("RAG usage", "Share of messages answered with retrieval-augmented generation.", (Target(ratio("chat_messages_total", S, ['rag_used="true"']), "RAG used"),), unit="percentunit", width=6),
+                PanelSpec("Cache hit ratio", "Share of answers (messages other than the user's own) served from the cache.", (Target(ratio("chat_messages_total", S, ['cache_hit="true"'], (), ANSWERS), "cache hits"),), unit="percentunit", width=6),
+                PanelSpec("RAG usage", "Share of answers (messages other than the user's own) made with retrieval-augmented generation.", (Target(ratio("chat_messages_total", S, ['rag_used="true"'], (), ANSWERS), "RAG used"),), unit="percentunit", width=6),
                 PanelSpec("Chat message rate by user type", "Messages per second per user type.", (Target(counter_rate("chat_messages_total", S, ("user_type",)), "{{user_type}}"),), unit="ops"),
                 _latency("chat_processing_duration_seconds", "endpoint", "Chat processing time", "Time to process one chat message."),
             ),

@@ -16,6 +16,9 @@ from crowdmon.ops.promql import TARGET_LABELS
 
 #: Handlers whose requests are probes or scrapes, not users' traffic, unless told otherwise.
 PROBE_HANDLERS = ("/health", "/metrics")
+#: The chat messages that answer: a user's own message is never served from the cache nor made
+#: with retrieval, so the cache hit and RAG shares are shares of the other messages.
+ANSWERS = ('message_type!="user"',)
 
 
 @dataclass(frozen=True)
