@@ -63,6 +63,23 @@ async def test_counts_each_request_by_method_route_template_and_status(registry:
     assert value(registry, IN_PROGRESS, method="GET") == 0
 
 
+async def test_an_empty_body_is_in_the_zero_bucket_before_and_after_its_label_set_is_admitted(registry: CollectorRegistry) -> None:
+    """A GET without a body and a 204 have 0 bytes: in the ``le="0.0"`` bucket, so a size
+    quantile over them is 0, not an interpolation up to the next bound; the same once the label
+    set is admitted and the compiled path adds its requests to its sums."""
+
+    async def nothing(request: Request) -> Response:
+        return Response(status_code=204)
+
+    app = starlette_app(registry, Route("/nothing", nothing))
+    for _ in range(1100):  # past the first absorption (1,024), which admits the label set
+        assert (await run_asgi(app, http_scope("/nothing")))[0]["status"] == 204
+    for kind in (REQUEST_SIZE, RESPONSE_SIZE):
+        assert value(registry, kind + "_bucket", method="GET", handler="/nothing", le="0.0") == 1100
+        assert value(registry, kind + "_bucket", method="GET", handler="/nothing", le="64.0") == 1100
+        assert value(registry, kind + "_sum", method="GET", handler="/nothing") == 0
+
+
 async def test_unusual_methods_are_recorded_as_one_fixed_value(registry: CollectorRegistry) -> None:
     app = starlette_app(registry, Route("/items/{item_id:int}", item))
     for method in ("PROPFIND", "BREW", "X" * 300):

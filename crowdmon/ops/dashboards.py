@@ -61,6 +61,10 @@ class PanelSpec:
     unit: str = "short"
     width: int = 12
     value_mappings: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: Colour steps: the colour from each value on (the first from no value, None).
+    thresholds: tuple[tuple[float | None, str], ...] = ()
+    #: One value for the time range, queried once (a stat over ``$__range``), not a series.
+    instant: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,16 +109,16 @@ SYSTEM_HEALTH = DashboardSpec(
             "Components",
             (
                 PanelSpec("Component health", "Worst state of each component across instances.", (Target(health_code(S, HEALTH_CODES), "{{component}}"),), "statetimeline", width=24, value_mappings=_HEALTH_MAPPINGS),
-                PanelSpec("Unhealthy components", "Components reporting unhealthy now, on any instance.", (Target(_components_in("unhealthy")),), "stat", width=8),
-                PanelSpec("Degraded components", "Components reporting degraded now, on any instance.", (Target(_components_in("degraded")),), "stat", width=8),
+                PanelSpec("Unhealthy components", "Components reporting unhealthy now, on any instance.", (Target(_components_in("unhealthy")),), "stat", width=8, thresholds=((None, "green"), (1, "red"))),
+                PanelSpec("Degraded components", "Components reporting degraded now, on any instance.", (Target(_components_in("degraded")),), "stat", width=8, thresholds=((None, "green"), (1, "orange"))),
                 PanelSpec("Components by state", "How many components report each state, on any instance.", (Target(f"count by (status) ({gauge_sum('component_health_status', S, ('component', 'status'), aggregation='max')} == 1)", "{{status}}"),), "stat", width=8),
             ),
         ),
         (
             "crowdmon itself",
             (
-                PanelSpec("Label values folded", "Label values folded into <other> because a label reached its cap; raise the cap or fix the label source.", (Target(counter_rate("crowdmon_label_overflow_total", S, ("metric", "label"), function="increase"), "{{metric}} {{label}}"),)),
-                PanelSpec("Contained internal errors", "Failures inside crowdmon that were contained; the application was not affected.", (Target(counter_rate("crowdmon_internal_errors_total", S, ("site",), function="increase"), "{{site}}"),)),
+                PanelSpec("Label values folded", "Label values folded into <other> because a label reached its cap; raise the cap or fix the label source. Only labels with folds are drawn.", (Target(counter_rate("crowdmon_label_overflow_total", S, ("metric", "label"), function="increase") + " > 0", "{{metric}} {{label}}"),)),
+                PanelSpec("Contained internal errors", "Failures inside crowdmon that were contained; the application was not affected. Only sites with failures are drawn.", (Target(counter_rate("crowdmon_internal_errors_total", S, ("site",), function="increase") + " > 0", "{{site}}"),)),
             ),
         ),
     ),
@@ -218,7 +222,7 @@ BUSINESS_KPIS = DashboardSpec(
             "Activity",
             (
                 PanelSpec("Active sessions", "User sessions active now, per user type.", (Target(gauge_sum("active_sessions_current", S, ("user_type",)), "{{user_type}}"),)),
-                PanelSpec("Messages in range by user type", "Chat messages over the dashboard's time range.", (Target(counter_rate("chat_messages_total", S, ("user_type",), window="$__range", function="increase"), "{{user_type}}"),), "stat"),
+                PanelSpec("Messages in range by user type", "Chat messages over the dashboard's time range.", (Target(counter_rate("chat_messages_total", S, ("user_type",), window="$__range", function="increase"), "{{user_type}}"),), "stat", instant=True),
                 PanelSpec("Memory operations", "Memory system operations per second.", (Target(counter_rate("memory_operations_total", S, ("operation", "memory_type")), "{{operation}} {{memory_type}}"),), unit="ops"),
                 PanelSpec("Document operations", "Document operations per second, by operation and status.", (Target(counter_rate("document_operations_total", S, ("operation", "status")), "{{operation}} {{status}}"),), unit="ops"),
             ),
@@ -333,10 +337,17 @@ def _panel(spec: PanelSpec, source: model.DataSourceRef, panel_id: int) -> Any:
                 )
             ]
         ).color_scheme(dashboard_builders.FieldColor().mode(model.FieldColorModeId("thresholds")))
+    if spec.thresholds:
+        steps = [model.Threshold(value=value, color=colour) for value, colour in spec.thresholds]
+        builder = builder.thresholds(
+            dashboard_builders.ThresholdsConfig().mode(model.ThresholdsMode("absolute")).steps(steps)
+        ).color_scheme(dashboard_builders.FieldColor().mode(model.FieldColorModeId("thresholds")))
     for index, target in enumerate(spec.targets):
         query = prometheus.Dataquery().expr(target.expr).ref_id(chr(ord("A") + index))
         if spec.kind == "table":
             query = query.instant().format(prometheus_model.PromQueryFormat("table"))
+        elif spec.instant:
+            query = query.instant()
         else:
             query = query.range()
         if target.legend:
