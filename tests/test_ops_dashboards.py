@@ -198,3 +198,18 @@ def test_health_stat_panels_count_components_not_replicas(tmp_path: Path) -> Non
     result = evaluate_with_promtool(tmp_path, input_series, checks)
     assert result.returncode == 0, result.stdout + result.stderr
 
+
+
+def test_stat_panels_colour_by_what_they_count() -> None:
+    """One unhealthy component is red and one degraded is orange, zero of either green (Grafana's
+    own default would be green up to 80); the messages-in-range stat is one instant query."""
+    panels = {panel["title"]: panel for spec in DASHBOARDS for panel in panels_of(json.loads(dashboard_json(spec, "Prometheus")))}
+
+    def steps(title: str) -> list[tuple[float | None, str]]:
+        thresholds = panels[title]["fieldConfig"]["defaults"]["thresholds"]
+        assert thresholds["mode"] == "absolute"
+        return [(step["value"], step["color"]) for step in thresholds["steps"]]
+
+    assert steps("Unhealthy components") == [(None, "green"), (1, "red")]
+    assert steps("Degraded components") == [(None, "green"), (1, "orange")]
+    assert [(target["instant"], target["range"]) for target in panels["Messages in range by user type"]["targets"]] == [(True, False)]
