@@ -444,6 +444,28 @@ def test_rule_windows_hold_four_scrapes_at_a_long_scrape_interval(tmp_path: Path
     assert run_promtool_tests(tmp_path, rule_groups(JOB), silent, interval="5m").returncode == 0
 
 
+def test_a_slow_handler_is_left_out_of_the_latency_alert_only(tmp_path: Path) -> None:
+    """A chat endpoint waiting for an LLM is slow by design: with --slow-handler it no longer
+    fires HighRequestLatency, and its 5xx share still fires HighHTTPErrorRatio."""
+    rules = rule_groups(JOB, slow_handlers=["/slow"])
+    slow_and_failing = [
+        *{case.name: case.input_series for case in CASES}["HighRequestLatency"],
+        series("crowdfunding_api_requests_total", "0+60x30", method="GET", handler="/slow", status="200"),
+        series("crowdfunding_api_requests_total", "0+12x30", method="GET", handler="/slow", status="500"),
+    ]
+    cases = [
+        Case("a slow handler", slow_and_failing).expect("15m", "HighRequestLatency").expect(
+            "15m", "HighHTTPErrorRatio",
+            fired("http_error_ratio", {"handler": "/slow"}, "/slow answers 16.67% of requests with 5xx",
+                  "16.67% of requests to /slow ended with a 5xx status over 5 minutes, above 5%."),
+        ),
+    ]
+    result = run_promtool_tests(tmp_path, rules, cases)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with pytest.raises(ValueError, match=r"slow_handlers must be a collection of handlers, got the string '/chat'"):
+        rule_groups(JOB, slow_handlers="/chat")
+
+
 def test_a_malformed_scrape_interval_is_refused_for_the_rules() -> None:
     with pytest.raises(ValueError, match=r"scrape_interval must be a Prometheus duration above 0 such as 15s or 1m, got '30s1m'"):
         rule_groups(JOB, scrape_interval="30s1m")

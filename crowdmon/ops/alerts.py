@@ -125,11 +125,11 @@ def _error_rate(kind: str) -> AlertSpec:
     )
 
 
-def _users(s: Scope) -> list[str]:
-    """The matcher that leaves out requests to the probe handlers (health checks, scrapes): what
-    the HTTP alerts judge is users' traffic."""
-    probes = s.probe_handlers
-    return [matcher("handler", "!~", "|".join(map(re.escape, probes)))] if probes else []
+def _users(s: Scope, *also: str) -> list[str]:
+    """The matcher that leaves out requests to the probe handlers (health checks, scrapes), and
+    to ``also``: what the HTTP alerts judge is users' traffic."""
+    left_out = (*s.probe_handlers, *also)
+    return [matcher("handler", "!~", "|".join(map(re.escape, left_out)))] if left_out else []
 
 
 def _latency(key: str, alert: str, metric: str, by: str, what: str, dashboard: str) -> AlertSpec:
@@ -137,7 +137,7 @@ def _latency(key: str, alert: str, metric: str, by: str, what: str, dashboard: s
     requests = by == "handler"
 
     def expr(s: Scope, t: Thresholds) -> str:
-        return f"{quantile(0.95, metric, s, (by,), _users(s) if requests else ())} > {_fmt(t[threshold])}"
+        return f"{quantile(0.95, metric, s, (by,), _users(s, *s.slow_handlers) if requests else ())} > {_fmt(t[threshold])}"
 
     return AlertSpec(
         key, alert, "latency", "warning", "10m", expr,
@@ -376,16 +376,19 @@ def rule_groups(
     *,
     scrape_interval: str = "15s",
     probe_handlers: Sequence[str] = PROBE_HANDLERS,
+    slow_handlers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The Prometheus rule file (as data): one group per category, every rule scoped to ``job``.
 
     Rates are taken over 5 minutes and events counted over 15, or over four ``scrape_interval``
-    if that is longer.  Requests to ``probe_handlers`` are not users' traffic."""
+    if that is longer.  Requests to ``probe_handlers`` are not users' traffic; ``slow_handlers``
+    are slow by design and left out of the request latency alert."""
     check_job(job)
     resolved_thresholds, resolved_durations = resolve(thresholds, durations)
-    if isinstance(probe_handlers, str):
-        raise ValueError(f"probe_handlers must be a collection of handlers, got the string {probe_handlers!r}; write [{probe_handlers!r}]")
-    scope = rule_scope(job, *rule_windows(scrape_interval), probe_handlers)
+    for name, handlers in (("probe_handlers", probe_handlers), ("slow_handlers", slow_handlers)):
+        if isinstance(handlers, str):
+            raise ValueError(f"{name} must be a collection of handlers, got the string {handlers!r}; write [{handlers!r}]")
+    scope = rule_scope(job, *rule_windows(scrape_interval), probe_handlers, slow_handlers)
     groups = []
     for category in CATEGORIES:
         rules = [
@@ -417,7 +420,7 @@ WHEN: dict[str, str] = {
     "external_error_ratio": "an external service's share of calls with `outcome=\"error\"` is above the threshold",
     "crowdmon_internal_errors": "crowdmon contained failures of its own code over the long rule window",
     "crowdmon_label_overflow": "a label reached its cardinality cap and values were folded into `<other>`",
-    "http_latency": "p95 request latency of a handler other than the probe handlers is above the threshold",
+    "http_latency": "p95 request latency of a handler other than the probe handlers and the slow ones (`--slow-handler`) is above the threshold",
     "chat_latency": "p95 chat processing time of an endpoint is above the threshold",
     "external_latency": "p95 latency of an external service is above the threshold",
     "vector_search_latency": "p95 vector search time of an operation is above the threshold",

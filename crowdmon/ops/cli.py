@@ -23,6 +23,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", action="append", default=[], metavar="KEY=NUMBER", help=f"alert threshold; repeatable. Defaults: {defaults}")
     parser.add_argument("--for", action="append", default=[], dest="durations", metavar="ALERT=DURATION", help=f"alert 'for:' duration; repeatable. Alerts: {', '.join(DEFAULT_DURATIONS)}")
     parser.add_argument("--probe-handler", action="append", dest="probe_handlers", metavar="HANDLER", help="a handler whose requests are probes or scrapes, not users' traffic; repeatable (default: /health and /metrics)")
+    parser.add_argument("--slow-handler", action="append", dest="slow_handlers", metavar="HANDLER", help="a handler slow by design (an LLM answer, judged by SlowChatProcessing), left out of HighRequestLatency only; repeatable")
 
 
 def _pairs(values: list[str], option: str, parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -60,6 +61,7 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             thresholds=thresholds,
             durations=_pairs(args.durations, "--for", parser),
             probe_handlers=tuple(args.probe_handlers or PROBE_HANDLERS),
+            slow_handlers=tuple(args.slow_handlers or ()),
         )
     except ValueError as error:
         parser.error(str(error))

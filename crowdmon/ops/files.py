@@ -44,6 +44,8 @@ class ExportOptions:
     durations: Mapping[str, str] = field(default_factory=dict)
     #: Handlers whose requests are probes or scrapes, not users' traffic (``ChatMessagesStopped``).
     probe_handlers: tuple[str, ...] = PROBE_HANDLERS
+    #: Handlers slow by design (an LLM answer), left out of ``HighRequestLatency``.
+    slow_handlers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_job(self.job)
@@ -54,8 +56,10 @@ class ExportOptions:
                     f"{name} must be a Prometheus duration above 0 such as 15s, 1m or 1m30s "
                     f"(units in the order y w d h m s ms), got {getattr(self, name)!r}"
                 )
-        if isinstance(self.probe_handlers, str):
-            raise ValueError(f"probe_handlers must be a collection of handlers, got the string {self.probe_handlers!r}; write ({self.probe_handlers!r},)")
+        for name in ("probe_handlers", "slow_handlers"):
+            handlers = getattr(self, name)
+            if isinstance(handlers, str):
+                raise ValueError(f"{name} must be a collection of handlers, got the string {handlers!r}; write ({handlers!r},)")
         if not self.targets or any(not re.fullmatch(r"[\w.\-\[\]:]+:\d+", target) for target in self.targets):
             raise ValueError(f"targets must be host:port, e.g. 127.0.0.1:8000, got {list(self.targets)!r}")
         if not self.datasource.strip():
@@ -82,6 +86,7 @@ def export(out: str | Path, options: ExportOptions | None = None) -> list[Path]:
     rules = rule_groups(
         options.job, options.thresholds, options.durations,
         scrape_interval=options.scrape_interval, probe_handlers=options.probe_handlers,
+        slow_handlers=options.slow_handlers,
     )
     files[f"prometheus/{RULES_FILE}"] = _yaml(rules)
     files["prometheus/prometheus.yml"] = _yaml(prometheus_config(options))

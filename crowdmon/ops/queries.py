@@ -32,6 +32,8 @@ class Scope:
     long_window: str = "15m"
     #: Handlers whose requests are not users' traffic (probes, scrapes).
     probe_handlers: tuple[str, ...] = PROBE_HANDLERS
+    #: Handlers slow by design (an LLM answer), left out of the request latency alert.
+    slow_handlers: tuple[str, ...] = ()
 
     def selector(self, metric: MetricSpec, series: str, extra: Sequence[str] = ()) -> str:
         for matcher in extra:
@@ -43,8 +45,10 @@ class Scope:
 DASHBOARD_SCOPE = Scope(('job=~"$job"', 'instance=~"$instance"'), "$__rate_interval")
 
 
-def rule_scope(job: str, window: str = "5m", long_window: str = "15m", probe_handlers: Sequence[str] = PROBE_HANDLERS) -> Scope:
-    return Scope((f'job="{job}"',), window, long_window, tuple(probe_handlers))
+def rule_scope(
+    job: str, window: str = "5m", long_window: str = "15m", probe_handlers: Sequence[str] = PROBE_HANDLERS, slow_handlers: Sequence[str] = ()
+) -> Scope:
+    return Scope((f'job="{job}"',), window, long_window, tuple(probe_handlers), tuple(slow_handlers))
 
 
 def _require_labels(metric: MetricSpec, labels: Sequence[str], *, allow_le: bool = False) -> None:
