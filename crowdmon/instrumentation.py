@@ -553,6 +553,10 @@ class PrometheusInstrumentation:
         # The state /health reports is kept even if the gauge cannot be written.
         self._shared.health[component] = state
         try:
+            if self._shared.guard.admit("component_health_status", "component", component) != component:
+                # Past the cap (the fold is counted): one <other> series cannot be one-hot for
+                # several components, so none is written; /health still reports the component.
+                return
             gauge = self._shared.metrics["component_health_status"]
             for candidate in HEALTH_STATES:
                 gauge.labels(component, candidate).set(1.0 if candidate == state else 0.0)

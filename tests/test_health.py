@@ -130,6 +130,22 @@ def test_a_check_that_raises_or_times_out_makes_its_component_unhealthy(registry
     assert [status_of(registry, name) for name in ("llm", "stripe", "database")] == ["unhealthy"] * 3
 
 
+def test_components_past_the_cap_are_on_health_but_not_folded_into_one_gauge() -> None:
+    """One ``<other>`` series cannot be one-hot for several components: past the cap a
+    component's state is on /health only, and the fold is counted."""
+    registry = CollectorRegistry()
+    monitoring = PrometheusInstrumentation(registry, cardinality_caps={"component_health_status:component": 2})
+    monitoring.set_component_healthy("database")
+    monitoring.set_component_healthy("openai")
+    monitoring.set_component_unhealthy("vector_store")
+    monitoring.set_component_healthy("stripe")
+
+    assert monitoring.component_health() == {"database": "healthy", "openai": "healthy", "vector_store": "unhealthy", "stripe": "healthy"}
+    assert status_of(registry, "database") == "healthy"
+    assert [registry.get_sample_value("component_health_status", {"component": "<other>", "status": state}) for state in ("healthy", "unhealthy")] == [None, None]
+    assert value(registry, "crowdmon_label_overflow_total", metric="component_health_status", label="component") == 2
+
+
 def test_components_are_named_by_non_empty_strings(instrumentation: PrometheusInstrumentation) -> None:
     for call in (instrumentation.register_component, instrumentation.set_component_healthy, instrumentation.set_component_unhealthy):
         for component in (None, "", 42):
