@@ -13,13 +13,18 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import gzip
 import hashlib
 import hmac
 import ipaddress
+import os
+import re
 import socket
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -31,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 
 from crowdmon._types import Receive, Scope, Send
 from crowdmon.instrumentation import (
@@ -158,11 +164,16 @@ def _quality(part: str) -> float:
     return 1.0
 
 
+#: The OpenMetrics versions this prometheus_client writes (2.0.0 since 0.23).
+OPENMETRICS_VERSIONS = frozenset({"1.0.0"} | ({"2.0.0"} if hasattr(openmetrics_exposition, "CONTENT_TYPE_LATEST_2_0") else set()))
+
+
 def _encoder_for(accept: str) -> tuple[Any, str]:
     """prometheus_client's encoder for the element of ``Accept`` the client prefers most (by
-    ``q``; OpenMetrics among equals), never one it refused (``q=0``).  An element this
-    prometheus_client cannot serve (an unknown version) gets the Prometheus text format: a
-    client's header never makes the scrape fail."""
+    ``q``; OpenMetrics among equals), never one it refused (``q=0``).  OpenMetrics of a version
+    this prometheus_client does not write is answered as OpenMetrics 1.0.0, labelled so (it
+    would say the version asked for); an element it cannot serve at all gets the Prometheus text
+    format: a client's header never makes the scrape fail."""
     wanted = [(quality, part) for part in accept.split(",") if (quality := _quality(part)) > 0]
     chosen = ""
     if wanted:
@@ -170,10 +181,19 @@ def _encoder_for(accept: str) -> tuple[Any, str]:
         preferred = [part for quality, part in wanted if quality == best]
         openmetrics = [part for part in preferred if "application/openmetrics-text" in part]
         chosen = (openmetrics or preferred)[0]
+        if openmetrics:
+            chosen = ";".join(parameter for parameter in chosen.split(";") if not _other_version(parameter))
     try:
         return choose_encoder(chosen)
     except Exception:
         return choose_encoder("")
+
+
+def _other_version(parameter: str) -> bool:
+    """Whether ``parameter`` asks for an OpenMetrics version, well-formed but not one written here."""
+    name, _, version = parameter.partition("=")
+    version = version.strip()
+    return name.strip().lower() == "version" and re.fullmatch(r"\d+(\.\d+)*", version) is not None and version not in OPENMETRICS_VERSIONS
 
 
 def _accepts_gzip(accept_encoding: str) -> bool:
@@ -363,6 +383,17 @@ class _MetricsHTTPServer(ThreadingHTTPServer):
         self._closed.set()
         super().server_close()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that left or stalled is not worth a traceback (socketserver prints one per
+        connection); anything else is a failure of crowdmon's, counted and logged once."""
+        error = sys.exc_info()[1]
+        if error is None or isinstance(error, OSError):
+            return
+        if self.app is not None:
+            self.app.instrumentation.report_internal_error("metrics.render", error)
+        else:
+            super().handle_error(request, client_address)
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         app = self.app
         if app is not None and app._networks is not None and not _allowed(str(client_address[0]), app._networks):
@@ -413,6 +444,9 @@ class MetricsServer:
                 "when_ready hook)"
             ) from error
         self._server.app = app
+        # A process forked from this one (a gunicorn worker, when this runs in when_ready) would
+        # hold the listening socket open without ever answering on it: it closes its copy.
+        os.register_at_fork(after_in_child=functools.partial(_close_in_child, weakref.ref(self._server)))
         self.host = host
         self.port = int(self._server.server_address[1])
         self.path = path
@@ -439,6 +473,13 @@ class MetricsServer:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _close_in_child(server: weakref.ref[_MetricsHTTPServer]) -> None:
+    listener = server()
+    if listener is not None:
+        with contextlib.suppress(OSError):
+            listener.socket.close()
 
 
 def serve_metrics(
@@ -474,6 +515,14 @@ def _handler_for(app: MetricsApp, path: str) -> type[BaseHTTPRequestHandler]:
 
         def do_HEAD(self) -> None:
             self._answer(send_body=False)
+
+        def _not_allowed(self) -> None:
+            self.send_response(405)
+            self.send_header("Allow", "GET, HEAD")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
         def _answer(self, send_body: bool) -> None:
             server = self.server

@@ -58,6 +58,9 @@ async def test_gzip_when_accepted(registry: CollectorRegistry) -> None:
         ("application/openmetrics-text;q=0, text/plain;q=1", "text/plain; version=0.0.4"),  # refused
         ("application/openmetrics-text;q=0.2, text/plain;q=0.9", "text/plain; version=0.0.4"),
         ("application/openmetrics-text;version=foo", "text/plain; version=0.0.4"),  # unreadable
+        # A version prometheus_client does not write is not claimed: OpenMetrics 1.0.0, said so.
+        ("application/openmetrics-text;version=99", "application/openmetrics-text; version=1.0.0;"),
+        ("application/openmetrics-text; version=0.0.1", "application/openmetrics-text; version=1.0.0;"),
         ("text/plain;version=1.x", "text/plain; version=0.0.4"),
         ("application/openmetrics-text;q=banana", "text/plain; version=0.0.4"),
     ],

@@ -286,6 +286,37 @@ def test_serve_metrics_on_a_separate_listener(registry: CollectorRegistry) -> No
         httpx.get(server.url)  # closed
 
 
+def test_the_metrics_listener_is_not_held_by_forked_workers_and_quiet_about_clients_that_leave(
+    registry: CollectorRegistry, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Started in gunicorn's when_ready, the listener is forked into every worker: each closes
+    its copy, or a dead master would leave the port held and unanswered.  A client resetting its
+    connection, or sending a POST, gets no traceback in the log."""
+    import os
+    import struct
+
+    instrumentation = PrometheusInstrumentation(registry)
+    with serve_metrics(port=0, instrumentation=instrumentation) as server:
+        child = os.fork()
+        if child == 0:  # the worker: its copy of the listener is closed
+            os._exit(0 if server._server.socket.fileno() == -1 else 1)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert server._server.socket.fileno() != -1  # still listening here
+
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", server.port)) as reset:
+                reset.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+                reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+        posted = httpx.post(server.url, content=b"x")
+        answered = httpx.get(server.url)
+
+    assert (posted.status_code, posted.headers["allow"], posted.content) == (405, "GET, HEAD", b"")
+    assert answered.status_code == 200
+    assert "Traceback" not in capfd.readouterr().err
+    assert registry.get_sample_value("crowdmon_internal_errors_total", {"site": "metrics.render"}) == 0
+
+
 def test_the_metrics_listener_cannot_be_held_by_silent_connections(registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(crowdmon.exposition, "CONNECTION_TIMEOUT", 0.5)
     instrumentation = PrometheusInstrumentation(registry)
