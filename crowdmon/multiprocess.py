@@ -49,8 +49,9 @@ def check_directory(path: str | None = None) -> str:
     """
     path = path or multiprocess_directory()
     if not path:
+        state = "is set but empty" if ENV_VAR in os.environ else "is not set"
         raise CrowdmonSetupError(
-            f"{ENV_VAR} is not set. Multi-worker servers need it in the environment before any "
+            f"{ENV_VAR} {state}. Multi-worker servers need it in the environment before any "
             f"worker starts: mkdir -p /tmp/crowdmon-metrics && export {ENV_VAR}=/tmp/crowdmon-metrics"
         )
     if not os.path.isdir(path):

@@ -214,6 +214,9 @@ def test_the_prepare_command_explains_a_missing_variable() -> None:
 
     assert result.returncode == 2
     assert "PROMETHEUS_MULTIPROC_DIR is not set" in result.stderr
+    env["PROMETHEUS_MULTIPROC_DIR"] = ""
+    result = subprocess.run([PYTHON, "-m", "crowdmon.multiprocess"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, "PROMETHEUS_MULTIPROC_DIR is set but empty" in result.stderr) == (2, True)
 
 
 def test_prepare_removes_only_metric_files(tmp_path: Path) -> None:
