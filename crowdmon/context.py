@@ -72,13 +72,17 @@ class RequestContext:
             # wait: each request has a lock of its own while its resolver runs.
             with _RESOLVING:
                 lock = _RESOLVERS.setdefault(id(self), (self, threading.RLock()))[1]
-            try:
-                with lock:
+            # A resolver asking another request's user type does not wait for that request's
+            # resolver, which might be asking this one's: it gets "unknown" instead of a hang.
+            asking = getattr(_ASKING, "context", None)
+            if lock.acquire(blocking=asking is None or asking is self):
+                try:
                     if self._user_type is None:
                         self._resolve()
-            finally:
-                with _RESOLVING:
-                    _RESOLVERS.pop(id(self), None)
+                finally:
+                    lock.release()
+                    with _RESOLVING:
+                        _RESOLVERS.pop(id(self), None)
         resolved = self._user_type
         return UNKNOWN_VALUE if resolved is None else resolved
 
@@ -87,11 +91,15 @@ class RequestContext:
         if scope is None:
             self._user_type = UNKNOWN_VALUE  # the request ended before anyone asked
             return
+        outer = getattr(_ASKING, "context", None)
+        _ASKING.context = self
         try:
             resolved = self.user_type_resolver(scope)
         except Exception:
             self._user_type = UNKNOWN_VALUE  # asked once per request, whatever it answers
             raise
+        finally:
+            _ASKING.context = outer
         self._user_type = resolved if isinstance(resolved, str) else str(resolved)
 
 
@@ -102,6 +110,8 @@ current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_reques
 #: stays its own.  _RESOLVING guards the table, for an instant at a time.
 _RESOLVERS: dict[int, tuple[RequestContext, threading.RLock]] = {}
 _RESOLVING = threading.Lock()
+#: In each thread, the request whose resolver the thread is running, if any.
+_ASKING = threading.local()
 
 
 def current_endpoint() -> str | None:

@@ -263,7 +263,7 @@ def _decorator(name: str, make_probe: Callable[[str], _Probe], enabled: bool | N
 
 def _callable_target(name: str, func: object) -> Any:
     if isinstance(func, (classmethod, staticmethod)):
-        return func.__func__
+        func = func.__func__
     if isinstance(func, type):
         raise TypeError(
             f"@{name}(...) cannot decorate the class {func.__name__}; decorate its methods instead"
@@ -273,10 +273,11 @@ def _callable_target(name: str, func: object) -> Any:
             f"@{name}(...) can only decorate a function, method, classmethod or staticmethod, "
             f"got {type(func).__name__} {func!r}; put the decorator directly above a def"
         )
-    if getattr(func, "__code__", None) in _CONTEXT_MANAGER_FACTORIES:
+    made = func.func if isinstance(func, functools.partial) else func
+    if getattr(made, "__code__", None) in _CONTEXT_MANAGER_FACTORIES:
         raise TypeError(
             f"@{name}(...) above @contextmanager or @asynccontextmanager would time only the making "
-            f"of the context manager {_function_label(func)}, not its block: put @{name}(...) below "
+            f"of the context manager {_function_label(made)}, not its block: put @{name}(...) below "
             "it, directly above the generator function (its duration then runs from entering the "
             "block to leaving it, and an exception raised in the block is its outcome)"
         )

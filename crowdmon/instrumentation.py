@@ -22,7 +22,7 @@ from enum import Enum
 from time import perf_counter
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
 
 from crowdmon._recorder import BufferedRequestRecorder, ClientRequestRecorder, RequestRecorder
 from crowdmon._sharded import ShardedHistogram
@@ -665,7 +665,8 @@ class SessionScope:
 
 _COUNTED = "_crowdmon_counted"
 #: In the marks, the process that made them: an exception pickled back from a worker process
-#: (a ``ProcessPoolExecutor``'s) keeps its attributes, and was not counted in this one.
+#: (a ``ProcessPoolExecutor``'s) keeps its attributes, and was not counted in this one's
+#: registry (unless in multiprocess mode, where the worker's files are summed with the rest).
 _PROCESS = "pid"
 
 
@@ -697,9 +698,10 @@ def first_count(error: BaseException, metric: str, since: float | None = None) -
 
 
 def _marks(error: BaseException) -> dict[str, float] | None:
-    """The metrics ``error`` was counted in by this process, with the times."""
+    """The metrics ``error`` was counted in, with the times: by this process, or, in
+    multiprocess mode, where every process's counts are summed, by any process."""
     counted = getattr(error, _COUNTED, None)
-    if isinstance(counted, dict) and counted.get(_PROCESS) == os.getpid():
+    if isinstance(counted, dict) and (counted.get(_PROCESS) == os.getpid() or values.ValueClass is not values.MutexValue):
         return counted
     return None
 

@@ -119,6 +119,8 @@ def check_process_setup() -> bool:
 
 #: The environment variable a server takes its worker count from when ``--workers`` is not given.
 _WORKERS_DEFAULT = {"uvicorn": "WEB_CONCURRENCY", "granian": "GRANIAN_WORKERS"}
+#: Servers that run one worker at a time under ``--reload`` (granian keeps all of them).
+_ONE_WORKER_ON_RELOAD = {"uvicorn"}
 
 
 def server_workers() -> int:
@@ -127,7 +129,7 @@ def server_workers() -> int:
     the server's):
     uvicorn's ``--workers N`` or, without it, ``WEB_CONCURRENCY`` (its default), unless
     ``--reload`` (one worker at a time); granian's ``--workers N`` or, without it,
-    ``GRANIAN_WORKERS``, unless ``--reload``; gunicorn's ``-w N`` / ``--workers N`` (which
+    ``GRANIAN_WORKERS`` (also under ``--reload``, which keeps them all); gunicorn's ``-w N`` / ``--workers N`` (which
     override its config file and ``GUNICORN_CMD_ARGS``; ``WEB_CONCURRENCY`` is only a default
     they override in turn, so it does not count).  1 for anything else."""
     argv = sys.argv
@@ -137,7 +139,7 @@ def server_workers() -> int:
     if program == "__main__.py":  # python3 -m uvicorn, python3 -m granian
         program = os.path.basename(os.path.dirname(argv[0]))
     if program in _WORKERS_DEFAULT:
-        if "--reload" in argv:
+        if program in _ONE_WORKER_ON_RELOAD and "--reload" in argv:
             return 1
         workers = os.environ.get(_WORKERS_DEFAULT[program])
     elif program == "gunicorn":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import textwrap
 from collections.abc import AsyncIterator, Iterator
@@ -309,8 +310,10 @@ def test_below_contextmanager_a_decorator_times_the_block_and_its_failure(
         (lambda: tracked_external("openai", instrumentation="default")(lambda: None), CrowdmonSetupError, "instrumentation= takes a PrometheusInstrumentation (or None for the default one), got 'default'"),  # type: ignore[arg-type]
         (lambda: tracked_external("db", endpoint="tx")(contextlib.contextmanager(_transaction)), TypeError, "above @contextmanager or @asynccontextmanager would time only the making of the context manager _transaction, not its block: put @tracked_external(...) below it"),
         (lambda: tracked_errors(component="database")(contextlib.asynccontextmanager(_async_transaction)), TypeError, "put @tracked_errors(...) below it, directly above the generator function"),
+        (lambda: tracked_errors(component="database")(classmethod(contextlib.contextmanager(_transaction))), TypeError, "would time only the making of the context manager _transaction"),
+        (lambda: tracked_errors(component="database")(functools.partial(contextlib.contextmanager(_transaction))), TypeError, "would time only the making of the context manager _transaction"),
     ],
-    ids=["not-callable", "class", "bare-decorator", "unknown-category", "int-label", "empty-label", "enabled-type", "taxonomy-type", "bare-with-two-labels", "missing-label", "instrumentation-type", "above-contextmanager", "above-asynccontextmanager"],
+    ids=["not-callable", "class", "bare-decorator", "unknown-category", "int-label", "empty-label", "enabled-type", "taxonomy-type", "bare-with-two-labels", "missing-label", "instrumentation-type", "above-contextmanager", "above-asynccontextmanager", "above-classmethod-contextmanager", "above-partial-contextmanager"],
 )
 def test_mistakes_fail_at_decoration_time_with_the_fix(apply: Any, error: type[Exception], message: str) -> None:
     with pytest.raises(error) as raised:

@@ -159,6 +159,50 @@ def test_a_label_cap_holds_for_all_the_workers_of_a_server_and_their_successors(
     assert chat_counts(tmp_path) == {"fresh": 1.0}
 
 
+FAIL_IN_A_POOL = """
+import multiprocessing, sys
+from concurrent.futures import ProcessPoolExecutor
+from crowdmon import default_instrumentation, tracked_errors
+
+@tracked_errors(component="rag_system")
+def index_documents() -> None:
+    raise ConnectionError("the vector store is down")
+
+@tracked_errors(component="rag_system")
+def index_in_a_worker() -> None:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(sys.argv[1])) as pool:
+        pool.submit(index_documents).result()
+
+if __name__ == "__main__":
+    default_instrumentation()
+    try:
+        index_in_a_worker()
+    except ConnectionError:
+        pass
+"""
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_failure_in_a_pool_worker_is_counted_once_across_the_processes(tmp_path: Path, start: str) -> None:
+    """In multiprocess mode the pool worker's count is in the files /metrics sums: the failure
+    it raised is not counted again when it reaches the decorated caller."""
+    script = tmp_path / "pool_failure.py"
+    script.write_text(FAIL_IN_A_POOL)
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    env = subprocess_env({"PROMETHEUS_MULTIPROC_DIR": str(metrics)})
+    result = subprocess.run([PYTHON, str(script), start], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics))
+    labels = {"error_type": "external_service", "component": "rag_system", "user_type": "unknown"}
+    assert registry.get_sample_value("application_errors_total", labels) == 1
+
+
 def test_shared_admissions_survive_a_line_left_unfinished_and_odd_values(tmp_path: Path) -> None:
     first, second = SharedAdmissions(str(tmp_path)), SharedAdmissions(str(tmp_path))
     assert first.admit("chat_messages_total", "user_type", "line\nbreak", 4) == (True, {"line\nbreak"})
@@ -192,7 +236,7 @@ def test_shared_admissions_survive_a_line_left_unfinished_and_odd_values(tmp_pat
         (["/usr/bin/granian", "--interface", "asgi", "app:app"], {"GRANIAN_WORKERS": "4"}, 4),
         (["/usr/bin/granian", "--workers", "2", "app:app"], {"WEB_CONCURRENCY": "4"}, 2),
         (["/usr/bin/granian", "app:app"], {"WEB_CONCURRENCY": "4"}, 1),  # not granian's variable
-        (["/usr/bin/granian", "--reload", "--workers", "2", "app:app"], {}, 1),
+        (["/usr/bin/granian", "--reload", "--workers", "2", "app:app"], {}, 2),  # granian reloads them all
         (["serve.py", "--workers", "4"], {}, 1),
         (["/usr/bin/uvicorn", "--workers", "many"], {}, 1),
     ],

@@ -8,6 +8,7 @@ import logging
 import sqlite3
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -377,6 +378,34 @@ def test_a_resolver_that_blocks_holds_up_only_its_own_request() -> None:
         finally:
             release.set()
             waiting.join(10)
+
+
+def test_resolvers_asking_each_others_request_do_not_wait_for_each_other() -> None:
+    """Request a's resolver asks b's user type while b's asks a's: neither waits for the other
+    (they would wait for good); the one that finds the other resolving gets ``unknown``."""
+    from crowdmon.context import RequestContext
+
+    class Request_(RequestContext):
+        def __init__(self, name: str, resolver: Any) -> None:
+            self.scope, self.user_type_resolver, self._user_type = {"name": name}, resolver, None
+            self.entry_root_path, self._endpoint = "", "/"
+
+    both_resolving = threading.Barrier(2)
+
+    def ask_the_other(scope: dict[str, str]) -> str:
+        both_resolving.wait(5)
+        return scope["name"] + "+" + (b if scope["name"] == "a" else a).user_type()
+
+    a, b = Request_("a", ask_the_other), Request_("b", ask_the_other)
+    answers: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda r=r, n=n: answers.__setitem__(n, r.user_type()), daemon=True) for n, r in (("a", a), ("b", b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+
+    assert not any(thread.is_alive() for thread in threads)
+    assert sorted(answers.values()) in (["a+b+unknown", "b+unknown"], ["a+unknown", "b+a+unknown"], ["a+unknown", "b+unknown"])
 
 
 def test_outside_a_request_endpoint_and_user_type_are_unknown(
