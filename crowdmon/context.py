@@ -63,6 +63,10 @@ class RequestContext:
             return self._endpoint
         return handler_label_for(scope, self.entry_root_path, 200, self.mounts)
 
+    def report_failure(self, site: str, error: Exception) -> None:
+        """Count and log a contained failure at ``site`` in the request's instrumentation."""
+        raise NotImplementedError
+
     def user_type(self) -> str:
         """The resolver's answer for this request (the resolver runs once per request; if it
         raises, the exception propagates and the request's user type is ``unknown``)."""
@@ -121,6 +125,13 @@ def current_endpoint() -> str | None:
 
 
 def current_user_type() -> str | None:
-    """The user type of the request being handled, or ``None`` outside a request."""
+    """The user type of the request being handled, or ``None`` outside a request; ``unknown``
+    when the resolver raised (the failure is counted and logged, as where crowdmon asks)."""
     context = current_request.get()
-    return None if context is None else context.user_type()
+    if context is None:
+        return None
+    try:
+        return context.user_type()
+    except Exception as failure:
+        context.report_failure("user_type_resolver", failure)
+        return UNKNOWN_VALUE

@@ -173,6 +173,9 @@ class _Exchange(ExchangeCore, RequestContext):
     def mounts(self) -> MountTemplates:
         return self.middleware._mounts
 
+    def report_failure(self, site: str, error: Exception) -> None:
+        self.middleware._report(site, error)
+
     def endpoint(self) -> str:
         """The ``handler`` label: the one recorded once the request is finished; until then the
         user's resolver's answer if it gives one, else the router's match."""

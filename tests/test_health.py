@@ -130,6 +130,28 @@ def test_a_check_that_raises_or_times_out_makes_its_component_unhealthy(registry
     assert [status_of(registry, name) for name in ("llm", "stripe", "database")] == ["unhealthy"] * 3
 
 
+async def test_a_failing_check_is_logged_when_it_starts_failing_not_at_every_probe(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    monitoring = PrometheusInstrumentation(registry)
+    answers = iter([RuntimeError("down"), RuntimeError("down"), RuntimeError("down"), True, RuntimeError("down again")])
+
+    async def database() -> bool:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monitoring.register_health_check("database", database)
+    app = HealthApp(monitoring)
+    with caplog.at_level("WARNING", logger="crowdmon"):
+        statuses = [(await health(app))[0] for _ in range(5)]
+
+    assert statuses == [503, 503, 503, 200, 503]
+    logged = [record for record in caplog.records if "health check for 'database' failed" in record.getMessage()]
+    assert [str(record.exc_info[1]) for record in logged if record.exc_info] == ["down", "down again"]
+
+
 def test_components_past_the_cap_are_on_health_but_not_folded_into_one_gauge() -> None:
     """One ``<other>`` series cannot be one-hot for several components: past the cap a
     component's state is on /health only, and the fold is counted."""

@@ -299,13 +299,17 @@ def test_user_type_resolver_passed_to_setup_monitoring_and_its_failures_containe
             pass
         return JSONResponse({"ok": True})
 
-    app = Starlette(routes=[Route("/chat", chat)])
+    async def plan(request: Request) -> Response:  # the app asks first
+        return JSONResponse({"plan": crowdmon.current_user_type()})
+
+    app = Starlette(routes=[Route("/chat", chat), Route("/plan", plan)])
     monitoring = setup_monitoring(app, registry=registry, user_type_resolver=plan_of)
     with uvicorn_in_thread(app) as base_url:
         statuses = [
             httpx.get(f"{base_url}/chat", headers=headers).status_code
             for headers in ({"x-plan": "premium"}, {}, {"x-plan": "broken"})
         ]
+        asked = httpx.get(f"{base_url}/plan", headers={"x-plan": "broken"})
 
     def messages(user_type: str) -> float:
         return value(registry, "chat_messages_total", user_type=user_type, message_type="user", cache_hit="false", rag_used="false")
@@ -313,8 +317,10 @@ def test_user_type_resolver_passed_to_setup_monitoring_and_its_failures_containe
     assert statuses == [200, 200, 200]
     assert (messages("premium"), messages("free"), messages("unknown")) == (1, 1, 1)
     assert value(registry, "chat_processing_duration_seconds_count", endpoint="/chat", user_type="premium") == 1
-    # The broken request asked its resolver once: two reads of the user type, one failure.
-    assert value(registry, "crowdmon_internal_errors_total", site="user_type_resolver") == 1
+    # The broken request asked its resolver once: two reads of the user type, one failure; so
+    # did the one whose app asked first, through current_user_type().
+    assert (asked.status_code, asked.json()) == (200, {"plan": "unknown"})
+    assert value(registry, "crowdmon_internal_errors_total", site="user_type_resolver") == 2
 
 
 def test_a_request_that_hands_work_to_threads_asks_its_resolver_once() -> None:
