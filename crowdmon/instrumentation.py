@@ -40,7 +40,7 @@ from crowdmon.catalogue import (
     MetricSpec,
     spec,
 )
-from crowdmon.context import current_request
+from crowdmon.context import current_request, current_user_type
 from crowdmon.errors import classify_error
 from crowdmon.timing import Timing, is_exception_group, only_leaves
 
@@ -500,14 +500,8 @@ class PrometheusInstrumentation:
         """``user_type`` as a label, or the current request's user type from its resolver."""
         if user_type is not None:
             return label(user_type)
-        context = current_request.get()
-        if context is None:
-            return UNKNOWN_VALUE
-        try:
-            return context.user_type()
-        except Exception as failure:
-            self.report_internal_error("user_type_resolver", failure)
-            return UNKNOWN_VALUE
+        current = current_user_type()  # a failing resolver is counted by the request's middleware
+        return UNKNOWN_VALUE if current is None else current
 
     # -- component health ---------------------------------------------------------------------
 
