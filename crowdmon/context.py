@@ -7,6 +7,7 @@ request they serve, without the business code passing them along.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -64,8 +65,8 @@ class RequestContext:
         return handler_label_for(scope, self.entry_root_path, 200, self.mounts)
 
     def report_failure(self, site: str, error: Exception) -> None:
-        """Count and log a contained failure at ``site`` in the request's instrumentation."""
-        raise NotImplementedError
+        """Count and log a contained failure at ``site`` in the request's instrumentation (the
+        middleware's request context does; here, nothing)."""
 
     def user_type(self) -> str:
         """The resolver's answer for this request (the resolver runs once per request; if it
@@ -78,8 +79,11 @@ class RequestContext:
                 lock = _RESOLVERS.setdefault(id(self), (self, threading.RLock()))[1]
             # A resolver asking another request's user type does not wait for that request's
             # resolver, which might be asking this one's: it gets "unknown" instead of a hang.
+            # One asking its own request's gets "unknown" too, not a recursion.
             asking = getattr(_ASKING, "context", None)
-            if lock.acquire(blocking=asking is None or asking is self):
+            if asking is self:
+                return UNKNOWN_VALUE  # its own resolver asks: it has no answer yet
+            if lock.acquire(blocking=asking is None):
                 try:
                     if self._user_type is None:
                         self._resolve()
@@ -126,12 +130,19 @@ def current_endpoint() -> str | None:
 
 def current_user_type() -> str | None:
     """The user type of the request being handled, or ``None`` outside a request; ``unknown``
-    when the resolver raised (the failure is counted and logged, as where crowdmon asks)."""
+    when the resolver raised (the failure is counted and logged by the request's middleware)."""
     context = current_request.get()
     if context is None:
         return None
+    return user_type_of(context, context.report_failure)
+
+
+def user_type_of(context: RequestContext, report: Callable[[str, Exception], None]) -> str:
+    """``context``'s user type; ``unknown`` when its resolver raised, the failure given to
+    ``report`` (which must not fail the caller either)."""
     try:
         return context.user_type()
     except Exception as failure:
-        context.report_failure("user_type_resolver", failure)
+        with contextlib.suppress(Exception):
+            report("user_type_resolver", failure)
         return UNKNOWN_VALUE

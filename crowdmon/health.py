@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import threading
+import weakref
 from typing import Any
 
 import anyio
@@ -106,33 +107,34 @@ async def _run_one(check: HealthCheck, key: tuple[int, str]) -> tuple[str, str]:
                 answer = await _run_in_thread(check, key)
                 if inspect.isawaitable(answer):
                     answer = await answer
-        _failing.discard(key)  # it did not raise: a failure after this one is logged again
         if deadline.cancelled_caught:
             return "unhealthy", f"timed out after {check.timeout:g} s"
+        _failing.discard(check)  # it ran and answered: a failure after this one is logged again
     except anyio.get_cancelled_exc_class() as error:
         if _being_cancelled():
             raise
         # The check's own: it awaited something cancelled elsewhere.  A failed check, not ours.
-        return _failed(check, key, error)
+        return _failed(check, error)
     except _ThreadExited as exited:
-        return _failed(check, key, exited.error)
+        return _failed(check, exited.error)
     except Exception as error:
-        return _failed(check, key, error)
+        return _failed(check, error)
     return _state_of(check.component, answer)
 
 
-def _failed(check: HealthCheck, key: tuple[int, str], error: BaseException) -> tuple[str, str]:
+def _failed(check: HealthCheck, error: BaseException) -> tuple[str, str]:
     # Logged with its traceback when the check starts failing, not at every probe of a check
     # that keeps failing (a probe every few seconds would flood the log).
-    if key not in _failing:
-        _failing.add(key)
+    if check not in _failing:
+        _failing.add(check)
         logger.warning("health check for %r failed (logged again only after it has passed)", check.component, exc_info=error)
     # The class name only: a message may carry hosts, credentials or user data.
     return "unhealthy", f"raised {type(error).__name__}"
 
 
-#: The checks whose last run raised, by registry and component: their next failure is not logged.
-_failing: set[tuple[int, str]] = set()
+#: The registered checks whose last run raised: their next failure is not logged.  A check
+#: registered again is a new one; one no longer registered is let go of.
+_failing: weakref.WeakSet[HealthCheck] = weakref.WeakSet()
 
 
 class _ThreadExited(Exception):

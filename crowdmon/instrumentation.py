@@ -40,7 +40,7 @@ from crowdmon.catalogue import (
     MetricSpec,
     spec,
 )
-from crowdmon.context import current_request, current_user_type
+from crowdmon.context import current_request, user_type_of
 from crowdmon.errors import classify_error
 from crowdmon.timing import Timing, is_exception_group, only_leaves
 
@@ -64,9 +64,10 @@ DEFAULT_HEALTH_CHECK_TIMEOUT = 2.0
 HealthCheckFunction = Callable[[], Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class HealthCheck:
-    """A check ``/health`` runs for ``component``: sync or async, bounded by ``timeout``."""
+    """A check ``/health`` runs for ``component``: sync or async, bounded by ``timeout``.  Each
+    registration is a check of its own (compared by identity)."""
 
     component: str
     check: HealthCheckFunction
@@ -97,7 +98,7 @@ class _MetricSet:
     """The metrics of one registry; shared by every instrumentation built on it."""
 
     def __init__(self, registry: CollectorRegistry | None, guard: CardinalityGuard) -> None:
-        self.registry = registry
+        # No reference to the registry: it is the key of _SHARED, and would never be let go of.
         self.guard = guard
         from crowdmon.multiprocess import (  # imports this module
             check_process_setup,
@@ -500,8 +501,9 @@ class PrometheusInstrumentation:
         """``user_type`` as a label, or the current request's user type from its resolver."""
         if user_type is not None:
             return label(user_type)
-        current = current_user_type()  # a failing resolver is counted by the request's middleware
-        return UNKNOWN_VALUE if current is None else current
+        context = current_request.get()
+        # A failing resolver is counted where this records.
+        return UNKNOWN_VALUE if context is None else user_type_of(context, self.report_internal_error)
 
     # -- component health ---------------------------------------------------------------------
 

@@ -134,7 +134,7 @@ async def test_a_failing_check_is_logged_when_it_starts_failing_not_at_every_pro
     registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:
     monitoring = PrometheusInstrumentation(registry)
-    answers = iter([RuntimeError("down"), RuntimeError("down"), RuntimeError("down"), True, RuntimeError("down again")])
+    answers = iter([RuntimeError("down"), RuntimeError("down"), RuntimeError("down"), False, RuntimeError("down again"), RuntimeError("down again")])
 
     async def database() -> bool:
         answer = next(answers)
@@ -146,10 +146,12 @@ async def test_a_failing_check_is_logged_when_it_starts_failing_not_at_every_pro
     app = HealthApp(monitoring)
     with caplog.at_level("WARNING", logger="crowdmon"):
         statuses = [(await health(app))[0] for _ in range(5)]
+        monitoring.register_health_check("database", database)  # registered again: a new check
+        statuses.append((await health(app))[0])
 
-    assert statuses == [503, 503, 503, 200, 503]
+    assert statuses == [503] * 6
     logged = [record for record in caplog.records if "health check for 'database' failed" in record.getMessage()]
-    assert [str(record.exc_info[1]) for record in logged if record.exc_info] == ["down", "down again"]
+    assert [str(record.exc_info[1]) for record in logged if record.exc_info] == ["down", "down again", "down again"]
 
 
 def test_components_past_the_cap_are_on_health_but_not_folded_into_one_gauge() -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import weakref
+
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
 from starlette.applications import Starlette
@@ -13,6 +17,7 @@ from crowdmon import (
     default_instrumentation,
     setup_monitoring,
 )
+from crowdmon.health import run_health_checks
 from tests.support import value
 
 
@@ -34,6 +39,21 @@ def test_isolated_registries_do_not_share_values() -> None:
 
     assert value(one, "document_operations_total", operation="add", document_type="pdf", status="success") == 1
     assert value(two, "document_operations_total", operation="add", document_type="pdf", status="success") == 0
+
+
+def test_a_registry_nobody_holds_is_let_go_of_with_its_metrics() -> None:
+    """A test suite makes an isolated registry per test (crowdmon.testing does): each must be
+    freed once its test lets go of it, not kept by crowdmon's table of registries."""
+    registry = CollectorRegistry()
+    instrumentation = PrometheusInstrumentation(registry)
+    instrumentation.track_chat_message("anonymous")
+    instrumentation.register_health_check("database", lambda: True)
+    asyncio.run(run_health_checks(instrumentation))
+    freed = weakref.ref(registry)
+    del registry, instrumentation
+    gc.collect()
+
+    assert freed() is None
 
 
 def test_a_rebuilt_middleware_stack_reuses_the_registry(registry: CollectorRegistry) -> None:

@@ -386,6 +386,54 @@ def test_a_resolver_that_blocks_holds_up_only_its_own_request() -> None:
             waiting.join(10)
 
 
+def test_a_failing_resolver_is_counted_where_the_call_that_asked_records() -> None:
+    """A tracking call into another registry than the middleware's counts the failure there;
+    the app asking through current_user_type() is counted by the request's middleware."""
+    served, other = CollectorRegistry(), CollectorRegistry()
+    elsewhere = PrometheusInstrumentation(other)
+
+    def broken(scope: dict[str, object]) -> str:
+        raise LookupError("no such plan")
+
+    async def chat(request: Request) -> Response:
+        elsewhere.track_chat_message(message_type="user")
+        return JSONResponse({"ok": True})
+
+    async def plan(request: Request) -> Response:
+        return JSONResponse({"plan": crowdmon.current_user_type()})
+
+    app = Starlette(routes=[Route("/chat", chat), Route("/plan", plan)])
+    setup_monitoring(app, registry=served, user_type_resolver=broken)
+    with uvicorn_in_thread(app) as base_url:
+        assert httpx.get(f"{base_url}/chat").status_code == 200
+        assert httpx.get(f"{base_url}/plan").json() == {"plan": "unknown"}
+
+    def failures(registry: CollectorRegistry) -> float:
+        return value(registry, "crowdmon_internal_errors_total", site="user_type_resolver")
+
+    assert (failures(other), failures(served)) == (1, 1)
+    assert value(other, "chat_messages_total", user_type="unknown", message_type="user", cache_hit="false", rag_used="false") == 1
+
+
+def test_a_resolver_asking_its_own_request_gets_unknown_once_not_a_recursion(registry: CollectorRegistry) -> None:
+    asked: list[str | None] = []
+
+    def plan_of(scope: dict[str, object]) -> str:
+        asked.append(crowdmon.current_user_type())  # its own request's: no answer yet
+        return "premium"
+
+    async def plan(request: Request) -> Response:
+        return JSONResponse({"plan": crowdmon.current_user_type()})
+
+    app = Starlette(routes=[Route("/plan", plan)])
+    setup_monitoring(app, registry=registry, user_type_resolver=plan_of)
+    with uvicorn_in_thread(app) as base_url:
+        assert httpx.get(f"{base_url}/plan").json() == {"plan": "premium"}
+
+    assert asked == ["unknown"]
+    assert value(registry, "crowdmon_internal_errors_total", site="user_type_resolver") == 0
+
+
 def test_resolvers_asking_each_others_request_do_not_wait_for_each_other() -> None:
     """Request a's resolver asks b's user type while b's asks a's: neither waits for the other
     (they would wait for good); the one that finds the other resolving gets ``unknown``."""
