@@ -40,7 +40,7 @@ def overall_status(states: dict[str, str]) -> str:
 class _SyncRun:
     """One run of a sync check in a worker thread, shared by the requests that ask meanwhile."""
 
-    def __init__(self, key: tuple[int, str]) -> None:
+    def __init__(self, key: HealthCheck) -> None:
         self.key = key
         self.lock = threading.Lock()
         self.state = "queued"  # then "running" and "done", or "dropped" if it never started
@@ -73,8 +73,8 @@ class _SyncRun:
             del _sync_runs[self.key]
 
 
-#: Sync checks queued or running in a worker thread, by registry and component.
-_sync_runs: dict[tuple[int, str], _SyncRun] = {}
+#: Sync checks queued or running in a worker thread, by registered check.
+_sync_runs: dict[HealthCheck, _SyncRun] = {}
 
 
 async def run_health_checks(instrumentation: PrometheusInstrumentation) -> tuple[dict[str, str], dict[str, str]]:
@@ -84,7 +84,7 @@ async def run_health_checks(instrumentation: PrometheusInstrumentation) -> tuple
     failures: dict[str, str] = {}
 
     async def run(check: HealthCheck) -> None:
-        state, reason = await _run_one(check, (id(instrumentation.registry), check.component))
+        state, reason = await _run_one(check)
         instrumentation.set_component_health(check.component, state)
         states[check.component] = state
         if reason:
@@ -96,7 +96,7 @@ async def run_health_checks(instrumentation: PrometheusInstrumentation) -> tuple
     return states, failures
 
 
-async def _run_one(check: HealthCheck, key: tuple[int, str]) -> tuple[str, str]:
+async def _run_one(check: HealthCheck) -> tuple[str, str]:
     answer: Any = None
     try:
         # move_on_after, not fail_after: a TimeoutError the check raises itself is its failure.
@@ -104,7 +104,7 @@ async def _run_one(check: HealthCheck, key: tuple[int, str]) -> tuple[str, str]:
             if inspect.iscoroutinefunction(check.check):
                 answer = await check.check()
             else:
-                answer = await _run_in_thread(check, key)
+                answer = await _run_in_thread(check)
                 if inspect.isawaitable(answer):
                     answer = await answer
         if deadline.cancelled_caught:
@@ -146,11 +146,11 @@ class _ThreadExited(Exception):
         self.error = error
 
 
-async def _run_in_thread(check: HealthCheck, key: tuple[int, str]) -> Any:
-    """The answer of the sync check's run for ``key``: a new one, or the one already under way."""
-    run = _sync_runs.get(key)
+async def _run_in_thread(check: HealthCheck) -> Any:
+    """The answer of the sync check's run: a new one, or the one already under way."""
+    run = _sync_runs.get(check)
     if run is None:
-        run = _sync_runs[key] = _SyncRun(key)
+        run = _sync_runs[check] = _SyncRun(check)
         try:
             await anyio.to_thread.run_sync(run, check.check, abandon_on_cancel=True)
         except BaseException:
