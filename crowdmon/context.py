@@ -79,11 +79,12 @@ class RequestContext:
                 lock = _RESOLVERS.setdefault(id(self), (self, threading.RLock()))[1]
             # A resolver asking another request's user type does not wait for that request's
             # resolver, which might be asking this one's: it gets "unknown" instead of a hang.
-            # One asking its own request's gets "unknown" too, not a recursion.
-            asking = getattr(_ASKING, "context", None)
-            if asking is self:
-                return UNKNOWN_VALUE  # its own resolver asks: it has no answer yet
-            if lock.acquire(blocking=asking is None):
+            # One asking its own request's, directly or through another's, gets "unknown" too,
+            # not a recursion.
+            asking: list[RequestContext] = getattr(_ASKING, "contexts", [])
+            if self in asking:
+                return UNKNOWN_VALUE  # asked from within its own resolver: no answer yet
+            if lock.acquire(blocking=not asking):
                 try:
                     if self._user_type is None:
                         self._resolve()
@@ -99,15 +100,17 @@ class RequestContext:
         if scope is None:
             self._user_type = UNKNOWN_VALUE  # the request ended before anyone asked
             return
-        outer = getattr(_ASKING, "context", None)
-        _ASKING.context = self
+        asking = getattr(_ASKING, "contexts", None)
+        if asking is None:
+            asking = _ASKING.contexts = []
+        asking.append(self)
         try:
             resolved = self.user_type_resolver(scope)
         except Exception:
             self._user_type = UNKNOWN_VALUE  # asked once per request, whatever it answers
             raise
         finally:
-            _ASKING.context = outer
+            asking.pop()
         self._user_type = resolved if isinstance(resolved, str) else str(resolved)
 
 
@@ -118,7 +121,8 @@ current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_reques
 #: stays its own.  _RESOLVING guards the table, for an instant at a time.
 _RESOLVERS: dict[int, tuple[RequestContext, threading.RLock]] = {}
 _RESOLVING = threading.Lock()
-#: In each thread, the request whose resolver the thread is running, if any.
+#: In each thread, the requests whose resolvers the thread is running (``contexts``), the
+#: innermost last.
 _ASKING = threading.local()
 
 

@@ -40,8 +40,9 @@ def overall_status(states: dict[str, str]) -> str:
 class _SyncRun:
     """One run of a sync check in a worker thread, shared by the requests that ask meanwhile."""
 
-    def __init__(self, key: HealthCheck) -> None:
+    def __init__(self, key: tuple[str, int], check: Any) -> None:
         self.key = key
+        self.check = check  # keeps the callable, so the id in the key stays its own
         self.lock = threading.Lock()
         self.state = "queued"  # then "running" and "done", or "dropped" if it never started
         self.answer: Any = None
@@ -73,8 +74,9 @@ class _SyncRun:
             del _sync_runs[self.key]
 
 
-#: Sync checks queued or running in a worker thread, by registered check.
-_sync_runs: dict[HealthCheck, _SyncRun] = {}
+#: Sync checks queued or running in a worker thread, by component and callable: a check
+#: registered again with the same callable waits for the run under way, as another probe does.
+_sync_runs: dict[tuple[str, int], _SyncRun] = {}
 
 
 async def run_health_checks(instrumentation: PrometheusInstrumentation) -> tuple[dict[str, str], dict[str, str]]:
@@ -127,7 +129,7 @@ def _failed(check: HealthCheck, error: BaseException) -> tuple[str, str]:
     # that keeps failing (a probe every few seconds would flood the log).
     if check not in _failing:
         _failing.add(check)
-        logger.warning("health check for %r failed (logged again only after it has passed)", check.component, exc_info=error)
+        logger.warning("health check for %r failed (logged again only after a run that answers in time)", check.component, exc_info=error)
     # The class name only: a message may carry hosts, credentials or user data.
     return "unhealthy", f"raised {type(error).__name__}"
 
@@ -148,9 +150,10 @@ class _ThreadExited(Exception):
 
 async def _run_in_thread(check: HealthCheck) -> Any:
     """The answer of the sync check's run: a new one, or the one already under way."""
-    run = _sync_runs.get(check)
+    key = (check.component, id(check.check))
+    run = _sync_runs.get(key)
     if run is None:
-        run = _sync_runs[check] = _SyncRun(check)
+        run = _sync_runs[key] = _SyncRun(key, check.check)
         try:
             await anyio.to_thread.run_sync(run, check.check, abandon_on_cancel=True)
         except BaseException:

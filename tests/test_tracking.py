@@ -461,6 +461,17 @@ def test_resolvers_asking_each_others_request_do_not_wait_for_each_other() -> No
     assert not any(thread.is_alive() for thread in threads)
     assert sorted(answers.values()) in (["a+b+unknown", "b+unknown"], ["a+unknown", "b+a+unknown"], ["a+unknown", "b+unknown"])
 
+    # In one thread: a's resolver asks b's, whose resolver asks a's again, which has no answer
+    # yet. Each resolver runs once, and nothing recurses.
+    calls: list[str] = []
+
+    def ask_the_other_once(scope: dict[str, str]) -> str:
+        calls.append(scope["name"])
+        return scope["name"] + "+" + (d if scope["name"] == "c" else c).user_type()
+
+    c, d = Request_("c", ask_the_other_once), Request_("d", ask_the_other_once)
+    assert (c.user_type(), d.user_type(), calls) == ("c+d+unknown", "d+unknown", ["c", "d"])
+
 
 def test_outside_a_request_endpoint_and_user_type_are_unknown(
     registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
