@@ -7,22 +7,29 @@ import math
 from collections.abc import Sequence
 
 
+def _number(text: str, kind: type[int] | type[float], meaning: str) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{meaning}, got {text!r}") from None
+
+
 def _port(text: str) -> int:
-    port = int(text)
+    port = int(_number(text, int, "a TCP port is 1 to 65535"))
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a TCP port is 1 to 65535, got {port}")
     return port
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text, float, "a number of seconds above 0")
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"a number of seconds above 0, got {text}")
     return value
 
 
 def _rate(text: str) -> float:
-    value = float(text)
+    value = _number(text, float, "requests per second, 0 or more")
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"requests per second, 0 or more, got {text}")
     return value

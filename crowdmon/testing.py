@@ -13,11 +13,12 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, values
 
 from crowdmon.catalogue import BY_NAME, MetricKind
 from crowdmon.decorators import instrumented_metrics
 from crowdmon.instrumentation import (
+    CrowdmonSetupError,
     PrometheusInstrumentation,
     default_instrumentation,
     replace_default_instrumentation,
@@ -33,6 +34,12 @@ except ImportError:  # pragma: no cover - the helpers work without pytest
 def isolated_instrumentation(**options: Any) -> Iterator[PrometheusInstrumentation]:
     """An instrumentation on a fresh registry, standing in as the process-wide default until the
     block ends.  ``options`` go to :class:`PrometheusInstrumentation` (e.g. ``cardinality_caps``)."""
+    if values.ValueClass is not values.MutexValue:
+        raise CrowdmonSetupError(
+            "PROMETHEUS_MULTIPROC_DIR is set, so prometheus_client keeps every value in files that "
+            "outlive each test's registry: counts would leak from one test into the next (and into "
+            "that directory). Unset it for the test run: env -u PROMETHEUS_MULTIPROC_DIR pytest"
+        )
     instrumentation = PrometheusInstrumentation(CollectorRegistry(), **options)
     previous = replace_default_instrumentation(instrumentation)
     try:
@@ -58,6 +65,16 @@ def metric_value(
     return 0.0 if found is None else found
 
 
+def _as_label(label: str, value: object) -> str:
+    """``value`` written as prometheus_client writes it in a sample: booleans as crowdmon does,
+    a bucket bound as a float (``le="1.0"``, ``le="+Inf"``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if label == "le" and isinstance(value, (int, float)):
+        return "+Inf" if value == float("inf") else str(float(value))
+    return str(value)
+
+
 def _read(registry: CollectorRegistry, sample: str, labels: Mapping[str, str] | None) -> float | None:
     """The sample's value; the sum of the samples that have ``labels`` when they are only some of
     the family's labels, or of all its samples when ``labels`` is ``None``; ``None`` if there is
@@ -67,7 +84,7 @@ def _read(registry: CollectorRegistry, sample: str, labels: Mapping[str, str] | 
         _check_label_names(sample, labels)
     for label, value in wanted.items():
         if not isinstance(value, str):
-            raise ValueError(f"label values are strings: {label}={value!r} can never match; write {label}={str(value).lower() if isinstance(value, bool) else str(value)!r}")
+            raise ValueError(f"label values are strings: {label}={value!r} can never match; write {label}={_as_label(label, value)!r}")
     if sample.endswith("_bucket") and "le" not in wanted:
         needs = "its labels, le included" if labels is None else "its le label"
         raise ValueError(f"{sample} needs {needs}: its samples are cumulative, and adding them up means nothing")

@@ -54,6 +54,9 @@ def test_meaningless_demo_settings_are_usage_errors() -> None:
         (["--duration", "nan"], "argument --duration: a number of seconds above 0, got nan"),
         (["--rate", "-5"], "argument --rate: requests per second, 0 or more, got -5"),
         (["--port", "70000"], "argument --port: a TCP port is 1 to 65535, got 70000"),
+        (["--port", "abc"], "argument --port: a TCP port is 1 to 65535, got 'abc'"),
+        (["--duration", "5m"], "argument --duration: a number of seconds above 0, got '5m'"),
+        (["--rate", "fast"], "argument --rate: requests per second, 0 or more, got 'fast'"),
     ):
         result = demo(*args)
         assert (result.returncode, result.stdout) == (2, ""), args

@@ -99,6 +99,14 @@ def test_export_refuses_bad_options_with_a_message_saying_how_to_fix_them(tmp_pa
     assert not (tmp_path / "pack").exists()
 
 
+def test_export_into_an_empty_path_is_a_usage_error(tmp_path: Path) -> None:
+    """``--out "$UNSET"`` must not write the pack into the current directory."""
+    result = subprocess.run([sys.executable, "-m", "crowdmon", "export", "--out", ""], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--out needs a directory to write the pack into, got an empty path" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_into_a_file_is_a_usage_error_not_a_traceback(tmp_path: Path) -> None:
     target = tmp_path / "afile"
     target.write_text("keep me")

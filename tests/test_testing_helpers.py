@@ -127,6 +127,19 @@ def test_some_of_the_labels_add_up_the_samples_that_have_them_and_odd_values_are
             metric_value("chat_messages_total", {"cache_hit": False})  # type: ignore[dict-item]
         with pytest.raises(ValueError, match="vector_search_duration_seconds_bucket needs its le label"):
             metric_value("vector_search_duration_seconds_bucket", {"operation": "query"})
+        with pytest.raises(ValueError, match=r"le=1 can never match; write le='1\.0'"):
+            metric_value("vector_search_duration_seconds_bucket", {"operation": "query", "le": 1})  # type: ignore[dict-item]
+
+
+def test_isolation_is_refused_in_multiprocess_mode(tmp_path: Path) -> None:
+    """In multiprocess mode values live in files that outlive each test's registry: a test
+    would read the counts of the tests before it, so the fixture says so instead."""
+    code = "from crowdmon.testing import isolated_instrumentation\nwith isolated_instrumentation():\n    pass\n"
+    env = subprocess_env({"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "PROMETHEUS_MULTIPROC_DIR is set, so prometheus_client keeps every value in files that outlive each test's registry" in result.stderr
+    assert "env -u PROMETHEUS_MULTIPROC_DIR pytest" in result.stderr
 
 
 def test_assert_instrumented_names_what_a_function_records() -> None:

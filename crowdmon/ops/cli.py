@@ -37,6 +37,8 @@ def _pairs(values: list[str], option: str, parser: argparse.ArgumentParser) -> d
 
 
 def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.out.strip():
+        parser.error("--out needs a directory to write the pack into, got an empty path")
     try:
         from crowdmon.ops.files import ExportOptions, export
     except ImportError as error:
