@@ -76,7 +76,7 @@ class RequestContext:
             # context: one of them asks, the others wait for its answer.  Other requests do not
             # wait: each request has a lock of its own while its resolver runs.
             with _RESOLVING:
-                lock = _RESOLVERS.setdefault(id(self), (self, threading.RLock()))[1]
+                lock = _RESOLVERS.setdefault(id(self), (self, threading.Lock()))[1]
             # A resolver asking another request's user type does not wait for that request's
             # resolver, which might be asking this one's: it gets "unknown" instead of a hang.
             # One asking its own request's, directly or through another's, gets "unknown" too,
@@ -116,10 +116,11 @@ class RequestContext:
 
 current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_request", default=None)
 
-#: The lock of each request whose user-type resolver is running (re-entrant: a resolver may read
-#: the request context), by the request context's id; the context is kept with it, so the id
-#: stays its own.  _RESOLVING guards the table, for an instant at a time.
-_RESOLVERS: dict[int, tuple[RequestContext, threading.RLock]] = {}
+#: The lock of each request whose user-type resolver is running, by the request context's id;
+#: the context is kept with it, so the id stays its own.  (Never taken twice by one thread: a
+#: resolver asking its own request's user type is answered "unknown" before it.)  _RESOLVING
+#: guards the table, for an instant at a time.
+_RESOLVERS: dict[int, tuple[RequestContext, threading.Lock]] = {}
 _RESOLVING = threading.Lock()
 #: In each thread, the requests whose resolvers the thread is running (``contexts``), the
 #: innermost last.

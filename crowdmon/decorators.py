@@ -284,21 +284,18 @@ def _callable_target(name: str, func: object) -> Any:
     return func
 
 
-def _factory_code(decorator: Callable[[Any], Any]) -> object:
-    """The code of the functions ``decorator`` (contextlib's) makes: the same for every function."""
-
-    def probe() -> Iterator[None]:
-        yield
-
-    async def async_probe() -> AsyncIterator[None]:
-        yield
-
-    return decorator(async_probe if decorator is contextlib.asynccontextmanager else probe).__code__
+def _probe() -> Iterator[None]:
+    yield
 
 
-#: The code of what @contextmanager and @asynccontextmanager turn a generator function into.
+async def _async_probe() -> AsyncIterator[None]:
+    yield
+
+
+#: The code of what @contextmanager and @asynccontextmanager turn a generator function into:
+#: the same for every function they decorate.
 _CONTEXT_MANAGER_FACTORIES = frozenset(
-    _factory_code(decorator) for decorator in (contextlib.contextmanager, contextlib.asynccontextmanager)
+    (contextlib.contextmanager(_probe).__code__, contextlib.asynccontextmanager(_async_probe).__code__)
 )
 
 

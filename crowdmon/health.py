@@ -42,20 +42,20 @@ class _SyncRun:
 
     def __init__(self, key: tuple[str, int], check: Any) -> None:
         self.key = key
-        self.check = check  # keeps the callable, so the id in the key stays its own
+        self.check = check  # the callable run, kept: the id in the key stays its own
         self.lock = threading.Lock()
         self.state = "queued"  # then "running" and "done", or "dropped" if it never started
         self.answer: Any = None
         self.error: BaseException | None = None
 
-    def __call__(self, check: Any) -> None:
+    def __call__(self) -> None:
         """In the worker thread: the check's answer or exception, kept for every waiting request."""
         with self.lock:
             if self.state == "dropped":  # its request gave up before a thread was free
                 return
             self.state = "running"
         try:
-            self.answer = check()
+            self.answer = self.check()
         except BaseException as error:  # SystemExit too: in a worker thread it ends only the thread
             self.error = error
         finally:
@@ -155,7 +155,7 @@ async def _run_in_thread(check: HealthCheck) -> Any:
     if run is None:
         run = _sync_runs[key] = _SyncRun(key, check.check)
         try:
-            await anyio.to_thread.run_sync(run, check.check, abandon_on_cancel=True)
+            await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
         except BaseException:
             run.drop_unless_started()
             raise

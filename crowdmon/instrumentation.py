@@ -697,9 +697,15 @@ def _marks(error: BaseException) -> dict[str, float] | None:
     """The metrics ``error`` was counted in, with the times: by this process, or, in
     multiprocess mode, where every process's counts are summed, by any process."""
     counted = getattr(error, _COUNTED, None)
-    if isinstance(counted, dict) and (counted.get(_PROCESS) == os.getpid() or values.ValueClass is not values.MutexValue):
+    if isinstance(counted, dict) and (counted.get(_PROCESS) == os.getpid() or values_in_files()):
         return counted
     return None
+
+
+def values_in_files() -> bool:
+    """Whether prometheus_client keeps this process's values in multiprocess files (it decides
+    once, when it is first imported, from ``PROMETHEUS_MULTIPROC_DIR``)."""
+    return values.ValueClass is not values.MutexValue
 
 
 def _counted_before(error: BaseException, metric: str, since: float | None) -> bool:

@@ -1,8 +1,8 @@
 """Multi-worker servers: prometheus_client's multiprocess mode, prepared and kept clean.
 
-Under gunicorn (or ``uvicorn --workers N``, ``granian --workers N``) each worker is a process with its own memory, so
-prometheus_client keeps every value in files under ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics``
-sums them.  Three things make the totals exact:
+Under gunicorn (or ``uvicorn --workers N``, ``granian --workers N``) each worker is a process
+with its own memory, so prometheus_client keeps every value in files under
+``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` sums them.  Three things make the totals exact:
 
 1. the directory exists, is writable, and is set in the environment *before* any process imports
    prometheus_client (export it in the shell, the container spec or the systemd unit);
@@ -13,8 +13,8 @@ sums them.  Three things make the totals exact:
 This module is a gunicorn config module: ``gunicorn -c python:crowdmon.multiprocess ...`` gets
 :func:`on_starting` (checks and empties the directory) and :func:`child_exit` (marks the dead
 worker).  With a config file of your own, import both hooks into it.  ``uvicorn --workers N`` and
-``granian --workers N`` have no hooks: empty the directory before starting it (``python3 -m crowdmon.multiprocess``); dead
-workers are then cleaned at scrape time by :class:`crowdmon.MetricsApp`, which removes the live
+``granian --workers N`` have no hooks: empty the directory before starting them
+(``python3 -m crowdmon.multiprocess``); dead workers are then cleaned at scrape time by :class:`crowdmon.MetricsApp`, which removes the live
 gauges of every process id that no longer exists (:func:`prune_dead_processes`).
 Without a hook, a restarted worker's dead predecessor is noticed at the next scrape.
 """
@@ -30,7 +30,7 @@ import tempfile
 from typing import Any
 
 from crowdmon.cardinality import SharedAdmissions
-from crowdmon.instrumentation import CrowdmonSetupError
+from crowdmon.instrumentation import CrowdmonSetupError, values_in_files
 
 ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
 _LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
@@ -83,9 +83,7 @@ def check_process_setup() -> bool:
     prometheus_client picks in-memory or file-backed values once, when it is first imported, so
     the environment variable set (or unset) later in code is a mistake caught here, at set-up.
     """
-    from prometheus_client import values
-
-    file_backed = values.ValueClass is not values.MutexValue
+    file_backed = values_in_files()
     path = multiprocess_directory()
     if path and not file_backed:
         raise CrowdmonSetupError(
@@ -129,9 +127,10 @@ def server_workers() -> int:
     the server's):
     uvicorn's ``--workers N`` or, without it, ``WEB_CONCURRENCY`` (its default), unless
     ``--reload`` (one worker at a time); granian's ``--workers N`` or, without it,
-    ``GRANIAN_WORKERS`` (also under ``--reload``, which keeps them all); gunicorn's ``-w N`` / ``--workers N`` (which
-    override its config file and ``GUNICORN_CMD_ARGS``; ``WEB_CONCURRENCY`` is only a default
-    they override in turn, so it does not count).  1 for anything else."""
+    ``GRANIAN_WORKERS`` (also under ``--reload``, which keeps them all); gunicorn's ``-w N`` /
+    ``--workers N`` (which override its config file and ``GUNICORN_CMD_ARGS``;
+    ``WEB_CONCURRENCY`` is only a default they override in turn, so it does not count).  1 for
+    anything else."""
     argv = sys.argv
     if not argv:
         return 1

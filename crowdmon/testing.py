@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, values
+from prometheus_client import CollectorRegistry
 
 from crowdmon.catalogue import BY_NAME, MetricKind
 from crowdmon.decorators import instrumented_metrics
@@ -22,6 +22,7 @@ from crowdmon.instrumentation import (
     PrometheusInstrumentation,
     default_instrumentation,
     replace_default_instrumentation,
+    values_in_files,
 )
 
 try:
@@ -34,7 +35,7 @@ except ImportError:  # pragma: no cover - the helpers work without pytest
 def isolated_instrumentation(**options: Any) -> Iterator[PrometheusInstrumentation]:
     """An instrumentation on a fresh registry, standing in as the process-wide default until the
     block ends.  ``options`` go to :class:`PrometheusInstrumentation` (e.g. ``cardinality_caps``)."""
-    if values.ValueClass is not values.MutexValue:
+    if values_in_files():
         raise CrowdmonSetupError(
             "PROMETHEUS_MULTIPROC_DIR is set, so prometheus_client keeps every value in files that "
             "outlive each test's registry: counts would leak from one test into the next (and into "

@@ -369,6 +369,12 @@ def check_job(job: str) -> None:
         raise ValueError(f"job must be a non-empty Prometheus job name without quotes, backslashes or newlines, got {job!r}")
 
 
+def check_handlers(name: str, handlers: Sequence[str]) -> None:
+    """A ``ValueError`` when ``handlers`` is one string (it would be taken letter by letter)."""
+    if isinstance(handlers, str):
+        raise ValueError(f"{name} must be a collection of handlers, got the string {handlers!r}; write [{handlers!r}]")
+
+
 def rule_groups(
     job: str,
     thresholds: Mapping[str, float] | None = None,
@@ -385,9 +391,8 @@ def rule_groups(
     are slow by design and left out of the request latency alert."""
     check_job(job)
     resolved_thresholds, resolved_durations = resolve(thresholds, durations)
-    for name, handlers in (("probe_handlers", probe_handlers), ("slow_handlers", slow_handlers)):
-        if isinstance(handlers, str):
-            raise ValueError(f"{name} must be a collection of handlers, got the string {handlers!r}; write [{handlers!r}]")
+    check_handlers("probe_handlers", probe_handlers)
+    check_handlers("slow_handlers", slow_handlers)
     scope = rule_scope(job, *rule_windows(scrape_interval), probe_handlers, slow_handlers)
     groups = []
     for category in CATEGORIES:

@@ -14,7 +14,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("crowdmon export needs PyYAML: pip install 'crowdmon[ops]'") from error
 
-from crowdmon.ops.alerts import check_job, duration_seconds, resolve, rule_groups
+from crowdmon.ops.alerts import check_handlers, check_job, duration_seconds, resolve, rule_groups
 from crowdmon.ops.dashboards import DASHBOARDS, dashboard_json
 from crowdmon.ops.queries import PROBE_HANDLERS
 
@@ -56,10 +56,8 @@ class ExportOptions:
                     f"{name} must be a Prometheus duration above 0 such as 15s, 1m or 1m30s "
                     f"(units in the order y w d h m s ms), got {getattr(self, name)!r}"
                 )
-        for name in ("probe_handlers", "slow_handlers"):
-            handlers = getattr(self, name)
-            if isinstance(handlers, str):
-                raise ValueError(f"{name} must be a collection of handlers, got the string {handlers!r}; write ({handlers!r},)")
+        check_handlers("probe_handlers", self.probe_handlers)
+        check_handlers("slow_handlers", self.slow_handlers)
         if not self.targets or any(not re.fullmatch(r"[\w.\-\[\]:]+:\d+", target) for target in self.targets):
             raise ValueError(f"targets must be host:port, e.g. 127.0.0.1:8000, got {list(self.targets)!r}")
         if not self.datasource.strip():
