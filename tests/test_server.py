@@ -95,27 +95,12 @@ def test_sizes_are_what_the_server_sends_and_receives(registry: CollectorRegistr
     204; the server sends neither, and 0 bytes are recorded.  An upload the client abandons is
     the bytes that arrived, not its Content-Length."""
     from starlette.applications import Starlette
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import PlainTextResponse, Response
     from starlette.routing import Route
 
-    received: list[int] = []
+    from tests.server_app import ABANDONED, no_content, text, upload
 
-    async def text(request: Request) -> Response:
-        return PlainTextResponse("x" * 1000)
-
-    async def no_content(request: Request) -> Response:
-        return Response(b"ignored by the server", status_code=204)
-
-    async def upload(request: Request) -> Response:
-        size = 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-        except ClientDisconnect:
-            received.append(size)
-            raise
-        return PlainTextResponse("the whole body")
+    ABANDONED.clear()
+    received = ABANDONED
 
     app = Starlette(routes=[Route("/text", text, methods=["GET", "HEAD"]), Route("/none", no_content), Route("/upload", upload, methods=["POST"])])
     setup_monitoring(app, registry=registry)
@@ -153,21 +138,12 @@ def test_an_exception_after_the_client_left_is_499_though_starlette_answers_it(r
     exception and raises it again: the client that left never gets it, so it is a 499.  The
     same exception with the client still there is the 500 it receives."""
     from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import Response
     from starlette.routing import Route
 
-    raised: list[str] = []
+    from tests.server_app import RAISED, work
 
-    async def work(request: Request) -> Response:
-        await request.body()
-        if request.query_params.get("wait") == "gone":
-            deadline = time.monotonic() + 5
-            while not await request.is_disconnected():
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.01)
-        raised.append(request.query_params.get("wait", ""))
-        raise RuntimeError("the work failed")
+    RAISED.clear()
+    raised = RAISED
 
     app = Starlette(routes=[Route("/work", work, methods=["POST"])])
     setup_monitoring(app, registry=registry)

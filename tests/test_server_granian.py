@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def granian(port: int) -> list[str]:
     return [PYTHON, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning", "tests.granian_app:app"]
+            "--log-level", "warning", "--factory", "tests.server_app:build_app"]
 
 
 def wait_until(predicate: Callable[[], bool], what: str) -> None:

@@ -1,7 +1,7 @@
-"""The app ``tests/test_server_granian.py`` serves with granian: the behaviours whose recording
-depends on what the server does (HEAD and 204 bodies it does not send, an upload abandoned
-halfway, a client gone before a 500, a streamed response) and the request context inside the
-server's tasks."""
+"""Routes whose recording depends on what the server does (HEAD and 204 bodies it does not send,
+an upload abandoned halfway, a client gone before a 500, a streamed response), for
+``tests/test_server.py`` (uvicorn, in a thread) and ``tests/test_server_granian.py`` (granian,
+serving :func:`build_app`).  ``ABANDONED`` and ``RAISED`` note what the routes saw."""
 
 from __future__ import annotations
 
@@ -35,12 +35,18 @@ async def no_content(request: Request) -> Response:
     return Response(b"ignored by the server", status_code=204)
 
 
+#: The bytes each abandoned upload had received; the ``wait`` of each failed work.
+ABANDONED: list[int] = []
+RAISED: list[str] = []
+
+
 async def upload(request: Request) -> Response:
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
     except ClientDisconnect:
+        ABANDONED.append(size)
         print(f"upload abandoned after {size} bytes", flush=True)
         raise
     return PlainTextResponse("the whole body")
@@ -54,6 +60,7 @@ async def work(request: Request) -> Response:
             if time.monotonic() > deadline:
                 raise TimeoutError("the client did not leave")
             await asyncio.sleep(0.01)
+    RAISED.append(request.query_params.get("wait", ""))
     raise RuntimeError("the work failed")
 
 
@@ -66,12 +73,15 @@ async def stream(request: Request) -> Response:
     return StreamingResponse(chunks())
 
 
-app = Starlette(routes=[
-    Route("/items/{item_id}", item),
-    Route("/text", text, methods=["GET", "HEAD"]),
-    Route("/none", no_content),
-    Route("/upload", upload, methods=["POST"]),
-    Route("/work", work, methods=["POST"]),
-    Route("/stream", stream),
-])
-setup_monitoring(app)
+def build_app() -> Starlette:
+    """Every route, monitored: what granian serves (``--factory tests.server_app:build_app``)."""
+    app = Starlette(routes=[
+        Route("/items/{item_id}", item),
+        Route("/text", text, methods=["GET", "HEAD"]),
+        Route("/none", no_content),
+        Route("/upload", upload, methods=["POST"]),
+        Route("/work", work, methods=["POST"]),
+        Route("/stream", stream),
+    ])
+    setup_monitoring(app)
+    return app
