@@ -131,6 +131,7 @@ set_field(PyObject **field, PyObject *value)
 
 typedef struct {
     PyObject_HEAD
+    vectorcallfunc vectorcall;  /* how servers call it: core_vectorcall, with no tuple made */
     PyObject *app;
     PyObject *exclude_paths;
     /* (start, record, sums): the recorder's, set in one step so that a request's start and end
@@ -192,6 +193,7 @@ static int sums_start(Sums *self, PyObject *method);
 typedef struct Exchange Exchange;
 static PyObject *receiving_new(Exchange *exchange);
 static PyObject *core_call(Core *self, PyObject *args, PyObject *kwargs);
+static PyObject *core_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames);
 
 /* PyObject_GetOptionalAttr (3.13) for older Pythons: 1 found, 0 not there, -1 error. */
 static int
@@ -285,6 +287,16 @@ core_clear(Core *self)
     Py_CLEAR(self->last_label);
     Py_CLEAR(self->dict);
     return 0;
+}
+
+static PyObject *
+core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    Core *self = (Core *)PyType_GenericNew(type, args, kwargs);
+    if (self != NULL) {
+        self->vectorcall = core_vectorcall;
+    }
+    return (PyObject *)self;
 }
 
 static void
@@ -518,8 +530,9 @@ static PyTypeObject CoreType = {
     .tp_name = "crowdmon._speedups.MiddlewareCore",
     .tp_doc = "Starts following a request: _begin.  Its attributes are set by the subclass.",
     .tp_basicsize = sizeof(Core),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
-    .tp_new = PyType_GenericNew,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Core, vectorcall),
+    .tp_new = core_new,
     .tp_dealloc = (destructor)core_dealloc,
     .tp_traverse = (traverseproc)core_traverse,
     .tp_clear = (inquiry)core_clear,
@@ -1909,23 +1922,13 @@ receiving_new(Exchange *exchange)
 }
 
 static PyObject *
-core_call(Core *self, PyObject *args, PyObject *kwargs)
+call_new(Core *middleware, PyObject *scope, PyObject *receive, PyObject *send)
 {
-    static char *names[] = {"scope", "receive", "send", NULL};
-    PyObject *scope, *receive, *send;
-    if (kwargs == NULL && PyTuple_GET_SIZE(args) == 3) {  /* how servers call it */
-        scope = PyTuple_GET_ITEM(args, 0);
-        receive = PyTuple_GET_ITEM(args, 1);
-        send = PyTuple_GET_ITEM(args, 2);
-    }
-    else if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:__call__", names, &scope, &receive, &send)) {
-        return NULL;
-    }
     Call *call = PyObject_GC_New(Call, &CallType);
     if (call == NULL) {
         return NULL;
     }
-    call->middleware = Py_NewRef((PyObject *)self);
+    call->middleware = Py_NewRef((PyObject *)middleware);
     call->scope = Py_NewRef(scope);
     call->receive = Py_NewRef(receive);
     call->send = Py_NewRef(send);
@@ -1936,6 +1939,80 @@ core_call(Core *self, PyObject *args, PyObject *kwargs)
     call->steps = &call_steps;
     PyObject_GC_Track(call);
     return (PyObject *)call;
+}
+
+static PyObject *
+core_call(Core *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"scope", "receive", "send", NULL};
+    PyObject *scope, *receive, *send;
+    if (kwargs == NULL && PyTuple_GET_SIZE(args) == 3) {
+        scope = PyTuple_GET_ITEM(args, 0);
+        receive = PyTuple_GET_ITEM(args, 1);
+        send = PyTuple_GET_ITEM(args, 2);
+    }
+    else if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:__call__", names, &scope, &receive, &send)) {
+        return NULL;
+    }
+    return call_new(self, scope, receive, send);
+}
+
+/* The call as servers make it, three arguments in place; anything else, and a subclass that
+   has a __call__ of its own since (which Python before 3.12 does not tell vectorcall about),
+   takes the type's tp_call. */
+static PyObject *
+core_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    ternaryfunc call = Py_TYPE(callable)->tp_call;
+    if (nargs == 3 && kwnames == NULL && call == (ternaryfunc)core_call) {
+        return call_new((Core *)callable, args[0], args[1], args[2]);
+    }
+    if (call == NULL) {
+        PyErr_Format(PyExc_TypeError, "'%.200s' object is not callable", Py_TYPE(callable)->tp_name);
+        return NULL;
+    }
+    PyObject *positional = PyTuple_New(nargs);
+    PyObject *named = NULL;
+    if (positional == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        PyTuple_SET_ITEM(positional, i, Py_NewRef(args[i]));
+    }
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
+        named = PyDict_New();
+        for (Py_ssize_t i = 0; named != NULL && i < PyTuple_GET_SIZE(kwnames); i++) {
+            if (PyDict_SetItem(named, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0) {
+                Py_CLEAR(named);
+            }
+        }
+        if (named == NULL) {
+            Py_DECREF(positional);
+            return NULL;
+        }
+    }
+    PyObject *result = call(callable, positional, named);
+    Py_DECREF(positional);
+    Py_XDECREF(named);
+    return result;
+}
+
+/* take_vectorcall(cls): a subclass of MiddlewareCore is called through core_vectorcall.  Python
+   3.12 and later pass the flag on to subclasses that keep the inherited __call__ themselves;
+   before 3.12 only a static type keeps it. */
+static PyObject *
+take_vectorcall(PyObject *Py_UNUSED(module), PyObject *cls)
+{
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &CoreType)) {
+        PyErr_SetString(PyExc_TypeError, "take_vectorcall() takes a subclass of MiddlewareCore");
+        return NULL;
+    }
+    PyTypeObject *type = (PyTypeObject *)cls;
+    if (type->tp_call == (ternaryfunc)core_call) {
+        type->tp_flags |= Py_TPFLAGS_HAVE_VECTORCALL;
+    }
+    Py_RETURN_NONE;
 }
 
 /* -- the numbers of finished requests ----------------------------------------------------------- */
@@ -2529,6 +2606,8 @@ static PyTypeObject SumsType = {
 
 static PyMethodDef module_functions[] = {
     {"tally", (PyCFunction)tally, METH_O, "tally(items: list) -> {item: how many}"},
+    {"take_vectorcall", (PyCFunction)take_vectorcall, METH_O,
+     "take_vectorcall(cls): servers' calls of cls's instances make no argument tuple."},
     {NULL},
 };
 

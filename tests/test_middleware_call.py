@@ -100,6 +100,38 @@ async def test_asyncio_runs_the_call_as_a_task() -> None:
     assert current_request.get() is None
 
 
+async def test_the_call_takes_keywords_and_a_call_of_a_subclass_or_one_assigned_later_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = CollectorRegistry()
+    _sent, send = collect()
+
+    await PrometheusMiddleware(answer, registry=registry)(scope=http_scope("/x"), receive=receive_nothing, send=send)
+    assert recorded(registry, "201") == 1
+    with pytest.raises(TypeError, match="__call__"):
+        PrometheusMiddleware(answer, registry=registry)(http_scope("/x"), receive_nothing)  # type: ignore[call-arg]
+
+    calls: list[str] = []
+    compiled_call = PrometheusMiddleware.__call__
+
+    class Declared(PrometheusMiddleware):
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            calls.append("declared")
+            await super().__call__(scope, receive, send)
+
+    async def assigned(self: PrometheusMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
+        calls.append("assigned")
+        await compiled_call(self, scope, receive, send)
+
+    await Declared(answer, registry=registry)(http_scope("/x"), receive_nothing, send)
+    # Assigned once the class is made, which Python before 3.12 does not tell the compiled call.
+    monkeypatch.setattr(PrometheusMiddleware, "__call__", assigned)
+    await PrometheusMiddleware(answer, registry=registry)(http_scope("/x"), receive_nothing, send)
+
+    assert calls == ["declared", "assigned"]
+    assert recorded(registry, "201") == 3
+
+
 async def test_a_call_awaited_twice_is_refused_and_counted_once() -> None:
     registry = CollectorRegistry()
     middleware = PrometheusMiddleware(answer, registry=registry)
