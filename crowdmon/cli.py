@@ -21,6 +21,13 @@ def _port(text: str) -> int:
     return port
 
 
+def _host(text: str) -> str:
+    # An empty host binds every interface, which a demo is not for; 0.0.0.0 says so openly.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an address to listen on, such as 127.0.0.1 (0.0.0.0: every interface), got ''")
+    return text
+
+
 def _seconds(text: str) -> float:
     value = _number(text, float, "a number of seconds above 0")
     if not math.isfinite(value) or value <= 0:
@@ -42,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser(
         "demo", help="serve the instrumented demo app on 127.0.0.1 and drive traffic at it"
     )
-    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--host", type=_host, default="127.0.0.1")
     demo.add_argument("--port", type=_port, default=8000)
     demo.add_argument(
         "--duration",

@@ -57,6 +57,7 @@ def test_meaningless_demo_settings_are_usage_errors() -> None:
         (["--port", "abc"], "argument --port: a TCP port is 1 to 65535, got 'abc'"),
         (["--duration", "5m"], "argument --duration: a number of seconds above 0, got '5m'"),
         (["--rate", "fast"], "argument --rate: requests per second, 0 or more, got 'fast'"),
+        (["--host", ""], "argument --host: an address to listen on, such as 127.0.0.1 (0.0.0.0: every interface), got ''"),
     ):
         result = demo(*args)
         assert (result.returncode, result.stdout) == (2, ""), args
