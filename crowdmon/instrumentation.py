@@ -371,7 +371,7 @@ class PrometheusInstrumentation:
         """Count one chat message in ``chat_messages_total``."""
         try:
             self.metric("chat_messages_total").labels(
-                self.user_type_label(user_type), label(message_type), label(cache_hit), label(rag_used)
+                self.user_type_label(user_type), label(message_type), flag(cache_hit), flag(rag_used)
             ).inc()
         except Exception as failure:
             self.report_internal_error("track_chat_message", failure)
@@ -687,8 +687,10 @@ def first_count(error: BaseException, metric: str, since: float | None = None) -
         if counted is not None:
             counted[metric] = perf_counter()
         else:
-            setattr(error, _COUNTED, {_PROCESS: os.getpid(), metric: perf_counter()})
-    except Exception:  # an exception class that refuses attributes is counted every time
+            # Past the class's own __setattr__: a frozen dataclass exception refuses the mark
+            # there, and every exception has an instance dict.
+            BaseException.__setattr__(error, _COUNTED, {_PROCESS: os.getpid(), metric: perf_counter()})
+    except Exception:  # an exception without an instance dict after all: counted every time
         pass
     return True
 
@@ -739,6 +741,23 @@ def label(value: object) -> str:
     if value is None:
         return UNKNOWN_VALUE
     return str(value)
+
+
+def flag(value: object) -> str:
+    """A yes-or-no label value: ``"true"`` or ``"false"`` for a ``bool`` and for what equals
+    one (numpy's booleans, a database's 1 and 0), which the dashboards' ``cache_hit="true"``
+    would otherwise miss; anything else as :func:`label` writes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is not None and not isinstance(value, (str, Enum)):
+        try:
+            if value == 1:
+                return "true"
+            if value == 0:
+                return "false"
+        except Exception:  # an object whose comparison has no single truth (a numpy array)
+            pass
+    return label(value)
 
 
 _default: PrometheusInstrumentation | None = None

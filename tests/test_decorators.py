@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import functools
 import gc
 import sqlite3
@@ -479,6 +480,26 @@ def test_exception_through_nested_decorators_is_counted_once_per_metric(
         registry, "application_error_details_total", error_type="external_service", component="rag_system",
         exception="ConnectionError", endpoint="unknown", function="ask",
     ) == 1
+
+
+def test_a_frozen_dataclass_exception_through_nested_decorators_is_counted_once(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    @dataclasses.dataclass(frozen=True)
+    class PaymentDeclined(Exception):
+        code: int
+
+    @tracked_errors(component="checkout", instrumentation=instrumentation)
+    @tracked_errors(component="billing", instrumentation=instrumentation)
+    def charge() -> None:
+        raise PaymentDeclined(402)
+
+    with pytest.raises(PaymentDeclined) as raised:
+        charge()
+
+    assert raised.value.code == 402
+    assert value(registry, "application_errors_total", error_type="system", component="billing", user_type="unknown") == 1
+    assert value(registry, "application_errors_total", error_type="system", component="checkout", user_type="unknown") == 0
 
 
 def test_error_raised_from_a_counted_one_is_not_counted_again(

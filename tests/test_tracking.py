@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import httpx
+import numpy
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -90,6 +91,26 @@ def test_business_counters(registry: CollectorRegistry, instrumentation: Prometh
     ) == 2
     assert value(registry, "memory_operations_total", operation="store", memory_type="conversation", user_type="authenticated") == 1
     assert value(registry, "document_operations_total", operation="add", document_type="eu_crowdfunding", status="success") == 1
+
+
+def test_yes_or_no_labels_read_numpy_and_database_booleans_as_true_and_false(
+    registry: CollectorRegistry, instrumentation: PrometheusInstrumentation
+) -> None:
+    scores = numpy.array([0.93, 0.2], dtype=numpy.float32)
+    with sqlite3.connect(":memory:") as database:
+        cached, retrieved = database.execute("SELECT 1 = 1, 1 = 2").fetchone()
+    instrumentation.track_chat_message("authenticated", "assistant", cache_hit=scores[0] > 0.9, rag_used=scores[1] > 0.9)
+    instrumentation.track_chat_message("authenticated", "assistant", cache_hit=cached, rag_used=retrieved)
+    instrumentation.track_chat_message("authenticated", "assistant", cache_hit=scores > 0.9, rag_used="maybe")
+
+    def messages(cache_hit: str, rag_used: str) -> float:
+        return value(
+            registry, "chat_messages_total", user_type="authenticated", message_type="assistant", cache_hit=cache_hit, rag_used=rag_used
+        )
+
+    assert messages("true", "false") == 2
+    # An array has no single truth: written as it is, never raised.
+    assert messages("[ True False]", "maybe") == 1
 
 
 @pytest.mark.parametrize(
