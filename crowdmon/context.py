@@ -8,9 +8,11 @@ request they serve, without the business code passing them along.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
+from enum import Enum
 from typing import TYPE_CHECKING
 
 from crowdmon._types import Scope
@@ -105,13 +107,32 @@ class RequestContext:
             asking = _ASKING.contexts = []
         asking.append(self)
         try:
-            resolved = self.user_type_resolver(scope)
+            resolved = resolver_label(self.user_type_resolver(scope))
         except Exception:
             self._user_type = UNKNOWN_VALUE  # asked once per request, whatever it answers
             raise
         finally:
             asking.pop()
-        self._user_type = resolved if isinstance(resolved, str) else str(resolved)
+        self._user_type = resolved
+
+
+def resolver_label(answer: object) -> str:
+    """The ``user_type`` label of a resolver's answer: ``unknown`` for ``None`` or an empty
+    string (a resolver reading an attribute the request lacks), an enum by its value, anything
+    else through ``str``.  An awaitable (a plain function handing back an async one's
+    coroutine) is closed and raises ``TypeError``: it says nothing of the user."""
+    if isinstance(answer, str):
+        return answer or UNKNOWN_VALUE
+    if answer is None:
+        return UNKNOWN_VALUE
+    if isinstance(answer, Enum):
+        return resolver_label(answer.value)
+    if inspect.isawaitable(answer):
+        close = getattr(answer, "close", None)
+        if callable(close):
+            close()  # no "never awaited" warning: the TypeError says it
+        raise TypeError(f"user_type_resolver returned an awaitable, {answer!r}: it must return the user type itself, as a str")
+    return str(answer)
 
 
 current_request: ContextVar[RequestContext | None] = ContextVar("crowdmon_request", default=None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections.abc
+import functools
+import inspect
 import os
 from collections.abc import Iterable
 from time import perf_counter
@@ -75,10 +77,7 @@ class PrometheusMiddleware(MiddlewareCore):
                 "pass either instrumentation= or registry= to PrometheusMiddleware, not both; "
                 "the instrumentation already owns a registry"
             )
-        if handler_resolver is not None and not callable(handler_resolver):
-            raise CrowdmonSetupError(
-                f"handler_resolver must be a callable taking the ASGI scope, got {handler_resolver!r}"
-            )
+        check_resolver("handler_resolver", handler_resolver)
         self.app = app
         self._follows_default = instrumentation is None and registry is None
         if instrumentation is None:
@@ -87,8 +86,7 @@ class PrometheusMiddleware(MiddlewareCore):
             )
         self.exclude_paths = excluded_paths(exclude_paths)
         self.handler_resolver = handler_resolver
-        if user_type_resolver is not None and not callable(user_type_resolver):
-            raise CrowdmonSetupError(f"user_type_resolver must be a callable taking the ASGI scope, got {user_type_resolver!r}")
+        check_resolver("user_type_resolver", user_type_resolver)
         self.user_type_resolver = user_type_resolver
         self._user_type_resolver = user_type_resolver or default_user_type
         self._exchange_type = _Exchange
@@ -157,6 +155,25 @@ if _speedups is not None:
     # Before Python 3.12 a Python subclass is called through tp_call, which packs the server's
     # three arguments into a tuple on every request.
     _speedups.take_vectorcall(PrometheusMiddleware)
+
+
+def check_resolver(option: str, resolver: object) -> None:
+    """Refuse at set-up a resolver that cannot answer: one that is not callable, or an async one,
+    whose coroutine would be taken for the label and never awaited (the label is read in the
+    request's synchronous code, a decorator's or the middleware's own)."""
+    if resolver is None:
+        return
+    if not callable(resolver):
+        raise CrowdmonSetupError(f"{option} must be a callable taking the ASGI scope, got {resolver!r}")
+    function: object = resolver
+    while isinstance(function, functools.partial):
+        function = function.func
+    candidates = [function] if inspect.isroutine(function) else [function, type(function).__call__]
+    if any(inspect.iscoroutinefunction(item) or inspect.isasyncgenfunction(item) for item in candidates):
+        raise CrowdmonSetupError(
+            f"{option} must be a plain function returning the label, not an async one: it is called "
+            f"where nothing awaits it; got {resolver!r}"
+        )
 
 
 def excluded_paths(exclude_paths: Iterable[str]) -> frozenset[str]:

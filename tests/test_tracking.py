@@ -4,10 +4,13 @@ context that supplies ``endpoint`` and ``user_type``."""
 from __future__ import annotations
 
 import asyncio
+import enum
+import functools
 import logging
 import sqlite3
 import threading
 import time
+import warnings
 from typing import Any
 
 import httpx
@@ -342,6 +345,49 @@ def test_user_type_resolver_passed_to_setup_monitoring_and_its_failures_containe
     # did the one whose app asked first, through current_user_type().
     assert (asked.status_code, asked.json()) == (200, {"plan": "unknown"})
     assert value(registry, "crowdmon_internal_errors_total", site="user_type_resolver") == 2
+
+
+def test_a_resolver_answering_nothing_or_an_awaitable_gives_unknown_and_an_async_one_is_refused() -> None:
+    registry = CollectorRegistry()
+
+    class Plan(enum.Enum):
+        PREMIUM = "premium"
+
+    async def lookup(plan: bytes) -> str:
+        return plan.decode()
+
+    def plan_of(scope: dict[str, Any]) -> object:
+        plan = dict(scope["headers"]).get(b"x-plan", b"")
+        answers: dict[bytes, object] = {b"": None, b"blank": "", b"enum": Plan.PREMIUM, b"tier": 2}
+        # A plain function handing back an async lookup's coroutine, by mistake.
+        return answers[plan] if plan in answers else lookup(plan)
+
+    async def plan(request: Request) -> Response:
+        return JSONResponse({"plan": crowdmon.current_user_type()})
+
+    app = Starlette(routes=[Route("/plan", plan)])
+    setup_monitoring(app, registry=registry, user_type_resolver=plan_of)
+    with uvicorn_in_thread(app) as base_url, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the coroutine is closed, never left unawaited
+        answers = [
+            httpx.get(f"{base_url}/plan", headers=headers).json()["plan"]
+            for headers in ({}, {"x-plan": "blank"}, {"x-plan": "enum"}, {"x-plan": "tier"}, {"x-plan": "gold"})
+        ]
+
+    assert answers == ["unknown", "unknown", "premium", "2", "unknown"]
+    assert value(registry, "crowdmon_internal_errors_total", site="user_type_resolver") == 1
+
+    async def async_plan(scope: dict[str, Any]) -> str:
+        return "premium"
+
+    class AsyncResolver:
+        async def __call__(self, scope: dict[str, Any]) -> str:
+            return "premium"
+
+    for resolver in (async_plan, functools.partial(async_plan), AsyncResolver()):
+        for option in ("user_type_resolver", "handler_resolver"):
+            with pytest.raises(crowdmon.CrowdmonSetupError, match=f"{option} must be a plain function returning the label, not an async one"):
+                setup_monitoring(Starlette(), registry=CollectorRegistry(), **{option: resolver})
 
 
 def test_a_request_that_hands_work_to_threads_asks_its_resolver_once() -> None:
