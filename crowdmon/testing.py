@@ -10,6 +10,7 @@ by itself once crowdmon is installed (entry point ``pytest11``); otherwise add
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -91,11 +92,37 @@ def _read(registry: CollectorRegistry, sample: str, labels: Mapping[str, str] | 
         raise ValueError(f"{sample} needs {needs}: its samples are cumulative, and adding them up means nothing")
     # The samples that have the labels given, added up (all of them: the one sample; none
     # given: the whole family).
+    families = list(registry.collect())
     values = [
-        s.value for family in registry.collect() for s in family.samples
+        s.value for family in families for s in family.samples
         if s.name == sample and all(s.labels.get(label) == value for label, value in wanted.items())
     ]
+    if not values:
+        _check_sample_name(sample, families)
     return sum(values) if values else None
+
+
+#: The samples of each kind of family, by their suffix (prometheus_client's types).
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "summary": ("", "_count", "_sum", "_created"),
+    "info": ("_info",),
+}
+
+
+def _check_sample_name(sample: str, families: list[Any]) -> None:
+    """Refuse a name no metric of the registry has a sample of: it could only ever read 0 (a
+    typo, or prometheus_client's family name ``application_errors`` for the counter
+    ``application_errors_total``)."""
+    known = {s.name for family in families for s in family.samples}
+    for family in families:
+        known.update(family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",)))
+    if sample in known:
+        return
+    close = difflib.get_close_matches(sample, sorted(known), n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"no metric in this registry has a sample named {sample!r}, so it could only ever read 0{hint}")
 
 
 def _check_label_names(sample: str, labels: Mapping[str, str]) -> None:

@@ -112,6 +112,31 @@ def test_without_labels_the_helpers_add_up_the_family_and_a_wrong_label_name_is_
             assert_metric("active_sessions_current", {"user_type": "free"}, 1.0000001)
 
 
+def test_a_metric_name_no_metric_has_is_refused_with_the_closest_one() -> None:
+    with isolated_instrumentation():
+
+        @tracked_errors(component="billing")
+        def charge() -> None:
+            raise RuntimeError("declined")
+
+        # prometheus_client's family name, and a typo: both could only ever read 0, so an
+        # "unchanged" assertion on them would pass whatever the code did.
+        for name, meant in (("application_errors", "application_errors_total"), ("application_error_total", "application_errors_total")):
+            refused = f"no metric in this registry has a sample named '{name}', so it could only ever read 0; did you mean '{meant}'"
+            with pytest.raises(ValueError, match=refused), metric_delta(name, {"component": "billing"}):
+                raise AssertionError("refused on entry, before the block runs")
+            with pytest.raises(ValueError, match=f"sample named '{name}'"):
+                assert_metric(name)
+        with pytest.raises(ValueError, match=r"sample named 'process_cpu_seconds_total', so it could only ever read 0$"):
+            metric_value("process_cpu_seconds_total")
+        # Names of samples that do not exist yet are fine: they read 0.
+        assert metric_value("external_api_duration_seconds_sum") == 0
+        assert metric_value("crowdmon_internal_errors_total") == 0
+        with pytest.raises(RuntimeError):
+            charge()
+        assert metric_value("application_errors_total", {"component": "billing"}) == 1
+
+
 def test_some_of_the_labels_add_up_the_samples_that_have_them_and_odd_values_are_refused() -> None:
     with isolated_instrumentation():
         with metric_delta("application_errors_total", {"component": "billing"}) as billing:
