@@ -20,6 +20,7 @@ import contextlib
 import functools
 import inspect
 import os
+import pickle
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Generator, Iterator
 from enum import Enum
 from time import perf_counter
@@ -208,16 +209,53 @@ def instrumented_metrics(func: object) -> tuple[str, ...]:
 
 if TYPE_CHECKING:
     _FunctionWrapper = wrapt.FunctionWrapper[..., Any]
+    _BoundFunctionWrapper = wrapt.BoundFunctionWrapper[..., Any]
 else:
     _FunctionWrapper = wrapt.FunctionWrapper
+    _BoundFunctionWrapper = wrapt.BoundFunctionWrapper
+
+
+class _CrowdmonBoundWrapper(_BoundFunctionWrapper):
+    """What a decorated staticmethod, classmethod or callable attribute is when read from its
+    class or an instance: pickled as Python pickles a bound method, as that attribute."""
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        holder = self._self_instance if self._self_instance is not None else self._self_owner
+        return getattr, (holder, getattr(self, "__name__"))  # noqa: B009  # a proxied attribute
+
+    def __copy__(self) -> _CrowdmonBoundWrapper:
+        return self
+
+    def __deepcopy__(self, memo: object) -> _CrowdmonBoundWrapper:
+        return self
 
 
 class _CrowdmonWrapper(_FunctionWrapper):
-    """wrapt's function wrapper, carrying the probe so tests can see what is instrumented."""
+    """wrapt's function wrapper, carrying the probe so tests can see what is instrumented.
+
+    Pickled by reference, as a function is (``ProcessPoolExecutor.submit`` pickles what it runs),
+    and copied as itself, as a function is."""
+
+    __bound_function_wrapper__ = _CrowdmonBoundWrapper
 
     def __init__(self, wrapped: Any, wrapper: Any, probe: _Probe) -> None:
         super().__init__(wrapped, wrapper)
         self._self_probe = probe
+
+    def __reduce_ex__(self, protocol: object) -> str:
+        qualname = getattr(self, "__qualname__", None)
+        if not isinstance(qualname, str):
+            raise pickle.PicklingError(
+                f"cannot pickle the crowdmon-decorated {self.__wrapped__!r}: it pickles by reference, "
+                "as a function does, and has no __qualname__ to be found by; decorate a module-level def that calls it"
+            )
+        return qualname  # pickle finds it in its __module__, and checks it is this object
+
+    def __copy__(self) -> _CrowdmonWrapper:
+        return self
+
+    def __deepcopy__(self, memo: object) -> _CrowdmonWrapper:
+        return self
 
 
 class _AsyncCallableWrapper(_CrowdmonWrapper):

@@ -36,6 +36,7 @@ from starlette.routing import Route
 from crowdmon import (
     PrometheusInstrumentation,
     PrometheusMiddleware,
+    tracked_database_query,
     tracked_errors,
     tracked_external,
     tracked_session,
@@ -400,6 +401,43 @@ def test_a_failure_counted_in_a_worker_process_is_counted_again_in_this_one(
         index_in_a_worker()
     assert str(raised.value) == "the vector store is down"
     assert value(registry, "application_errors_total", error_type="external_service", component="rag_system", user_type="unknown") == 1
+
+
+@tracked_database_query("scan")
+def _scan(count: int) -> Iterator[int]:
+    yield from range(count)
+
+
+class _Catalogue:
+    @tracked_database_query("lookup")
+    @staticmethod
+    def lookup(key: str) -> str:
+        return key.upper()
+
+    @tracked_database_query("count")
+    @classmethod
+    def count(cls, key: str) -> int:
+        return len(key)
+
+
+def test_decorated_functions_pickle_by_reference_and_copy_as_themselves_as_functions_do() -> None:
+    """A process pool pickles what it runs: a decorated generator function, staticmethod or
+    classmethod goes through as it would undecorated."""
+    import copy
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    for decorated in (_scan, _Catalogue.lookup, _Catalogue.count, _Catalogue().lookup):
+        assert pickle.loads(pickle.dumps(decorated)) == decorated
+        assert copy.copy(decorated) is decorated
+        assert copy.deepcopy(decorated) is decorated
+    with ProcessPoolExecutor(1) as pool:
+        assert pool.submit(_Catalogue.lookup, "eu").result() == "EU"
+        assert pool.submit(_Catalogue.count, "eu").result() == 2
+    assert list(pickle.loads(pickle.dumps(_scan))(3)) == [0, 1, 2]
+    partial = tracked_database_query("sum")(functools.partial(sum, start=1))
+    with pytest.raises(pickle.PicklingError, match=r"it pickles by reference, as a function does, and has no __qualname__ to be found by; decorate a module-level def that calls it"):
+        pickle.dumps(partial)
 
 
 def test_a_group_of_cancellations_and_nothing_else_is_cancelled() -> None:
