@@ -400,6 +400,11 @@ def _required(decorator: str, parameter: str, value: object) -> object:
 
 
 def _optional_label(decorator: str, parameter: str, value: object) -> str | None:
+    if callable(value) and not isinstance(value, (str, Enum)):
+        raise CrowdmonSetupError(
+            f"@{decorator} needs its parentheses: write @{decorator}() above the function (its "
+            f"arguments are optional), not a bare @{decorator}"
+        )
     return None if value is None else _static_label(decorator, parameter, value)
 
 
@@ -505,11 +510,25 @@ def _maybe_awaitable_wrapper(probe: _Probe) -> Callable[..., Any]:
             # Timed from when it is awaited, if it ever is: a coroutine cancelled before its
             # first step or never awaited runs no code of ours, and must leave nothing open.
             probe.abandon(state)
-            return _awaited(_Unawaited(result), probe)
+            return _named(_awaited(_Unawaited(result), probe), result)
         succeeded(state)
         return result
 
     return call
+
+
+_Made = TypeVar("_Made", Generator[Any, Any, Any], AsyncGenerator[Any, Any], Coroutine[Any, Any, Any])
+
+
+def _named(made: _Made, original: object) -> _Made:
+    """``made`` (the generator, async generator or coroutine a wrapper hands back) under the
+    names of the one it stands for, which tracebacks, reprs and Python's "coroutine ... was never
+    awaited" show."""
+    name, qualname = getattr(original, "__name__", None), getattr(original, "__qualname__", None)
+    if isinstance(name, str) and isinstance(qualname, str):
+        target: Any = made  # generator and coroutine objects' names are writable
+        target.__name__, target.__qualname__ = name, qualname
+    return made
 
 
 class _Unawaited:
@@ -604,7 +623,8 @@ def _async_errors_wrapper(probe: _Probe) -> Callable[..., Any]:
 def _generator_wrapper(probe: _Probe) -> Callable[..., Any]:
     def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
         # Called now, so a wrong argument fails at the call as it would undecorated.
-        return _timed_generator(probe, wrapped(*args, **kwargs))
+        generator = wrapped(*args, **kwargs)
+        return _named(_timed_generator(probe, generator), generator)
 
     return call
 
@@ -622,7 +642,8 @@ def _timed_generator(probe: _Probe, generator: Generator[Any, Any, Any]) -> Gene
 
 def _async_generator_wrapper(probe: _Probe) -> Callable[..., Any]:
     def call(wrapped: Callable[..., Any], instance: object, args: Any, kwargs: Any) -> Any:
-        return _timed_async_generator(probe, wrapped(*args, **kwargs))
+        generator = wrapped(*args, **kwargs)
+        return _named(_timed_async_generator(probe, generator), generator)
 
     return call
 

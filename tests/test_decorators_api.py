@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import inspect
 import textwrap
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from enum import Enum
 from pathlib import Path
@@ -70,6 +72,30 @@ def test_decorated_functions_keep_signature_name_doc_and_inspect_answers(
         assert predicate(decorated), original.__name__
         assert inspect.iscoroutinefunction(decorated) == inspect.iscoroutinefunction(original)
         assert inspect.isasyncgenfunction(decorated) == inspect.isasyncgenfunction(original)
+        # What a call makes carries the names too, as tracebacks, reprs and warnings show them.
+        if original is not plain:
+            made = decorated("q")
+            assert (made.__name__, made.__qualname__) == (original.__name__, original.__qualname__)
+            if inspect.iscoroutine(made):
+                made.close()
+
+
+def test_the_coroutine_of_a_def_returning_one_is_named_after_it_when_never_awaited(
+    instrumentation: PrometheusInstrumentation,
+) -> None:
+    async def fetch_quote() -> str:
+        return "42"
+
+    @tracked_external("quotes", instrumentation=instrumentation)
+    @functools.wraps(fetch_quote)
+    def quote() -> Any:
+        return fetch_quote()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quote()
+        gc.collect()
+    assert [str(warning.message) for warning in caught] == [f"coroutine '{fetch_quote.__qualname__}' was never awaited"]
 
 
 def test_methods_classmethods_and_staticmethods_in_either_order(
@@ -306,6 +332,8 @@ def test_below_contextmanager_a_decorator_times_the_block_and_its_failure(
         (lambda: tracked_session(enabled="yes"), CrowdmonSetupError, "True, False or None"),  # type: ignore[arg-type]
         (lambda: tracked_errors(component="rag", taxonomy={"x": "auth"}), CrowdmonSetupError, "ErrorTaxonomy"),  # type: ignore[arg-type]
         (lambda: tracked_memory_operation(lambda: None), CrowdmonSetupError, "write @tracked_memory_operation(operation=...) above the function, not a bare @tracked_memory_operation"),  # type: ignore[arg-type]
+        (lambda: tracked_chat(lambda: None), CrowdmonSetupError, "@tracked_chat needs its parentheses: write @tracked_chat() above the function (its arguments are optional), not a bare @tracked_chat"),  # type: ignore[arg-type]
+        (lambda: tracked_session(lambda: None), CrowdmonSetupError, "write @tracked_session() above the function"),  # type: ignore[arg-type]
         (lambda: tracked_document_operation("add"), CrowdmonSetupError, "@tracked_document_operation needs document_type=...: write @tracked_document_operation(operation=..., document_type=...)"),
         (lambda: tracked_external("openai", instrumentation="default")(lambda: None), CrowdmonSetupError, "instrumentation= takes a PrometheusInstrumentation (or None for the default one), got 'default'"),  # type: ignore[arg-type]
         (lambda: tracked_external("db", endpoint="tx")(contextlib.contextmanager(_transaction)), TypeError, "above @contextmanager or @asynccontextmanager would time only the making of the context manager _transaction, not its block: put @tracked_external(...) below it"),
@@ -313,7 +341,7 @@ def test_below_contextmanager_a_decorator_times_the_block_and_its_failure(
         (lambda: tracked_errors(component="database")(classmethod(contextlib.contextmanager(_transaction))), TypeError, "would time only the making of the context manager _transaction"),
         (lambda: tracked_errors(component="database")(functools.partial(contextlib.contextmanager(_transaction))), TypeError, "would time only the making of the context manager _transaction"),
     ],
-    ids=["not-callable", "class", "bare-decorator", "unknown-category", "int-label", "empty-label", "enabled-type", "taxonomy-type", "bare-with-two-labels", "missing-label", "instrumentation-type", "above-contextmanager", "above-asynccontextmanager", "above-classmethod-contextmanager", "above-partial-contextmanager"],
+    ids=["not-callable", "class", "bare-decorator", "unknown-category", "int-label", "empty-label", "enabled-type", "taxonomy-type", "bare-with-two-labels", "bare-all-optional", "bare-session", "missing-label", "instrumentation-type", "above-contextmanager", "above-asynccontextmanager", "above-classmethod-contextmanager", "above-partial-contextmanager"],
 )
 def test_mistakes_fail_at_decoration_time_with_the_fix(apply: Any, error: type[Exception], message: str) -> None:
     with pytest.raises(error) as raised:
