@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import wrapt
 
 from crowdmon import instrumentation as _instrumentation_module
-from crowdmon.catalogue import ERROR_TYPES
+from crowdmon.catalogue import CATEGORY_COUNTERS, ERROR_TYPES
 from crowdmon.errors import ErrorTaxonomy, default_taxonomy
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
@@ -788,7 +788,7 @@ class _ExternalProbe(_Probe):
 
 
 class _ErrorsProbe(_Probe):
-    metrics = ("application_errors_total", "application_error_details_total")
+    metrics: tuple[str, ...] = ("application_errors_total", "application_error_details_total")
     site = "tracked_errors"
     errors_only = True
 
@@ -802,6 +802,9 @@ class _ErrorsProbe(_Probe):
     ) -> None:
         super().__init__(instrumentation)
         self.component, self.error_type, self.taxonomy, self.function = component, error_type, taxonomy, function
+        # With its error_type fixed, that category's counter; classified, any category's.
+        categories = [CATEGORY_COUNTERS.get(error_type)] if error_type else list(CATEGORY_COUNTERS.values())
+        self.metrics = (*type(self).metrics, *(name for name in categories if name is not None))
 
     def succeeded(self, state: Any) -> None:
         pass

@@ -176,10 +176,20 @@ def test_assert_instrumented_names_what_a_function_records() -> None:
         def complete(self) -> None:
             pass
 
-    assert assert_instrumented(charge, "external_api_duration_seconds", "application_errors_total") == (
+    # Classified by the taxonomy, an error may go to any category's counter besides the two.
+    assert assert_instrumented(charge, "external_api_duration_seconds", "application_errors_total", "auth_errors_total") == (
         "application_errors_total", "application_error_details_total",
-        "external_api_duration_seconds", "external_service_errors_total",
+        "auth_errors_total", "database_errors_total", "external_service_errors_total", "ai_system_errors_total", "session_errors_total",
+        "external_api_duration_seconds",
     )
+
+    @tracked_errors(component="login", error_type="auth")
+    def sign_in() -> None:
+        pass
+
+    assert assert_instrumented(sign_in) == ("application_errors_total", "application_error_details_total", "auth_errors_total")
+    with pytest.raises(AssertionError, match="not into database_errors_total"):
+        assert_instrumented(sign_in, "database_errors_total")
     assert_instrumented(Service().complete, "external_api_duration_seconds")
     with pytest.raises(AssertionError, match="carries no crowdmon decorator"):
         assert_instrumented(plain)
