@@ -36,7 +36,7 @@ from crowdmon.instrumentation import (
     CrowdmonSetupError,
     LabelledMetric,
     PrometheusInstrumentation,
-    default_instrumentation,
+    recording_instrumentation,
 )
 from crowdmon.timing import CANCELLED, ERROR, ITERATION_ENDS, SUCCESS, outcome_of
 
@@ -710,7 +710,7 @@ class _Probe:
 
     def instrumentation(self) -> PrometheusInstrumentation:
         fixed = self._fixed
-        return fixed if fixed is not None else default_instrumentation()
+        return fixed if fixed is not None else recording_instrumentation()
 
     def bind(self) -> PrometheusInstrumentation:
         """The instrumentation to record into, re-resolving cached children when it changed

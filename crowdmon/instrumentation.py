@@ -762,6 +762,8 @@ def flag(value: object) -> str:
 
 _default: PrometheusInstrumentation | None = None
 _default_lock = threading.Lock()
+#: What records when the default cannot be built: a registry nothing serves.
+_stand_in: PrometheusInstrumentation | None = None
 
 
 def default_instrumentation() -> PrometheusInstrumentation:
@@ -777,12 +779,39 @@ def default_instrumentation() -> PrometheusInstrumentation:
     return _default
 
 
+def recording_instrumentation() -> PrometheusInstrumentation:
+    """:func:`default_instrumentation` for what records while the app serves: the module-level
+    tracking functions and the decorators given no instrumentation.
+
+    Building the default is set-up, but they do it on first use, inside a request, so its error (a
+    name clash on the global registry) must not become the request's.  It is logged once, with
+    its fix, and they record into a registry of their own that nothing serves; the app carries on.
+    ``setup_monitoring(app)`` tries again, and raises it."""
+    global _stand_in
+    current = _default or _stand_in
+    if current is not None:
+        return current
+    try:
+        return default_instrumentation()
+    except CrowdmonSetupError as failure:
+        with _default_lock:
+            if _stand_in is None:
+                logger.error(
+                    "%s Until it is fixed, nothing tracked through the default instrumentation is "
+                    "served: crowdmon's module-level tracking functions and decorators given no "
+                    "instrumentation= record into a registry of their own.",
+                    failure,
+                )
+                _stand_in = PrometheusInstrumentation(CollectorRegistry())
+            return _stand_in
+
+
 def replace_default_instrumentation(
     instrumentation: PrometheusInstrumentation | None,
 ) -> PrometheusInstrumentation | None:
     """Make ``instrumentation`` the process-wide default (``None``: build it again on next use);
     returns the previous one.  For test isolation."""
-    global _default
+    global _default, _stand_in
     with _default_lock:
-        previous, _default = _default, instrumentation
+        previous, _default, _stand_in = _default, instrumentation, None
     return previous

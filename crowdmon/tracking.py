@@ -1,7 +1,10 @@
 """The seed's tracking API as module-level functions on the process-wide default instrumentation.
 
 ``from crowdmon import track_chat_message`` records into the same metrics as
-``setup_monitoring(app)`` (given no registry) serves on ``/metrics``.
+``setup_monitoring(app)`` (given no registry) serves on ``/metrics``.  What records never raises a
+set-up error into the request that first builds the default (see
+:func:`~crowdmon.instrumentation.recording_instrumentation`); the two ``register_*`` functions,
+which are set-up, do.
 """
 
 from __future__ import annotations
@@ -11,28 +14,29 @@ from crowdmon.instrumentation import (
     HealthCheckFunction,
     SessionScope,
     default_instrumentation,
+    recording_instrumentation,
 )
 from crowdmon.timing import Timing
 
 
 def track_request_performance(endpoint: str | None = None, user_type: str | None = None) -> Timing:
     """``with``/``async with``: time chat processing into ``chat_processing_duration_seconds``."""
-    return default_instrumentation().track_request_performance(endpoint, user_type)
+    return recording_instrumentation().track_request_performance(endpoint, user_type)
 
 
 def track_external_api_call(service: str, endpoint: str) -> Timing:
     """``with``/``async with``: time an external call into ``external_api_duration_seconds``."""
-    return default_instrumentation().track_external_api_call(service, endpoint)
+    return recording_instrumentation().track_external_api_call(service, endpoint)
 
 
 def track_vector_search(operation: str) -> Timing:
     """``with``/``async with``: time a vector search into ``vector_search_duration_seconds``."""
-    return default_instrumentation().track_vector_search(operation)
+    return recording_instrumentation().track_vector_search(operation)
 
 
 def track_database_query(operation: str) -> Timing:
     """``with``/``async with``: time a query into ``database_query_duration_seconds``."""
-    return default_instrumentation().track_database_query(operation)
+    return recording_instrumentation().track_database_query(operation)
 
 
 def track_chat_message(
@@ -42,17 +46,17 @@ def track_chat_message(
     rag_used: bool = False,
 ) -> None:
     """Count one chat message in ``chat_messages_total``."""
-    default_instrumentation().track_chat_message(user_type, message_type, cache_hit, rag_used)
+    recording_instrumentation().track_chat_message(user_type, message_type, cache_hit, rag_used)
 
 
 def track_memory_operation(operation: str, memory_type: str, user_type: str | None = None) -> None:
     """Count one memory operation in ``memory_operations_total``."""
-    default_instrumentation().track_memory_operation(operation, memory_type, user_type)
+    recording_instrumentation().track_memory_operation(operation, memory_type, user_type)
 
 
 def track_document_operation(operation: str, document_type: str, status: str = "success") -> None:
     """Count one document operation in ``document_operations_total``."""
-    default_instrumentation().track_document_operation(operation, document_type, status)
+    recording_instrumentation().track_document_operation(operation, document_type, status)
 
 
 def track_application_error(
@@ -64,24 +68,24 @@ def track_application_error(
     function: str | None = None,
 ) -> None:
     """Count ``error`` in ``application_errors_total``, the details and its category's counter."""
-    default_instrumentation().track_application_error(
+    recording_instrumentation().track_application_error(
         error_type, component, error, user_type, endpoint, function
     )
 
 
 def start_session(user_type: str | None = None) -> None:
     """One more active session in ``active_sessions_current``."""
-    default_instrumentation().start_session(user_type)
+    recording_instrumentation().start_session(user_type)
 
 
 def end_session(user_type: str | None = None) -> None:
     """One active session fewer in ``active_sessions_current``."""
-    default_instrumentation().end_session(user_type)
+    recording_instrumentation().end_session(user_type)
 
 
 def track_session(user_type: str | None = None) -> SessionScope:
     """``with``/``async with``: one active session for the duration of the block."""
-    return default_instrumentation().track_session(user_type)
+    return recording_instrumentation().track_session(user_type)
 
 
 def register_component(component: str) -> None:
@@ -97,17 +101,17 @@ def register_health_check(
 
 
 def set_component_healthy(component: str) -> None:
-    default_instrumentation().set_component_healthy(component)
+    recording_instrumentation().set_component_healthy(component)
 
 
 def set_component_degraded(component: str) -> None:
-    default_instrumentation().set_component_degraded(component)
+    recording_instrumentation().set_component_degraded(component)
 
 
 def set_component_unhealthy(component: str) -> None:
-    default_instrumentation().set_component_unhealthy(component)
+    recording_instrumentation().set_component_unhealthy(component)
 
 
 def component_health() -> dict[str, str]:
     """Every registered component and its current state."""
-    return default_instrumentation().component_health()
+    return recording_instrumentation().component_health()

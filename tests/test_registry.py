@@ -134,3 +134,47 @@ def test_caps_given_again_for_a_registry_set_up_with_others_fail_rather_than_bei
 
     assert again.guard is plain.guard is first.guard
     assert first.guard.cap_for("chat_messages_total", "user_type") == 2
+
+
+CLASH_AT_REQUEST_TIME = """
+import logging
+import crowdmon
+from prometheus_client import REGISTRY, Counter
+from starlette.applications import Starlette
+
+logging.basicConfig(format="%(levelname)s %(message)s")
+Counter("chat_messages_total", "the application's own metric", ["x"])
+
+@crowdmon.tracked_external("openai")
+def call():
+    return "answer"
+
+crowdmon.track_chat_message("free")
+with crowdmon.track_vector_search("similarity"):
+    pass
+print(call(), call())
+print("served:", REGISTRY.get_sample_value("external_api_duration_seconds_count", {"service": "openai", "endpoint": "call"}))
+try:
+    crowdmon.setup_monitoring(Starlette())
+except crowdmon.CrowdmonSetupError as error:
+    print("set-up:", error)
+"""
+
+
+def test_a_name_clash_on_the_global_registry_is_logged_once_not_raised_into_requests() -> None:
+    # Module-level tracking functions and decorators build the default instrumentation on first
+    # use, inside a request: its set-up error must not become the request's 500.  It is logged
+    # once, with the fix; setup_monitoring(app), which is set-up, still raises it.
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", CLASH_AT_REQUEST_TIME], capture_output=True, text=True, timeout=60)
+
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[:2] == ["answer answer", "served: None"]
+    assert lines[2].startswith("set-up: crowdmon cannot register its metrics on this registry")
+    logged = [line for line in run.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(logged) == 1, run.stderr
+    assert "Another collector already uses a crowdmon metric name" in logged[0]
+    assert "nothing tracked through the default instrumentation is served" in logged[0]
