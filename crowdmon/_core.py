@@ -161,13 +161,14 @@ class ExchangeCore:
                 # A body before any start is refused by the server; the app's error then ends the
                 # request in ``__call__``, as a 500.
                 if self.status:
-                    self.response_bytes += len(message.get("body", b""))
+                    body = message.get("body", b"")
+                    self.response_bytes += len(body) if body.__class__ is bytes else body_size(body)
                     if not message.get("more_body", False) and not self.finished:
                         self.finish(perf_counter())
             elif kind == "http.response.start":
                 if not self.status:  # else the client left before it: 499
                     status = message["status"]
-                    self.status = status if status.__class__ is int else odd_status(status)
+                    self.status = status if status.__class__ is int and 99 < status < 600 else odd_status(status)
                     if self.status.__class__ is int and self.status >= 500 and self.body_complete:
                         return self._start_error(message)  # type: ignore[attr-defined,no-any-return]
             elif kind == "http.response.pathsend" and self.status and not self.finished:
@@ -261,12 +262,23 @@ async def send_after_the_end(message: Message) -> None:
 
 
 def odd_status(status: object) -> int | str:
-    """A status that is not a plain ``int``: its number if it is an integer of another type
-    (``HTTPStatus``, NumPy), else ``"0"``, which records as ``"0"`` (and is not "no response")."""
+    """A status that is not a plain ``int`` from 100 to 599: its number if it is an integer of
+    another type (``HTTPStatus``, NumPy) in that range, else ``"0"``, which records as ``"0"``
+    (and, unlike the number 0, is not "no response yet")."""
     try:
-        return operator.index(status)  # type: ignore[arg-type]
+        code = operator.index(status)  # type: ignore[arg-type]
     except Exception:
         return "0"
+    return code if 99 < code < 600 else "0"
+
+
+def body_size(body: object) -> int:
+    """The bytes a body that is not ``bytes`` holds: a ``memoryview``'s ``len()`` counts its
+    items, four bytes each for an array of ``'I'``."""
+    try:
+        return memoryview(body).nbytes  # type: ignore[arg-type]
+    except TypeError:  # not a buffer: no server sends it on, but its length is what it claims
+        return len(body)  # type: ignore[arg-type]
 
 
 def declared_size(scope: Scope, received: int) -> int:

@@ -71,9 +71,10 @@ def method_label(method: object) -> str:
 
 
 def status_label(status: object) -> str:
-    """The status the app sent, as a label; anything but an integer is recorded as ``"0"``."""
+    """The status the app sent, as a label; anything but an integer from 100 to 599 (an HTTP
+    status) is recorded as ``"0"``, so an app's odd numbers cannot grow the series."""
     if isinstance(status, int):
-        return _STATUS_LABELS.get(status) or str(int(status))
+        return _STATUS_LABELS.get(status, "0")
     return "0"
 
 

@@ -19,7 +19,7 @@
 /* Objects of the Python side, looked up once when the module is imported. */
 static PyObject *UNMATCHED_HANDLER;  /* crowdmon.catalogue.UNMATCHED_HANDLER */
 static PyObject *CURRENT_REQUEST;    /* crowdmon.context.current_request */
-static PyObject *RECEIVE_AFTER_THE_END, *SEND_AFTER_THE_END, *ODD_STATUS, *DECLARED_SIZE;
+static PyObject *RECEIVE_AFTER_THE_END, *SEND_AFTER_THE_END, *ODD_STATUS, *DECLARED_SIZE, *BODY_SIZE;
 static PyObject *PERF_COUNTER;       /* time.perf_counter, where the C clock is not the same */
 static PyObject *INSTRUMENTATION_MODULE;  /* its __dict__, once imported */
 static PyObject *ZERO, *STATUS_500, *EMPTY_STR, *EMPTY_BYTES;
@@ -860,6 +860,23 @@ exchange_finish(Exchange *self, PyObject *ended_at)
     return exchange_finish_at(self, at) < 0 ? NULL : Py_NewRef(Py_None);
 }
 
+/* A body's size in bytes: a ``bytes`` object's own, else what ``body_size`` in _core.py says
+   (a memoryview's len() counts its items); -1 with an exception set. */
+static Py_ssize_t
+body_size(PyObject *body)
+{
+    if (PyBytes_CheckExact(body)) {
+        return PyBytes_GET_SIZE(body);
+    }
+    PyObject *size = PyObject_CallOneArg(BODY_SIZE, body);
+    if (size == NULL) {
+        return -1;
+    }
+    Py_ssize_t length = PyLong_AsSsize_t(size);
+    Py_DECREF(size);
+    return length;
+}
+
 static int
 status_is_set(PyObject *status)
 {
@@ -894,7 +911,7 @@ follow_send(Exchange *self, PyObject *message, PyObject **answer)
         int started = status_is_set(self->status);
         if (started > 0) {
             PyObject *body = get_or(message, S_body, EMPTY_BYTES);
-            Py_ssize_t length = body == NULL ? -1 : PyObject_Size(body);
+            Py_ssize_t length = body == NULL ? -1 : body_size(body);
             Py_XDECREF(body);
             if (length < 0) {
                 outcome = -1;
@@ -921,21 +938,24 @@ follow_send(Exchange *self, PyObject *message, PyObject **answer)
         int started = status_is_set(self->status);
         if (started == 0) {  /* else the client left before it: 499 */
             PyObject *status = get_item(message, S_status);
-            if (status != NULL && !PyLong_CheckExact(status)) {
+            long code = 0;
+            if (status != NULL && PyLong_CheckExact(status)) {
+                int overflow;
+                code = PyLong_AsLongAndOverflow(status, &overflow);
+            }
+            if (status != NULL && (code < 100 || code > 599)) {
+                /* Not a plain int from 100 to 599: odd_status in _core.py says what it records as. */
                 Py_SETREF(status, PyObject_CallOneArg(ODD_STATUS, status));
+                code = status != NULL && PyLong_CheckExact(status) ? PyLong_AsLong(status) : 0;
             }
             if (status == NULL) {
                 outcome = -1;
             }
             else {
                 Py_SETREF(self->status, status);
-                if (PyLong_CheckExact(status) && self->body_complete) {
-                    int overflow;
-                    long code = PyLong_AsLongAndOverflow(status, &overflow);
-                    if (overflow > 0 || code >= 500) {
-                        *answer = PyObject_CallMethodOneArg((PyObject *)self, S_start_error, message);
-                        outcome = *answer == NULL ? -1 : 1;
-                    }
+                if (code >= 500 && self->body_complete) {
+                    *answer = PyObject_CallMethodOneArg((PyObject *)self, S_start_error, message);
+                    outcome = *answer == NULL ? -1 : 1;
                 }
             }
         }
@@ -1770,7 +1790,7 @@ follow_receive(Exchange *exchange, PyObject *message)
     int is = equals(kind, S_http_request);
     if (is > 0) {
         PyObject *body = get_or(message, S_body, EMPTY_BYTES);
-        Py_ssize_t length = body == NULL ? -1 : PyObject_Size(body);
+        Py_ssize_t length = body == NULL ? -1 : body_size(body);
         Py_XDECREF(body);
         if (length < 0) {
             outcome = -1;
@@ -2695,10 +2715,11 @@ PyInit__speedups(void)
     SEND_AFTER_THE_END = attribute_of("crowdmon._core", "send_after_the_end");
     ODD_STATUS = attribute_of("crowdmon._core", "odd_status");
     DECLARED_SIZE = attribute_of("crowdmon._core", "declared_size");
+    BODY_SIZE = attribute_of("crowdmon._core", "body_size");
     PERF_COUNTER = attribute_of("time", "perf_counter");
     INSTRUMENTATION_MODULE = attribute_of("crowdmon.instrumentation", "__dict__");
     if (UNMATCHED_HANDLER == NULL || CURRENT_REQUEST == NULL || RECEIVE_AFTER_THE_END == NULL
-        || SEND_AFTER_THE_END == NULL || ODD_STATUS == NULL || DECLARED_SIZE == NULL
+        || SEND_AFTER_THE_END == NULL || ODD_STATUS == NULL || DECLARED_SIZE == NULL || BODY_SIZE == NULL
         || PERF_COUNTER == NULL || INSTRUMENTATION_MODULE == NULL) {
         return NULL;
     }

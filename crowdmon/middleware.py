@@ -16,6 +16,7 @@ from starlette.routing import Host, Mount
 
 from crowdmon import _core
 from crowdmon._compiled import speedups
+from crowdmon._core import body_size
 from crowdmon._recorder import STANDARD_METHODS, method_label, status_label
 from crowdmon._types import ASGIApp, Message, Receive, Scope, Send
 from crowdmon.context import RequestContext, UserTypeResolver, default_user_type
@@ -221,7 +222,8 @@ class _Exchange(ExchangeCore, RequestContext):
         try:
             kind = message["type"]
             if kind == "http.request":
-                self.request_bytes += len(message.get("body", b""))
+                body = message.get("body", b"")
+                self.request_bytes += len(body) if body.__class__ is bytes else body_size(body)
                 if not message.get("more_body", False):
                     self.body_complete = True
             elif kind == "http.disconnect":

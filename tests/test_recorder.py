@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from array import array
 from http import HTTPStatus
 
 import pytest
@@ -386,6 +387,47 @@ async def test_odd_status_objects_from_the_app_are_recorded_by_their_number_or_a
 
     assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="201") == 2
     assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="0") == 2
+
+
+async def test_a_status_that_is_no_http_status_is_recorded_as_0_with_its_body(registry: CollectorRegistry) -> None:
+    # 0 used to read as "no response yet": the body went uncounted and the request became a 500.
+    # Integers outside 100-599 each became a label of their own.
+    statuses: list[object] = [0, 99, 600, 1000, -5, True, 10**30]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": statuses[int(scope["path"][1:])], "headers": []})
+        await send({"type": "http.response.body", "body": b"abc"})
+
+    middleware = PrometheusMiddleware(app, registry=registry)
+    for index in range(len(statuses)):
+        await run_asgi(middleware, http_scope(f"/{index}"))
+
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="0") == len(statuses)
+    assert value(registry, REQUESTS, method="GET", handler="<unmatched>", status="500") == 0
+    assert value(registry, RESPONSE_SIZE + "_sum", method="GET", handler="<unmatched>") == 3 * len(statuses)
+    assert value(registry, "crowdmon_internal_errors_total", site="middleware.send") == 0
+    labels = {sample.labels["status"] for family in registry.collect() for sample in family.samples if "status" in sample.labels}
+    assert labels == {"0"}
+
+
+async def test_bodies_are_counted_in_bytes_whatever_buffer_carries_them(registry: CollectorRegistry) -> None:
+    # A memoryview's len() counts its items: four bytes each for an array of 'I'.
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": memoryview(array("I", [1, 2, 3])), "more_body": True})
+        await send({"type": "http.response.body", "body": bytearray(b"ab")})
+
+    incoming = [
+        {"type": "http.request", "body": memoryview(array("H", [1, 2])), "more_body": True},
+        {"type": "http.request", "body": memoryview(b"xyz"), "more_body": True},
+        {"type": "http.request", "body": bytearray(b"q"), "more_body": False},
+    ]
+    await run_asgi(PrometheusMiddleware(app, registry=registry), http_scope("/", "POST"), incoming)
+
+    assert value(registry, REQUEST_SIZE + "_sum", method="POST", handler="<unmatched>") == 4 + 3 + 1
+    assert value(registry, RESPONSE_SIZE + "_sum", method="POST", handler="<unmatched>") == 12 + 2
 
 
 def test_a_resolver_that_defers_to_the_router_keeps_one_entry_per_route(registry: CollectorRegistry) -> None:

@@ -289,6 +289,8 @@ def expected_status(behaviour: Behaviour, run: Run, received_by_app: list[Messag
     for message in run.sent:
         if message["type"] == "http.response.start":
             status = int(message["status"])
+            if not 100 <= status <= 599:
+                return 0  # not an HTTP status: recorded as "0", one label for every such number
             if status >= 500 and asked and asked[0]["type"] == "http.disconnect":
                 return 499  # gone before the error response started
             return status
