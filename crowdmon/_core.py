@@ -246,6 +246,10 @@ class ExchangeCore:
             if token is not None:
                 try:
                     current_request.reset(token)
+                except ValueError:
+                    # Ended from another context than the one it was published in (its coroutine
+                    # closed by the garbage collector): that one has nothing of it to reset.
+                    pass
                 except Exception as error:
                     self.middleware._report("middleware.context", error)
 

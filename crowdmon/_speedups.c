@@ -1023,9 +1023,13 @@ exchange_end(Exchange *self, PyObject *Py_UNUSED(ignored))
     PyObject *token = self->token;
     self->token = Py_NewRef(Py_None);
     if (token != NULL && token != Py_None) {
-        if (PyContextVar_Reset(CURRENT_REQUEST, token) < 0 && !failed) {
-            failed = contain(self->middleware, S_site_context) < 0;
-            if (failed) {
+        /* A ValueError: the request is ended from another context than the one it was published
+           in (its coroutine closed by the garbage collector), which has nothing of it to reset. */
+        if (PyContextVar_Reset(CURRENT_REQUEST, token) < 0) {
+            if (failed || PyErr_ExceptionMatches(PyExc_ValueError)) {
+                PyErr_Clear();  /* failed: the first failure is the one raised */
+            }
+            else if ((failed = contain(self->middleware, S_site_context) < 0)) {
                 PyErr_Fetch(&type, &value, &traceback);
             }
         }

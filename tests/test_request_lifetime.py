@@ -8,7 +8,9 @@ import contextvars
 import gc
 import sys
 import time
+import types
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -250,6 +252,34 @@ async def test_a_group_of_cancellations_is_a_cancelled_request(registry: Collect
         await run_asgi(middleware, http_scope("/x"))
     assert caught.value is error
     assert value(registry, "crowdfunding_api_requests_total", method="GET", handler="<unmatched>", status=status) == 1
+
+
+def test_a_request_closed_from_another_context_is_recorded_without_a_failure_of_crowdmon(registry: CollectorRegistry) -> None:
+    # The garbage collector, or a framework shutting down, closes an unfinished request's
+    # coroutine from whatever context it is in: the request context cannot be reset there (its
+    # token is another context's), and there is nothing of it to reset either.
+    @types.coroutine
+    def suspended() -> Iterator[None]:
+        yield  # what an event loop would wake it from
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await suspended()
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        pass
+
+    middleware = PrometheusMiddleware(app, registry=registry)
+    call = middleware(http_scope("/x"), receive, send)
+    contextvars.copy_context().run(call.send, None)  # the request starts, in a context of its own
+    contextvars.copy_context().run(call.close)
+
+    # Closed with no response started: no client got one, as with an app that raised.
+    assert value(registry, "crowdfunding_api_requests_total", method="GET", handler="<unmatched>", status="500") == 1
+    assert value(registry, "crowdfunding_api_requests_in_progress", method="GET") == 0
+    assert value(registry, "crowdmon_internal_errors_total", site="middleware.context") == 0
 
 
 async def test_a_request_in_flight_when_the_default_instrumentation_changes_ends_where_it_started() -> None:
