@@ -84,21 +84,24 @@ class MountTemplates:
     the app's routers again, from the top, with the routes' own ``matches()`` (the first full
     match wins, else the first partial one, as in Starlette's router).  The chain is kept per
     route (up to :data:`ROUTES_KEPT` routes, a few chains each); if no mount in it has path
-    parameters of its own, later requests keep the raw prefix, which is then the template, at
-    the cost of one dictionary lookup.  Otherwise each request's chain is confirmed by replaying
-    it: it must consume exactly the ``root_path`` the request's routing did.
+    parameters of its own, a later request whose raw prefix is one a replay confirmed keeps it,
+    which is then the template, at the cost of two lookups.  Otherwise each request's chain is
+    confirmed by replaying it: it must consume exactly the ``root_path`` the request's routing
+    did.  (A ``root_path`` an app's middleware took from a proxy header is the client's to
+    choose: a prefix is never trusted for being a known route's.)
     """
 
     ROUTES_KEPT = 1024
     CHAINS_KEPT = 8
 
     def __init__(self) -> None:
-        # id(route) -> (route, its chains, whether any of them has a mount with parameters)
-        self._known: dict[int, tuple[object, list[_Chain], bool]] = {}
+        # id(route) -> (route, its chains, whether any of them has a mount with parameters,
+        # the raw prefixes a replay of them confirmed)
+        self._known: dict[int, tuple[object, list[_Chain], bool, set[str]]] = {}
 
     def prefix(self, scope: Scope, entry_root_path: str, route: object, raw_prefix: str) -> str:
         known = self._known.get(id(route))
-        if known is not None and not known[2] and not _has_mount_parameters(scope, route):
+        if known is not None and not known[2] and raw_prefix in known[3] and not _has_mount_parameters(scope, route):
             return raw_prefix
         actual = scope.get("root_path")
         try:
@@ -106,23 +109,41 @@ class MountTemplates:
             for kept in known[1] if known is not None else ():
                 consumed = _replay(kept, start)
                 if consumed and consumed[-1] == actual:
-                    return _templates(kept, consumed, entry_root_path)
+                    return self._confirmed(kept, consumed, entry_root_path, raw_prefix, known)
             chain = _walk(start, route)
             consumed = _replay(chain, start) if chain else None
         except Exception:
             return UNNAMED_MOUNT
         if chain is None or not consumed or consumed[-1] != actual:
             return UNNAMED_MOUNT
-        self._keep(route, chain, known)
-        return _templates(chain, consumed, entry_root_path)
+        known = self._keep(route, chain, known)
+        return self._confirmed(chain, consumed, entry_root_path, raw_prefix, known)
 
-    def _keep(self, route: object, chain: _Chain, known: tuple[object, list[_Chain], bool] | None) -> None:
+    def _keep(
+        self, route: object, chain: _Chain, known: tuple[object, list[_Chain], bool, set[str]] | None
+    ) -> tuple[object, list[_Chain], bool, set[str]] | None:
         parameterised = any(_own_parameters(element) for element in chain)
         if known is None:
             if len(self._known) < self.ROUTES_KEPT:
-                self._known[id(route)] = (route, [chain], parameterised)  # the route kept alive: its id stays its own
+                # The route kept alive: its id stays its own.
+                known = self._known[id(route)] = (route, [chain], parameterised, set())
         elif len(known[1]) < self.CHAINS_KEPT:
-            self._known[id(route)] = (route, [*known[1], chain], known[2] or parameterised)
+            known = self._known[id(route)] = (route, [*known[1], chain], known[2] or parameterised, known[3])
+        return known
+
+    def _confirmed(
+        self,
+        chain: _Chain,
+        consumed: list[str],
+        entry_root_path: str,
+        raw_prefix: str,
+        known: tuple[object, list[_Chain], bool, set[str]] | None,
+    ) -> str:
+        """The templates of a replayed chain; a raw prefix that is its own template is kept."""
+        prefix = _templates(chain, consumed, entry_root_path)
+        if known is not None and prefix == raw_prefix and len(known[3]) < self.CHAINS_KEPT:
+            known[3].add(raw_prefix)
+        return prefix
 
 
 def _has_mount_parameters(scope: Scope, route: object) -> bool:

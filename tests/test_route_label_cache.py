@@ -8,9 +8,11 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
+from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 
 from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
+from crowdmon._types import ASGIApp, Receive, Scope, Send
 from tests.asgi import http_scope, run_asgi
 from tests.support import value
 
@@ -64,3 +66,31 @@ async def test_route_label_memory_is_bounded(registry: CollectorRegistry) -> Non
 
     assert len(app._route_labels) == middleware._ROUTE_LABELS_CAP
     assert value(registry, REQUESTS, method="GET", handler=f"/r{len(routes) - 1}", status="200") == 2
+
+
+async def test_a_root_path_an_app_middleware_takes_from_the_client_never_becomes_a_label(registry: CollectorRegistry) -> None:
+    # An app's own middleware that sets root_path from a proxy header: its value comes from the
+    # client.  The route's mount is known from a first request, but each new prefix is confirmed
+    # against the mount again, not trusted.
+    def prefix_from_header(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            for name, header in scope["headers"]:
+                if name == b"x-forwarded-prefix":
+                    scope["root_path"] = header.decode()
+            await app(scope, receive, send)
+
+        return middleware
+
+    app = Starlette(routes=[Mount("/api", routes=[Route("/items", ok)])], middleware=[Middleware(prefix_from_header)])
+    app.add_middleware(PrometheusMiddleware, registry=registry)
+    assert (await run_asgi(app, http_scope("/api/items")))[0]["status"] == 200
+    for n in range(20):
+        scope = http_scope(f"/evil{n}/api/items", headers=[(b"x-forwarded-prefix", f"/evil{n}".encode())])
+        assert (await run_asgi(app, scope))[0]["status"] == 200
+
+    handlers = {
+        sample.labels["handler"] for family in registry.collect() if family.name == "crowdfunding_api_requests"
+        for sample in family.samples if sample.name == REQUESTS
+    }
+    assert handlers == {"/api/items", "/{mount}/items"}
+    assert value(registry, REQUESTS, method="GET", handler="/api/items", status="200") == 1
