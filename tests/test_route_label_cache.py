@@ -6,9 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.middleware import Middleware
 from starlette.routing import Mount, Route
 
 from crowdmon import PrometheusInstrumentation, PrometheusMiddleware
