@@ -73,7 +73,8 @@ def setup_monitoring(
             raise CrowdmonSetupError(f"paths must start with '/', got {path!r}")
     excluded = excluded_paths(exclude_paths)
     if getattr(app.build_middleware_stack, _SET_UP, False) or any(
-        getattr(middleware, "cls", None) is PrometheusMiddleware for middleware in app.user_middleware
+        isinstance(added := getattr(middleware, "cls", None), type) and issubclass(added, PrometheusMiddleware)
+        for middleware in app.user_middleware
     ):
         raise CrowdmonSetupError(
             "this app already has PrometheusMiddleware (setup_monitoring was called on it before, or "
@@ -94,6 +95,7 @@ def setup_monitoring(
 
     def build_middleware_stack() -> ASGIApp:
         middleware.app = build_stack()
+        middleware._take_out_duplicates()  # added to the app by hand too
         return middleware
 
     setattr(build_middleware_stack, _SET_UP, True)

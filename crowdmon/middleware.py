@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections.abc
 import functools
 import inspect
+import logging
 import os
 from collections.abc import Iterable
 from time import perf_counter
@@ -48,6 +49,10 @@ __all__ = ["CLIENT_CLOSED_REQUEST", "STANDARD_METHODS", "PrometheusMiddleware"]
 _ROUTE_LABELS_CAP = 1024
 #: Recorded when the client went away before any response was started (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
+
+_logger = logging.getLogger("crowdmon")
+#: How many middlewares deep a new middleware looks for another one recording into its registry.
+_STACK_DEPTH = 64
 
 
 class PrometheusMiddleware(MiddlewareCore):
@@ -107,6 +112,36 @@ class PrometheusMiddleware(MiddlewareCore):
         self._route_objects: list[object] = []
         # The mounts requests crossed, named as templates: the app's own, collected with it.
         self._mounts = MountTemplates()
+        self._take_out_duplicates()
+
+    def _take_out_duplicates(self) -> None:
+        """Take out of the stack beneath, as far as its middlewares name the next one ``app``, a
+        ``PrometheusMiddleware`` recording into this one's registry: each request would count
+        twice.  (Added after ``setup_monitoring``, or by hand twice; Starlette builds the stack
+        from the inside out, so the outermost one is left.)  Logged, as the user's mistake."""
+        holder: object = self
+        inner = self.app
+        for _ in range(_STACK_DEPTH):
+            if isinstance(inner, PrometheusMiddleware) and inner.instrumentation.registry is self.instrumentation.registry:
+                try:
+                    holder.app = inner.app  # type: ignore[attr-defined]
+                except Exception:  # a holder that will not take it: both keep recording
+                    return
+                _logger.warning(
+                    "%s and %s are both in this app's middleware stack: the app records every "
+                    "request into the same registry twice. The inner one is taken out; add "
+                    "PrometheusMiddleware once (setup_monitoring(app) adds it).",
+                    type(self).__name__, type(inner).__name__,
+                )
+                inner = inner.app
+                continue
+            try:
+                following = getattr(inner, "app", None)
+            except Exception:
+                return
+            if following is None or not callable(following):
+                return
+            holder, inner = inner, following
 
     async def _asgi_call(self, scope: Scope, receive: Receive, send: Send) -> None:
         """What servers inspect: see ``__init__``."""

@@ -169,6 +169,46 @@ async def test_setup_monitoring_twice_on_one_app_fails_rather_than_recording_eve
     ) == 1
 
 
+class TenantMiddleware(PrometheusMiddleware):
+    """A subclass, as an app might write to add a label of its own."""
+
+
+@pytest.mark.parametrize("how", ["setup, then added", "added twice", "added, then a subclass"])
+async def test_the_middleware_twice_in_one_stack_records_each_request_once(
+    registry: CollectorRegistry, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What setup_monitoring cannot see at set-up: the middleware added after it, or twice by
+    # hand.  The outer one takes the inner one out of the stack when Starlette builds it.
+    app = Starlette(routes=[Route("/work", lambda request: PlainTextResponse("done"))])
+    if how == "setup, then added":
+        setup_monitoring(app, registry=registry)
+        app.add_middleware(PrometheusMiddleware, registry=registry)
+    else:
+        app.add_middleware(PrometheusMiddleware, registry=registry)
+        app.add_middleware(PrometheusMiddleware if how == "added twice" else TenantMiddleware, registry=registry)
+    elsewhere = CollectorRegistry()
+    app.add_middleware(PrometheusMiddleware, registry=elsewhere)  # another registry: recorded there too
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+        for _ in range(3):
+            assert (await client.get("/work")).status_code == 200
+
+    labels = {"method": "GET", "handler": "/work", "status": "200"}
+    assert registry.get_sample_value("crowdfunding_api_requests_total", labels) == 3
+    assert elsewhere.get_sample_value("crowdfunding_api_requests_total", labels) == 3
+    warned = [record.getMessage() for record in caplog.records if "twice" in record.getMessage()]
+    assert len(warned) == 1
+    assert "records every request into the same registry twice" in warned[0]
+
+
+def test_setup_monitoring_refuses_an_app_with_a_subclass_of_the_middleware(registry: CollectorRegistry) -> None:
+    app = Starlette()
+    app.add_middleware(TenantMiddleware, registry=registry)
+
+    with pytest.raises(CrowdmonSetupError, match="do not also add the middleware yourself"):
+        setup_monitoring(app, registry=registry)
+
+
 @pytest.mark.parametrize("framework", ["starlette", "fastapi"])
 async def test_setup_monitoring_records_what_the_client_gets_whatever_the_middleware_order(registry: CollectorRegistry, framework: str) -> None:
     """crowdmon wraps the whole stack, Starlette's ServerErrorMiddleware included: an exception
