@@ -41,11 +41,13 @@ class CardinalityGuard:
         caps: Mapping[str, int] | None = None,
         on_overflow: OverflowHook | None = None,
     ) -> None:
-        if default_cap < 1:
-            raise ValueError(f"default_cap must be at least 1, got {default_cap!r}")
+        from crowdmon.instrumentation import CrowdmonSetupError  # defined after this module loads
+
+        if isinstance(default_cap, bool) or not isinstance(default_cap, int) or default_cap < 1:
+            raise CrowdmonSetupError(f"default_cap must be a positive int, got {default_cap!r}")
         for key, cap in (caps or {}).items():
-            if not isinstance(cap, int) or cap < 1:
-                raise ValueError(f"cap for {key!r} must be a positive int, got {cap!r}")
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise CrowdmonSetupError(f"cap for {key!r} must be a positive int, got {cap!r}")
         self.default_cap = default_cap
         self._caps = dict(caps or {})
         self._seen: dict[tuple[str, str], set[str]] = {}

@@ -77,8 +77,13 @@ class ErrorTaxonomy:
             for target, category in DEFAULT_RULES:
                 self.add_rule(target, category)
         items = rules.items() if isinstance(rules, Mapping) else rules
-        for target, category in items:
-            self.add_rule(target, category)
+        for item in items:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise _setup_error(
+                    "rules take a mapping or (target, category) pairs such as "
+                    f"('openai.APIError', 'external_service'), got {item!r}"
+                )
+            self.add_rule(*item)
 
     def add_rule(self, target: RuleTarget, category: str) -> None:
         """Classify ``target`` (a class, or a dotted name such as ``"openai.APIError"``) and its

@@ -25,7 +25,7 @@ from prometheus_client.samples import Exemplar
 from crowdmon._recorder import DURATION, REQUESTS, BufferedRequestRecorder
 from crowdmon._sharded import bucket_edges
 from crowdmon._types import Scope
-from crowdmon.instrumentation import CrowdmonSetupError
+from crowdmon.instrumentation import CrowdmonSetupError, check_called_with_scope
 
 if TYPE_CHECKING:
     from crowdmon.instrumentation import PrometheusInstrumentation
@@ -94,6 +94,7 @@ def exemplar_provider(option: object) -> ExemplarProvider | None:
     if option == "traceparent":
         return traceparent_exemplar
     if callable(option) and not isinstance(option, (str, bool)):
+        check_called_with_scope("exemplars", option)
         return option
     raise CrowdmonSetupError(
         f"exemplars must be 'opentelemetry', 'traceparent' or a callable taking the ASGI scope and "

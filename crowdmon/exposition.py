@@ -42,6 +42,8 @@ from crowdmon._types import Receive, Scope, Send
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
     PrometheusInstrumentation,
+    check_instrumentation,
+    check_path,
     default_instrumentation,
 )
 
@@ -72,6 +74,9 @@ class MetricsApp:
         # Imported here, not with this module, so `python3 -m crowdmon.multiprocess` runs cleanly.
         from crowdmon import multiprocess
 
+        check_instrumentation("MetricsApp", instrumentation)
+        if not isinstance(compress, bool):
+            raise CrowdmonSetupError(f"compress takes True or False, got {compress!r}")
         self._multiprocess = multiprocess
         self._instrumentation = instrumentation
         self.compress = compress
@@ -496,8 +501,12 @@ def serve_metrics(
     ``compress``).  ``port=0`` picks a free port (read it back from ``.port``).  Returns the
     running :class:`MetricsServer`; ``close()`` stops it.
     """
-    if not path.startswith("/"):
-        raise CrowdmonSetupError(f"path must start with '/', got {path!r}")
+    check_path("path", path)
+    if not isinstance(host, str) or not host.strip():
+        raise CrowdmonSetupError(
+            f"host {host!r} would listen on every interface; name the address to listen on, such as "
+            "'127.0.0.1' (or '0.0.0.0' for every interface, said openly)"
+        )
     app = MetricsApp(instrumentation, **options)  # type: ignore[arg-type]
     return MetricsServer(app, host, port, path)
 

@@ -23,7 +23,7 @@ import anyio.to_thread
 
 from crowdmon._types import Receive, Scope, Send
 from crowdmon.catalogue import HEALTH_STATES
-from crowdmon.instrumentation import HealthCheck, PrometheusInstrumentation, default_instrumentation
+from crowdmon.instrumentation import HealthCheck, PrometheusInstrumentation, check_instrumentation, default_instrumentation
 
 logger = logging.getLogger("crowdmon")
 
@@ -201,6 +201,7 @@ class HealthApp:
     """An ASGI app answering 200 with the components' states, or 503 when one is unhealthy."""
 
     def __init__(self, instrumentation: PrometheusInstrumentation | None = None) -> None:
+        check_instrumentation("HealthApp", instrumentation)
         self._instrumentation = instrumentation
 
     @property

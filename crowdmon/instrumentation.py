@@ -53,6 +53,49 @@ class CrowdmonSetupError(ValueError):
     """A mistake in how crowdmon is set up; the message says how to fix it."""
 
 
+def check_registry(owner: str, registry: object) -> None:
+    """Refuse a ``registry=`` that is not a ``CollectorRegistry`` (or ``None``), naming the fix."""
+    if registry is not None and not isinstance(registry, CollectorRegistry):
+        hint = "; for an instrumentation, write instrumentation=" if type(registry).__name__ == "PrometheusInstrumentation" else ""
+        raise CrowdmonSetupError(f"{owner}'s registry= takes a prometheus_client CollectorRegistry, got {registry!r}{hint}")
+
+
+def check_instrumentation(owner: str, instrumentation: object) -> None:
+    """Refuse an ``instrumentation=`` that is not a :class:`PrometheusInstrumentation` (or ``None``)."""
+    if instrumentation is not None and not isinstance(instrumentation, PrometheusInstrumentation):
+        if not isinstance(instrumentation, CollectorRegistry):
+            hint = ""
+        elif owner in ("MetricsApp", "HealthApp"):
+            hint = f"; for a registry, write {owner}(PrometheusInstrumentation(registry))"
+        else:
+            hint = "; for a registry, write registry="
+        raise CrowdmonSetupError(
+            f"{owner}'s instrumentation= takes a PrometheusInstrumentation (or None for the default "
+            f"one), got {instrumentation!r}{hint}"
+        )
+
+
+def check_path(option: str, path: object) -> str:
+    """A path option: a ``str`` starting with ``/``, as the ASGI scope's ``path`` does."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise CrowdmonSetupError(f"{option} must be a path starting with '/', got {path!r}")
+    return path
+
+
+def check_called_with_scope(option: str, function: object) -> None:
+    """Refuse a callable that cannot be called the way crowdmon calls it: with the ASGI scope."""
+    try:
+        signature = inspect.signature(function)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # a callable without a signature (some builtins) is taken on trust
+        return
+    try:
+        signature.bind(None)
+    except TypeError as error:
+        raise CrowdmonSetupError(
+            f"{option} is called with one argument, the ASGI scope; {function!r} cannot be called so ({error})"
+        ) from None
+
+
 def multiprocess_mode() -> bool:
     """Whether prometheus_client keeps values in ``PROMETHEUS_MULTIPROC_DIR`` files."""
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -224,6 +267,10 @@ def _checked_caps(caps: Mapping[str, int] | None) -> dict[str, int]:
     """``cardinality_caps`` with every key a catalogue metric (and one of its labels) and every
     cap a positive int, or a :class:`CrowdmonSetupError` saying which is not."""
     checked: dict[str, int] = {}
+    if caps is not None and not isinstance(caps, Mapping):
+        raise CrowdmonSetupError(
+            f"cardinality_caps takes a mapping such as {{'chat_messages_total:user_type': 20}}, got {caps!r}"
+        )
     for key, cap in (caps or {}).items():
         metric, _, label = str(key).partition(":")
         known = BY_NAME.get(metric)
@@ -276,6 +323,7 @@ class PrometheusInstrumentation:
         default_cap: int | None = None,
         cardinality_caps: Mapping[str, int] | None = None,
     ) -> None:
+        check_registry("PrometheusInstrumentation", registry)
         self.registry = REGISTRY if registry is None else registry
         caps = _checked_caps(cardinality_caps)
         if default_cap is not None and (isinstance(default_cap, bool) or not isinstance(default_cap, int) or default_cap < 1):

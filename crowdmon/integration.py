@@ -15,6 +15,9 @@ from crowdmon.health import HealthApp
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
     PrometheusInstrumentation,
+    check_instrumentation,
+    check_path,
+    check_registry,
     default_instrumentation,
 )
 from crowdmon.middleware import PrometheusMiddleware, excluded_paths
@@ -54,8 +57,32 @@ def setup_monitoring(
             "other ASGI app wrap it yourself: app = PrometheusMiddleware(app), and serve "
             "crowdmon.MetricsApp() at /metrics"
         )
+    check_instrumentation("setup_monitoring", instrumentation)
+    check_registry("setup_monitoring", registry)
     if instrumentation is not None and registry is not None:
         raise CrowdmonSetupError("pass either instrumentation= or registry= to setup_monitoring, not both")
+    for option in ("default_cap", "cardinality_caps"):
+        if option in middleware_options:
+            raise CrowdmonSetupError(
+                f"{option} is PrometheusInstrumentation's: setup_monitoring(app, instrumentation="
+                f"PrometheusInstrumentation(registry, {option}={middleware_options[option]!r}))"
+            )
+    if metrics_app is not None and not isinstance(metrics_app, MetricsApp):
+        raise CrowdmonSetupError(f"metrics_app takes a MetricsApp, got {metrics_app!r}")
+    if metrics_app is not None and metrics_path is None:
+        raise CrowdmonSetupError(
+            "metrics_app is served at metrics_path, which is None; give the path (the default is "
+            "'/metrics'), or leave metrics_app out"
+        )
+    if metrics_path is not None:
+        check_path("metrics_path", metrics_path)
+    if health_path is not None:
+        check_path("health_path", health_path)
+    if metrics_path is not None and metrics_path == health_path:
+        raise CrowdmonSetupError(
+            f"metrics_path and health_path are both {metrics_path!r}; one path serves one of them: "
+            "give each its own (or None to leave one out)"
+        )
     # Given neither, every part follows the process-wide default of the moment (a test fixture
     # replaces it for each test, an app built at import included).
     follows_default = instrumentation is None and registry is None
@@ -68,9 +95,6 @@ def setup_monitoring(
             "metrics_app exposes another registry than the one setup_monitoring records into; "
             "build it on the same instrumentation: MetricsApp(instrumentation, ...)"
         )
-    for path in (metrics_path, health_path):
-        if path is not None and not path.startswith("/"):
-            raise CrowdmonSetupError(f"paths must start with '/', got {path!r}")
     excluded = excluded_paths(exclude_paths)
     if getattr(app.build_middleware_stack, _SET_UP, False) or any(
         isinstance(added := getattr(middleware, "cls", None), type) and issubclass(added, PrometheusMiddleware)

@@ -25,6 +25,9 @@ from crowdmon.exemplars import ExemplarProvider, request_exemplars
 from crowdmon.instrumentation import (
     CrowdmonSetupError,
     PrometheusInstrumentation,
+    check_called_with_scope,
+    check_instrumentation,
+    check_registry,
     default_instrumentation,
 )
 from crowdmon.routes import HandlerResolver, MountTemplates, handler_label_for
@@ -83,6 +86,8 @@ class PrometheusMiddleware(MiddlewareCore):
                 "pass either instrumentation= or registry= to PrometheusMiddleware, not both; "
                 "the instrumentation already owns a registry"
             )
+        check_instrumentation("PrometheusMiddleware", instrumentation)
+        check_registry("PrometheusMiddleware", registry)
         check_resolver("handler_resolver", handler_resolver)
         self.app = app
         self._follows_default = instrumentation is None and registry is None
@@ -201,6 +206,7 @@ def check_resolver(option: str, resolver: object) -> None:
         return
     if not callable(resolver):
         raise CrowdmonSetupError(f"{option} must be a callable taking the ASGI scope, got {resolver!r}")
+    check_called_with_scope(option, resolver)
     function: object = resolver
     while isinstance(function, functools.partial):
         function = function.func
@@ -213,13 +219,20 @@ def check_resolver(option: str, resolver: object) -> None:
 
 
 def excluded_paths(exclude_paths: Iterable[str]) -> frozenset[str]:
-    """``exclude_paths`` as a set of paths; a single string, a likely slip, is refused."""
+    """``exclude_paths`` as a set of paths, each a ``str`` starting with ``/`` (a path that does
+    not could never match); a single string, a likely slip, is refused."""
     if isinstance(exclude_paths, str):
         raise CrowdmonSetupError(
             f"exclude_paths must be a collection of paths, got the string {exclude_paths!r}; "
             f"write exclude_paths=[{exclude_paths!r}]"
         )
-    return frozenset(exclude_paths)
+    if not isinstance(exclude_paths, Iterable):
+        raise CrowdmonSetupError(f"exclude_paths must be a collection of paths, got {exclude_paths!r}; write exclude_paths=()")
+    paths = frozenset(exclude_paths)
+    for path in paths:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise CrowdmonSetupError(f"exclude_paths must be paths starting with '/', got {path!r}")
+    return paths
 
 
 class _Exchange(ExchangeCore, RequestContext):

@@ -1,0 +1,92 @@
+"""Set-up mistakes of every public entry point fail at once, with a message that says how to fix
+them, instead of an AttributeError deep inside, a failure on every request, or nothing at all."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+
+from crowdmon import (
+    CardinalityGuard,
+    CrowdmonSetupError,
+    HealthApp,
+    MetricsApp,
+    PrometheusInstrumentation,
+    PrometheusMiddleware,
+    serve_metrics,
+    setup_monitoring,
+)
+from crowdmon._types import Receive, Scope, Send
+from crowdmon.errors import ErrorTaxonomy
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    pass
+
+
+def instrumentation() -> PrometheusInstrumentation:
+    return PrometheusInstrumentation(CollectorRegistry())
+
+
+def setup(**options: Any) -> Callable[[], object]:
+    return lambda: setup_monitoring(Starlette(), **options)
+
+
+def middleware(**options: Any) -> Callable[[], object]:
+    return lambda: PrometheusMiddleware(app, **options)
+
+
+MISTAKES: list[tuple[str, Callable[[], object], str]] = [
+    # the wrong object where an instrumentation or a registry goes
+    ("instrumentation= a registry", middleware(instrumentation=CollectorRegistry()),
+     r"instrumentation= takes a PrometheusInstrumentation .*got <prometheus_client.registry.CollectorRegistry.*; for a registry, write registry="),
+    ("registry= an instrumentation", middleware(registry=PrometheusInstrumentation(CollectorRegistry())),
+     r"registry= takes a prometheus_client CollectorRegistry, got <crowdmon.*; for an instrumentation, write instrumentation="),
+    ("setup instrumentation= a registry", setup(instrumentation=CollectorRegistry()), r"instrumentation= takes a PrometheusInstrumentation"),
+    ("setup registry= a string", setup(registry="metrics"), r"registry= takes a prometheus_client CollectorRegistry, got 'metrics'"),
+    ("PrometheusInstrumentation(a string)", lambda: PrometheusInstrumentation("metrics"), r"registry= takes a prometheus_client CollectorRegistry"),  # type: ignore[arg-type]
+    ("MetricsApp(a registry)", lambda: MetricsApp(CollectorRegistry()), r"MetricsApp's instrumentation= takes a PrometheusInstrumentation .*MetricsApp\(PrometheusInstrumentation\(registry\)\)"),  # type: ignore[arg-type]
+    ("HealthApp(a registry)", lambda: HealthApp(CollectorRegistry()), r"HealthApp's instrumentation= takes a PrometheusInstrumentation"),  # type: ignore[arg-type]
+    ("metrics_app= not a MetricsApp", setup(registry=CollectorRegistry(), metrics_app="/metrics"), r"metrics_app takes a MetricsApp, got '/metrics'"),
+    # paths
+    ("metrics_path = health_path", setup(registry=CollectorRegistry(), metrics_path="/ops", health_path="/ops"),
+     r"metrics_path and health_path are both '/ops'"),
+    ("metrics_app with no metrics_path", lambda: setup_monitoring(Starlette(), instrumentation=(target := instrumentation()), metrics_path=None, metrics_app=MetricsApp(target)),
+     r"metrics_app is served at metrics_path, which is None"),
+    ("metrics_path not a string", setup(registry=CollectorRegistry(), metrics_path=123), r"metrics_path must be a path starting with '/', got 123"),
+    ("exclude_paths without '/'", middleware(registry=CollectorRegistry(), exclude_paths=["metrics"]), r"exclude_paths must be paths starting with '/', got 'metrics'"),
+    ("exclude_paths of bytes", middleware(registry=CollectorRegistry(), exclude_paths=[b"/metrics"]), r"exclude_paths must be paths starting with '/', got b'/metrics'"),
+    ("exclude_paths None", middleware(registry=CollectorRegistry(), exclude_paths=None), r"exclude_paths must be a collection of paths, got None; write exclude_paths=\(\)"),
+    ("serve_metrics path=None", lambda: serve_metrics(0, path=None, instrumentation=instrumentation()), r"path must be a path starting with '/', got None"),  # type: ignore[arg-type]
+    ("serve_metrics host=''", lambda: serve_metrics(0, host="", instrumentation=instrumentation()), r"host '' would listen on every interface"),
+    # callables that cannot be called the way crowdmon calls them
+    ("handler_resolver taking nothing", middleware(registry=CollectorRegistry(), handler_resolver=lambda: "x"),
+     r"handler_resolver is called with one argument, the ASGI scope; <function .*> cannot be called so"),
+    ("user_type_resolver taking two", middleware(registry=CollectorRegistry(), user_type_resolver=lambda scope, request: "x"),
+     r"user_type_resolver is called with one argument, the ASGI scope"),
+    ("exemplars taking nothing", middleware(registry=CollectorRegistry(), exemplars=lambda: None), r"exemplars is called with one argument, the ASGI scope"),
+    # options of the wrong kind
+    ("caps as a list", lambda: PrometheusInstrumentation(CollectorRegistry(), cardinality_caps=[("chat_messages_total", 3)]),  # type: ignore[arg-type]
+     r"cardinality_caps takes a mapping such as \{'chat_messages_total:user_type': 20\}, got \[\('chat_messages_total', 3\)\]"),
+    ("setup_monitoring(default_cap=)", setup(registry=CollectorRegistry(), default_cap=5),
+     r"default_cap is PrometheusInstrumentation's: setup_monitoring\(app, instrumentation=PrometheusInstrumentation\(registry, default_cap=5\)\)"),
+    ("MetricsApp(compress='no')", lambda: MetricsApp(instrumentation(), compress="no"), r"compress takes True or False, got 'no'"),  # type: ignore[arg-type]
+    ("CardinalityGuard('5')", lambda: CardinalityGuard("5"), r"default_cap must be a positive int, got '5'"),  # type: ignore[arg-type]
+    ("CardinalityGuard(True)", lambda: CardinalityGuard(True), r"default_cap must be a positive int, got True"),
+    ("CardinalityGuard(2.5)", lambda: CardinalityGuard(2.5), r"default_cap must be a positive int, got 2.5"),  # type: ignore[arg-type]
+    ("ErrorTaxonomy of names", lambda: ErrorTaxonomy(["openai.APIError"]),  # type: ignore[list-item]
+     r"rules take a mapping or \(target, category\) pairs such as \('openai.APIError', 'external_service'\), got 'openai.APIError'"),
+]
+
+
+@pytest.mark.parametrize(("mistake", "make", "message"), MISTAKES, ids=[mistake for mistake, _, _ in MISTAKES])
+def test_a_set_up_mistake_fails_at_once_with_its_fix(mistake: str, make: Callable[[], object], message: str) -> None:
+    with pytest.raises(CrowdmonSetupError, match=message):
+        made = make()
+        close = getattr(made, "close", None)
+        if callable(close):
+            close()
