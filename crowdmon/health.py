@@ -23,7 +23,12 @@ import anyio.to_thread
 
 from crowdmon._types import Receive, Scope, Send
 from crowdmon.catalogue import HEALTH_STATES
-from crowdmon.instrumentation import HealthCheck, PrometheusInstrumentation, check_instrumentation, default_instrumentation
+from crowdmon.instrumentation import (
+    HealthCheck,
+    PrometheusInstrumentation,
+    check_instrumentation,
+    default_instrumentation,
+)
 
 logger = logging.getLogger("crowdmon")
 
