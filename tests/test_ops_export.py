@@ -99,6 +99,24 @@ def test_export_refuses_bad_options_with_a_message_saying_how_to_fix_them(tmp_pa
     assert not (tmp_path / "pack").exists()
 
 
+def test_export_again_replaces_the_pack_and_leaves_the_operators_own_files(tmp_path: Path) -> None:
+    # A dashboard an earlier export wrote and this one does not (renamed by a newer crowdmon)
+    # would still be provisioned next to its successor.
+    dashboards = tmp_path / "grafana" / "dashboards"
+    dashboards.mkdir(parents=True)
+    (dashboards / "crowdmon-retired.json").write_text("{}")
+    (dashboards / "team-own.json").write_text("{}")
+    (tmp_path / "prometheus").mkdir()
+    (tmp_path / "prometheus" / "other-rules.yml").write_text("groups: []")
+
+    result = crowdmon("export", "--out", str(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in dashboards.iterdir()) == sorted([f"{spec.uid}.json" for spec in DASHBOARDS] + ["team-own.json"])
+    assert (tmp_path / "prometheus" / "other-rules.yml").read_text() == "groups: []"
+    assert f"removed {dashboards / 'crowdmon-retired.json'}" in result.stdout
+
+
 def test_export_into_an_empty_path_is_a_usage_error(tmp_path: Path) -> None:
     """``--out "$UNSET"`` must not write the pack into the current directory."""
     result = subprocess.run([sys.executable, "-m", "crowdmon", "export", "--out", ""], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60)

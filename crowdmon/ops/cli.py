@@ -40,7 +40,7 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if not args.out.strip():
         parser.error("--out needs a directory to write the pack into, got an empty path")
     try:
-        from crowdmon.ops.files import ExportOptions, export
+        from crowdmon.ops.files import ExportOptions, export, exported_dashboards
     except ImportError as error:
         parser.error(str(error))
 
@@ -68,9 +68,12 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except ValueError as error:
         parser.error(str(error))
     try:
+        before = exported_dashboards(args.out)
         written = export(args.out, options)
     except OSError as error:
         parser.error(f"cannot write the pack into {args.out!r}: {error.strerror or error}")
     for path in written:
         print(path, file=sys.stdout)
+    for path in sorted(set(before) - set(written)):
+        print(f"removed {path}", file=sys.stdout)
     return 0

@@ -70,7 +70,9 @@ def export(out: str | Path, options: ExportOptions | None = None) -> list[Path]:
     """Write the operations pack under ``out``; returns the files written.
 
     Layout: ``grafana/dashboards/*.json``, ``grafana/provisioning/{datasources,dashboards}/crowdmon.yml``,
-    ``prometheus/prometheus.yml`` and ``prometheus/crowdmon-alerts.yml``.
+    ``prometheus/prometheus.yml`` and ``prometheus/crowdmon-alerts.yml``.  A ``crowdmon-*.json``
+    dashboard an earlier export left that this one does not write (one a newer crowdmon renamed)
+    is removed, or Grafana would provision it next to its successor; other files are left alone.
     """
     options = options or ExportOptions()
     root = Path(out)
@@ -94,7 +96,14 @@ def export(out: str | Path, options: ExportOptions | None = None) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(path)
+    for stale in set(exported_dashboards(root)) - set(written):
+        stale.unlink()
     return written
+
+
+def exported_dashboards(out: str | Path) -> list[Path]:
+    """The dashboards of crowdmon's under ``out`` (an exported pack), by their file names."""
+    return sorted((Path(out) / "grafana" / "dashboards").glob("crowdmon-*.json"))
 
 
 def datasource_uid(name: str) -> str:
