@@ -49,8 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser(
         "demo", help="serve the instrumented demo app on 127.0.0.1 and drive traffic at it"
     )
-    demo.add_argument("--host", type=_host, default="127.0.0.1")
-    demo.add_argument("--port", type=_port, default=8000)
+    demo.add_argument("--host", type=_host, default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    demo.add_argument("--port", type=_port, default=8000, help="port to listen on (default: %(default)s)")
     demo.add_argument(
         "--duration",
         type=_seconds,

@@ -45,6 +45,7 @@ from crowdmon.instrumentation import (
     check_instrumentation,
     check_path,
     default_instrumentation,
+    unknown_option,
 )
 
 Headers = list[tuple[bytes, bytes]]
@@ -487,6 +488,10 @@ def _close_in_child(server: weakref.ref[_MetricsHTTPServer]) -> None:
             listener.socket.close()
 
 
+#: What serve_metrics passes on to MetricsApp.
+_METRICS_APP_OPTIONS = ("compress", "bearer_token", "basic_auth", "allow_from", "prune_dead_workers")
+
+
 def serve_metrics(
     port: int,
     host: str = "127.0.0.1",
@@ -502,6 +507,11 @@ def serve_metrics(
     running :class:`MetricsServer`; ``close()`` stops it.
     """
     check_path("path", path)
+    for option in options:
+        if option not in _METRICS_APP_OPTIONS:
+            raise CrowdmonSetupError(
+                unknown_option("serve_metrics", option, ("host", "instrumentation", "path", *_METRICS_APP_OPTIONS))
+            )
     if not isinstance(host, str) or not host.strip():
         raise CrowdmonSetupError(
             f"host {host!r} would listen on every interface; name the address to listen on, such as "

@@ -82,6 +82,13 @@ def check_path(option: str, path: object) -> str:
     return path
 
 
+def unknown_option(owner: str, option: str, known: tuple[str, ...]) -> str:
+    """The message for an option ``owner`` does not take: the closest it does, and all of them."""
+    close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{owner} has no option {option!r}{hint}; its options are: {', '.join(known)}"
+
+
 def check_called_with_scope(option: str, function: object) -> None:
     """Refuse a callable that cannot be called the way crowdmon calls it: with the ASGI scope."""
     try:
@@ -213,7 +220,7 @@ class _MetricSet:
             if site not in self._logged_sites:
                 self._logged_sites.add(site)
                 logger.error(
-                    "crowdmon failed in %s; the request carries on unaffected. Further failures "
+                    "crowdmon failed in %s; the app carries on unaffected. Further failures "
                     "here are counted in crowdmon_internal_errors_total{site=%r} without logging.",
                     site,
                     site,

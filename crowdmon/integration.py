@@ -19,8 +19,13 @@ from crowdmon.instrumentation import (
     check_path,
     check_registry,
     default_instrumentation,
+    unknown_option,
 )
 from crowdmon.middleware import PrometheusMiddleware, excluded_paths
+
+#: setup_monitoring's own options, then the middleware's it passes on.
+_SETUP_OPTIONS = ("registry", "instrumentation", "metrics_path", "health_path", "exclude_paths", "metrics_app")
+_MIDDLEWARE_OPTIONS = ("handler_resolver", "user_type_resolver", "exemplars")
 
 #: Marks an app's ``build_middleware_stack`` that ``setup_monitoring`` wrapped.
 _SET_UP = "_crowdmon_set_up"
@@ -61,6 +66,10 @@ def setup_monitoring(
     check_registry("setup_monitoring", registry)
     if instrumentation is not None and registry is not None:
         raise CrowdmonSetupError("pass either instrumentation= or registry= to setup_monitoring, not both")
+    known = _SETUP_OPTIONS + _MIDDLEWARE_OPTIONS
+    for option in middleware_options:
+        if option not in known and option not in ("default_cap", "cardinality_caps"):
+            raise CrowdmonSetupError(unknown_option("setup_monitoring", option, known))
     for option in ("default_cap", "cardinality_caps"):
         if option in middleware_options:
             raise CrowdmonSetupError(
@@ -109,8 +118,9 @@ def setup_monitoring(
         excluded |= {metrics_path}
     if app.middleware_stack is not None:
         raise CrowdmonSetupError(
-            "this app has already served requests, so its middleware stack is built; call "
-            "setup_monitoring(app) where the app is created, before it starts"
+            "this app has already started (its middleware stack is built); call "
+            "setup_monitoring(app) where the app is created, before it starts: not in a startup "
+            "or lifespan handler, which runs once the app has started"
         )
     recording_into = None if follows_default else instrumentation
     # Built now, so a bad option fails here; it wraps the app's stack when Starlette builds it.

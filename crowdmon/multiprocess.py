@@ -226,8 +226,18 @@ def child_exit(server: Any, worker: Any) -> None:
     remove_live_gauges(worker.pid)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python3 -m crowdmon.multiprocess``: check and empty the directory before a server starts."""
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python3 -m crowdmon.multiprocess",
+        description=(
+            "Check the directory PROMETHEUS_MULTIPROC_DIR names and remove the metric files "
+            "(*.db) an earlier run left in it, before a multi-worker server starts. Run it once, "
+            "before the server, not from a worker."
+        ),
+    ).parse_args(argv)
     try:
         path = prepare_directory()
     except CrowdmonSetupError as error:

@@ -48,6 +48,15 @@ def demo(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_demo_help_gives_the_defaults() -> None:
+    result = demo("--help")
+
+    assert result.returncode == 0
+    help_text = " ".join(result.stdout.split())
+    assert "address to listen on (default: 127.0.0.1)" in help_text
+    assert "port to listen on (default: 8000)" in help_text
+
+
 def test_meaningless_demo_settings_are_usage_errors() -> None:
     for args, message in (
         (["--duration", "-1"], "argument --duration: a number of seconds above 0, got -1"),

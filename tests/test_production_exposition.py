@@ -8,7 +8,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -269,8 +269,35 @@ async def test_setup_monitoring_after_the_app_served_a_request_is_refused(regist
     app = Starlette(routes=[Route("/work", lambda request: PlainTextResponse("done"))])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
         assert (await client.get("/work")).status_code == 200
-    with pytest.raises(CrowdmonSetupError, match=r"already served requests, so its middleware stack is built; call setup_monitoring\(app\) where the app is created"):
+    with pytest.raises(CrowdmonSetupError, match=r"this app has already started \(its middleware stack is built\); call setup_monitoring\(app\) where the app is created"):
         setup_monitoring(app, registry=registry)
+
+
+async def test_setup_monitoring_in_a_lifespan_handler_says_to_call_it_where_the_app_is_created(registry: CollectorRegistry) -> None:
+    refused: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            setup_monitoring(app, registry=registry)
+        except CrowdmonSetupError as error:
+            refused.append(str(error))
+        yield
+
+    events = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[str] = []
+
+    async def receive() -> dict[str, str]:
+        return events.pop(0)
+
+    async def send(message: dict[str, str]) -> None:
+        sent.append(message["type"])
+
+    await Starlette(lifespan=lifespan)({"type": "lifespan"}, receive, send)
+
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert len(refused) == 1
+    assert "not in a startup or lifespan handler, which runs once the app has started" in refused[0]
 
 
 def test_setup_monitoring_refuses_a_string_for_exclude_paths(registry: CollectorRegistry) -> None:

@@ -263,6 +263,17 @@ def test_the_prepare_command_explains_a_missing_variable() -> None:
     assert (result.returncode, "PROMETHEUS_MULTIPROC_DIR is set but empty" in result.stderr) == (2, True)
 
 
+def test_the_prepare_command_answers_help_without_touching_the_directory(tmp_path: Path) -> None:
+    (tmp_path / "counter_1.db").write_text("x")
+    env = {**subprocess_env(), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    result = subprocess.run([PYTHON, "-m", "crowdmon.multiprocess", "--help"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python3 -m crowdmon.multiprocess")
+    assert "PROMETHEUS_MULTIPROC_DIR" in result.stdout
+    assert (tmp_path / "counter_1.db").exists()
+
+
 def test_prepare_removes_only_metric_files(tmp_path: Path) -> None:
     for name in ("counter_1.db", "gauge_livesum_2.db", "notes.txt"):
         (tmp_path / name).write_text("x")

@@ -19,7 +19,7 @@ def test_readme_starts_with_the_two_setup_commands_ci_runs() -> None:
     ci = (REPO_ROOT / ".ci" / "run").read_text()
 
     assert commands == [
-        "python3 -m pip install -e '.[dev]' && python3 -m crowdmon demo",
+        "python3 -m pip install -e '.[demo]' && python3 -m crowdmon demo",
         "tests/install-deps.sh && python3 -m pytest",
     ]
     assert commands[1] in ci.splitlines()

@@ -78,6 +78,10 @@ MISTAKES: list[tuple[str, Callable[[], object], str]] = [
     ("CardinalityGuard('5')", lambda: CardinalityGuard("5"), r"default_cap must be a positive int, got '5'"),  # type: ignore[arg-type]
     ("CardinalityGuard(True)", lambda: CardinalityGuard(True), r"default_cap must be a positive int, got True"),
     ("CardinalityGuard(2.5)", lambda: CardinalityGuard(2.5), r"default_cap must be a positive int, got 2.5"),  # type: ignore[arg-type]
+    ("setup_monitoring(exclude_path=)", setup(registry=CollectorRegistry(), exclude_path=["/health"]),
+     r"setup_monitoring has no option 'exclude_path' \(did you mean 'exclude_paths'\?\); its options are: registry, instrumentation, metrics_path, "),
+    ("serve_metrics(bearer=)", lambda: serve_metrics(0, instrumentation=instrumentation(), bearer="x"),
+     r"serve_metrics has no option 'bearer' \(did you mean 'bearer_token'\?\); its options are: host, instrumentation, path, compress, bearer_token, "),
     ("ErrorTaxonomy of names", lambda: ErrorTaxonomy(["openai.APIError"]),  # type: ignore[list-item]
      r"rules take a mapping or \(target, category\) pairs such as \('openai.APIError', 'external_service'\), got 'openai.APIError'"),
 ]
@@ -90,3 +94,17 @@ def test_a_set_up_mistake_fails_at_once_with_its_fix(mistake: str, make: Callabl
         close = getattr(made, "close", None)
         if callable(close):
             close()
+
+
+def test_the_option_lists_in_the_messages_are_the_signatures() -> None:
+    import inspect
+
+    from crowdmon import exposition, integration
+
+    def keywords(function: Callable[..., object]) -> set[str]:
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        return {name for name, parameter in inspect.signature(function).parameters.items() if parameter.kind in kinds}
+
+    assert set(integration._SETUP_OPTIONS) == keywords(setup_monitoring) - {"app"}
+    assert set(integration._MIDDLEWARE_OPTIONS) == keywords(PrometheusMiddleware.__init__) - {"self", "app", "instrumentation", "registry", "exclude_paths"}
+    assert set(exposition._METRICS_APP_OPTIONS) == keywords(MetricsApp.__init__) - {"self", "instrumentation"}
