@@ -708,7 +708,8 @@ class _Probe:
         self._fixed = instrumentation
         self._bound: object = _UNBOUND
 
-    def instrumentation(self) -> PrometheusInstrumentation:
+    def instrumentation(self) -> PrometheusInstrumentation | None:
+        """The one given, else the default of the moment (``None``: it could not be built)."""
         fixed = self._fixed
         return fixed if fixed is not None else recording_instrumentation()
 
@@ -716,6 +717,8 @@ class _Probe:
         """The instrumentation to record into, re-resolving cached children when it changed
         (the default instance is looked up at every call, so tests can replace it)."""
         target = self.instrumentation()
+        if target is None:
+            raise _NothingToRecordInto
         if target is not self._bound:
             self.resolve(target)
             self._bound = target
@@ -745,8 +748,15 @@ class _Probe:
         raise NotImplementedError
 
     def report(self, failure: Exception) -> None:
+        target = self.instrumentation()
+        if target is None or isinstance(failure, _NothingToRecordInto):
+            return  # the default could not be built, which was logged
         with contextlib.suppress(Exception):  # nothing left to report to
-            self.instrumentation().report_internal_error(self.site, failure)
+            target.report_internal_error(self.site, failure)
+
+
+class _NothingToRecordInto(Exception):
+    """The default instrumentation could not be built (logged once): the call records nothing."""
 
 
 _UNBOUND = object()

@@ -694,6 +694,15 @@ class SessionScope:
             instrumentation.report_internal_error("session", failure)
             self._child = UNRECORDED
 
+    @classmethod
+    def unrecorded(cls) -> SessionScope:
+        """A session counted nowhere: there is no instrumentation to count it in (see
+        :func:`recording_instrumentation`)."""
+        scope = cls.__new__(cls)
+        scope._child = UNRECORDED  # never fails, so there is never a failure to report
+        scope._instrumentation = None  # type: ignore[assignment]
+        return scope
+
     def __enter__(self) -> SessionScope:
         try:
             self._child.inc()
@@ -817,8 +826,8 @@ def flag(value: object) -> str:
 
 _default: PrometheusInstrumentation | None = None
 _default_lock = threading.Lock()
-#: What records when the default cannot be built: a registry nothing serves.
-_stand_in: PrometheusInstrumentation | None = None
+#: Whether building the default failed (and was logged): what records then records nothing.
+_default_failed = False
 
 
 def default_instrumentation() -> PrometheusInstrumentation:
@@ -834,31 +843,31 @@ def default_instrumentation() -> PrometheusInstrumentation:
     return _default
 
 
-def recording_instrumentation() -> PrometheusInstrumentation:
+def recording_instrumentation() -> PrometheusInstrumentation | None:
     """:func:`default_instrumentation` for what records while the app serves: the module-level
-    tracking functions and the decorators given no instrumentation.
+    tracking functions and the decorators given no instrumentation; ``None``: record nothing.
 
     Building the default is set-up, but they do it on first use, inside a request, so its error (a
     name clash on the global registry) must not become the request's.  It is logged once, with
-    its fix, and they record into a registry of their own that nothing serves; the app carries on.
+    its fix, and they record nothing (recorded elsewhere, in multiprocess mode it would still
+    reach the shared files, and be served inside the clashing family); the app carries on.
     ``setup_monitoring(app)`` tries again, and raises it."""
-    global _stand_in
-    current = _default or _stand_in
-    if current is not None:
+    global _default_failed
+    current = _default
+    if current is not None or _default_failed:
         return current
     try:
         return default_instrumentation()
     except CrowdmonSetupError as failure:
         with _default_lock:
-            if _stand_in is None:
+            if not _default_failed:
+                _default_failed = True
                 logger.error(
-                    "%s Until it is fixed, nothing tracked through the default instrumentation is "
-                    "served: crowdmon's module-level tracking functions and decorators given no "
-                    "instrumentation= record into a registry of their own.",
+                    "%s Until it is fixed, crowdmon's module-level tracking functions and the "
+                    "decorators given no instrumentation= record nothing.",
                     failure,
                 )
-                _stand_in = PrometheusInstrumentation(CollectorRegistry())
-            return _stand_in
+        return None
 
 
 def replace_default_instrumentation(
@@ -866,7 +875,7 @@ def replace_default_instrumentation(
 ) -> PrometheusInstrumentation | None:
     """Make ``instrumentation`` the process-wide default (``None``: build it again on next use);
     returns the previous one.  For test isolation."""
-    global _default, _stand_in
+    global _default, _default_failed
     with _default_lock:
-        previous, _default, _stand_in = _default, instrumentation, None
+        previous, _default, _default_failed = _default, instrumentation, False
     return previous
