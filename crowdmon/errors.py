@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from crowdmon.catalogue import ERROR_TYPES
@@ -78,7 +78,7 @@ class ErrorTaxonomy:
                 self.add_rule(target, category)
         items = rules.items() if isinstance(rules, Mapping) else rules
         for item in items:
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
+            if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
                 raise _setup_error(
                     "rules take a mapping or (target, category) pairs such as "
                     f"('openai.APIError', 'external_service'), got {item!r}"

@@ -92,7 +92,9 @@ def unknown_option(owner: str, option: str, known: tuple[str, ...]) -> str:
 def check_called_with_scope(option: str, function: object) -> None:
     """Refuse a callable that cannot be called the way crowdmon calls it: with the ASGI scope."""
     try:
-        signature = inspect.signature(function)  # type: ignore[arg-type]
+        # Its own parameters, not those of what it wraps: an adapter made with functools.wraps
+        # says it wraps a function it calls differently.
+        signature = inspect.signature(function, follow_wrapped=False)  # type: ignore[arg-type]
     except (TypeError, ValueError):  # a callable without a signature (some builtins) is taken on trust
         return
     try:

@@ -35,6 +35,20 @@ async def _not_built_yet(scope: Scope, receive: Receive, send: Send) -> None:  #
     raise RuntimeError("the app's middleware stack is not built yet")
 
 
+def _records_into(middleware: object) -> CollectorRegistry | None:
+    """The registry an added middleware (``app.user_middleware``'s entry) records into, if it is
+    a ``PrometheusMiddleware`` (or a subclass); else ``None``."""
+    added = getattr(middleware, "cls", None)
+    if not (isinstance(added, type) and issubclass(added, PrometheusMiddleware)):
+        return None
+    options = getattr(middleware, "kwargs", None) or {}
+    given = options.get("instrumentation")
+    if isinstance(given, PrometheusInstrumentation):
+        return given.registry
+    registry = options.get("registry")
+    return registry if isinstance(registry, CollectorRegistry) else default_instrumentation().registry
+
+
 def setup_monitoring(
     app: Any,
     *,
@@ -106,8 +120,7 @@ def setup_monitoring(
         )
     excluded = excluded_paths(exclude_paths)
     if getattr(app.build_middleware_stack, _SET_UP, False) or any(
-        isinstance(added := getattr(middleware, "cls", None), type) and issubclass(added, PrometheusMiddleware)
-        for middleware in app.user_middleware
+        _records_into(middleware) is instrumentation.registry for middleware in app.user_middleware
     ):
         raise CrowdmonSetupError(
             "this app already has PrometheusMiddleware (setup_monitoring was called on it before, or "

@@ -127,7 +127,10 @@ class PrometheusMiddleware(MiddlewareCore):
         holder: object = self
         inner = self.app
         for _ in range(_STACK_DEPTH):
-            if isinstance(inner, PrometheusMiddleware) and inner.instrumentation.registry is self.instrumentation.registry:
+            if isinstance(inner, PrometheusMiddleware) and (
+                inner.instrumentation.registry is self.instrumentation.registry
+                or (inner._follows_default and self._follows_default)  # bound now, both follow the default
+            ):
                 try:
                     holder.app = inner.app  # type: ignore[attr-defined]
                 except Exception:  # a holder that will not take it: both keep recording
@@ -228,9 +231,11 @@ def excluded_paths(exclude_paths: Iterable[str]) -> frozenset[str]:
         )
     if not isinstance(exclude_paths, Iterable):
         raise CrowdmonSetupError(f"exclude_paths must be a collection of paths, got {exclude_paths!r}; write exclude_paths=()")
-    paths = frozenset(exclude_paths)
+    # An empty string is no path (what splitting an unset variable gives) and is left out; "*"
+    # is the path of an OPTIONS * request.
+    paths = frozenset(exclude_paths) - {""}
     for path in paths:
-        if not isinstance(path, str) or not path.startswith("/"):
+        if not isinstance(path, str) or not (path.startswith("/") or path == "*"):
             raise CrowdmonSetupError(f"exclude_paths must be paths starting with '/', got {path!r}")
     return paths
 

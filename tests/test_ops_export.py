@@ -104,15 +104,19 @@ def test_export_again_replaces_the_pack_and_leaves_the_operators_own_files(tmp_p
     # would still be provisioned next to its successor.
     dashboards = tmp_path / "grafana" / "dashboards"
     dashboards.mkdir(parents=True)
-    (dashboards / "crowdmon-retired.json").write_text("{}")
+    (dashboards / "crowdmon-retired.json").write_text(json.dumps({"uid": "crowdmon-retired", "tags": ["crowdmon"], "title": "crowdmon / Retired"}))
     (dashboards / "team-own.json").write_text("{}")
+    # The operator's own, named like crowdmon's: not written by an export, so left alone.
+    (dashboards / "crowdmon-mine.json").write_text(json.dumps({"uid": "mine", "tags": ["team"], "title": "Ours"}))
+    (dashboards / "crowdmon-broken.json").write_text("not json")
     (tmp_path / "prometheus").mkdir()
     (tmp_path / "prometheus" / "other-rules.yml").write_text("groups: []")
 
     result = crowdmon("export", "--out", str(tmp_path))
 
     assert result.returncode == 0, result.stderr
-    assert sorted(path.name for path in dashboards.iterdir()) == sorted([f"{spec.uid}.json" for spec in DASHBOARDS] + ["team-own.json"])
+    kept = ["team-own.json", "crowdmon-mine.json", "crowdmon-broken.json"]
+    assert sorted(path.name for path in dashboards.iterdir()) == sorted([f"{spec.uid}.json" for spec in DASHBOARDS] + kept)
     assert (tmp_path / "prometheus" / "other-rules.yml").read_text() == "groups: []"
     assert f"removed {dashboards / 'crowdmon-retired.json'}" in result.stdout
 

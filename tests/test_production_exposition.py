@@ -28,6 +28,7 @@ from crowdmon import (
     serve_metrics,
     setup_monitoring,
 )
+from crowdmon.testing import isolated_instrumentation
 from tests.asgi import http_scope, run_asgi
 from tests.production_support import readme_snippet
 from tests.support import free_port, scraped
@@ -157,9 +158,13 @@ async def test_setup_monitoring_twice_on_one_app_fails_rather_than_recording_eve
     with pytest.raises(CrowdmonSetupError, match=r"this app already has PrometheusMiddleware .* Call setup_monitoring once per app"):
         setup_monitoring(app, registry=registry)
     by_hand = Starlette()
-    by_hand.add_middleware(PrometheusMiddleware, registry=CollectorRegistry())
+    by_hand.add_middleware(PrometheusMiddleware, registry=registry)
     with pytest.raises(CrowdmonSetupError, match="do not also add the middleware yourself"):
         setup_monitoring(by_hand, registry=registry)
+    by_default = Starlette()
+    by_default.add_middleware(PrometheusMiddleware)  # the default's registry, which setup also records into
+    with isolated_instrumentation(), pytest.raises(CrowdmonSetupError, match="do not also add the middleware yourself"):
+        setup_monitoring(by_default)
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
         assert (await client.get("/work")).status_code == 200
@@ -199,6 +204,21 @@ async def test_the_middleware_twice_in_one_stack_records_each_request_once(
     warned = [record.getMessage() for record in caplog.records if "twice" in record.getMessage()]
     assert len(warned) == 1
     assert "records every request into the same registry twice" in warned[0]
+
+
+async def test_two_middlewares_following_the_default_are_one_even_when_built_under_another_default() -> None:
+    # An app built at import (the default of that moment), its stack built in a test that
+    # replaced the default: both follow the default, so both would record into the test's.
+    app = Starlette(routes=[Route("/work", lambda request: PlainTextResponse("done"))])
+    setup_monitoring(app)
+    app.add_middleware(PrometheusMiddleware)
+
+    with isolated_instrumentation() as isolated:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+            assert (await client.get("/work")).status_code == 200
+        assert isolated.registry.get_sample_value(
+            "crowdfunding_api_requests_total", {"method": "GET", "handler": "/work", "status": "200"}
+        ) == 1
 
 
 def test_setup_monitoring_refuses_an_app_with_a_subclass_of_the_middleware(registry: CollectorRegistry) -> None:

@@ -108,3 +108,37 @@ def test_the_option_lists_in_the_messages_are_the_signatures() -> None:
     assert set(integration._SETUP_OPTIONS) == keywords(setup_monitoring) - {"app"}
     assert set(integration._MIDDLEWARE_OPTIONS) == keywords(PrometheusMiddleware.__init__) - {"self", "app", "instrumentation", "registry", "exclude_paths"}
     assert set(exposition._METRICS_APP_OPTIONS) == keywords(MetricsApp.__init__) - {"self", "instrumentation"}
+
+
+class TenantMiddleware(PrometheusMiddleware):
+    """A subclass an app writes for a label of its own."""
+
+
+def legitimate_inputs() -> list[tuple[str, Callable[[], object]]]:
+    import functools
+    from collections import UserList
+
+    def resolver(scope: Scope, request: object) -> str:
+        return "x"
+
+    @functools.wraps(resolver)
+    def adapter(scope: Scope) -> str:  # wraps a function with another signature
+        return resolver(scope, None)
+
+    def with_tenant_first() -> object:
+        app = Starlette()
+        app.add_middleware(TenantMiddleware, registry=CollectorRegistry())  # another registry: recorded apart
+        return setup_monitoring(app, registry=CollectorRegistry())
+
+    return [
+        ("a functools.wraps adapter", middleware(registry=CollectorRegistry(), handler_resolver=adapter)),
+        ("exclude_paths from an unset variable", middleware(registry=CollectorRegistry(), exclude_paths=[""])),
+        ("exclude_paths with OPTIONS *", middleware(registry=CollectorRegistry(), exclude_paths=["*", "/health"])),
+        ("ErrorTaxonomy pairs of another sequence type", lambda: ErrorTaxonomy([UserList(["openai.APIError", "external_service"])])),
+        ("a subclass on another registry, then setup", with_tenant_first),
+    ]
+
+
+@pytest.mark.parametrize(("case", "make"), legitimate_inputs(), ids=[case for case, _ in legitimate_inputs()])
+def test_what_is_legitimate_is_accepted(case: str, make: Callable[[], object]) -> None:
+    assert make() is not None

@@ -3,6 +3,7 @@ written to one directory."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -102,8 +103,17 @@ def export(out: str | Path, options: ExportOptions | None = None) -> list[Path]:
 
 
 def exported_dashboards(out: str | Path) -> list[Path]:
-    """The dashboards of crowdmon's under ``out`` (an exported pack), by their file names."""
-    return sorted((Path(out) / "grafana" / "dashboards").glob("crowdmon-*.json"))
+    """The dashboards an export wrote under ``out``: named ``crowdmon-*.json``, tagged
+    ``crowdmon``, their uid their file name's stem (an operator's own are not)."""
+    found = []
+    for path in sorted((Path(out) / "grafana" / "dashboards").glob("crowdmon-*.json")):
+        try:
+            dashboard = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(dashboard, dict) and dashboard.get("uid") == path.stem and "crowdmon" in (dashboard.get("tags") or ()):
+            found.append(path)
+    return found
 
 
 def datasource_uid(name: str) -> str:
