@@ -35,7 +35,7 @@ def readme_command(name: str, program: str) -> list[str]:
     """The ``program ...`` command line of README snippet ``name``, split into arguments."""
     for line in readme_snippet(name).splitlines():
         if line.startswith(program + " "):
-            return shlex.split(line)
+            return shlex.split(line, comments=True)  # as a shell reads it: "#" starts a comment
     raise AssertionError(f"README snippet {name!r} has no {program} command")
 
 
