@@ -91,18 +91,26 @@ def unknown_option(owner: str, option: str, known: tuple[str, ...]) -> str:
 
 def check_called_with_scope(option: str, function: object) -> None:
     """Refuse a callable that cannot be called the way crowdmon calls it: with the ASGI scope."""
-    try:
-        # Its own parameters, not those of what it wraps: an adapter made with functools.wraps
-        # says it wraps a function it calls differently.
-        signature = inspect.signature(function, follow_wrapped=False)  # type: ignore[arg-type]
-    except (TypeError, ValueError):  # a callable without a signature (some builtins) is taken on trust
-        return
-    try:
-        signature.bind(None)
-    except TypeError as error:
-        raise CrowdmonSetupError(
-            f"{option} is called with one argument, the ASGI scope; {function!r} cannot be called so ({error})"
-        ) from None
+    # Its own parameters first: an adapter made with functools.wraps says it wraps a function it
+    # may call differently.  A wrapper taking anything (*args, **kwargs) passes its call on, so
+    # then what it wraps must take the scope.
+    for follow_wrapped in (False, True):
+        try:
+            signature = inspect.signature(function, follow_wrapped=follow_wrapped)  # type: ignore[arg-type]
+        except (TypeError, ValueError):  # a callable without a signature (some builtins) is taken on trust
+            return
+        try:
+            signature.bind(None)
+        except TypeError as error:
+            raise CrowdmonSetupError(
+                f"{option} is called with one argument, the ASGI scope; {function!r} cannot be called so ({error})"
+            ) from None
+        passes_on = all(
+            parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            for parameter in signature.parameters.values()
+        )
+        if not (passes_on and hasattr(function, "__wrapped__")):
+            return
 
 
 def multiprocess_mode() -> bool:

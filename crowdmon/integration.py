@@ -41,7 +41,8 @@ def _records_into(middleware: object) -> CollectorRegistry | None:
     added = getattr(middleware, "cls", None)
     if not (isinstance(added, type) and issubclass(added, PrometheusMiddleware)):
         return None
-    options = getattr(middleware, "kwargs", None) or {}
+    # Starlette keeps the keyword arguments in .kwargs; before 0.35, in .options.
+    options = getattr(middleware, "kwargs", None) or getattr(middleware, "options", None) or {}
     given = options.get("instrumentation")
     if isinstance(given, PrometheusInstrumentation):
         return given.registry

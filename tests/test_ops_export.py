@@ -33,6 +33,7 @@ def test_export_writes_dashboards_provisioning_rules_and_scrape_config(tmp_path:
     assert written == sorted(
         [f"grafana/dashboards/{spec.uid}.json" for spec in DASHBOARDS]
         + [
+            ".crowdmon-export",
             "grafana/provisioning/dashboards/crowdmon.yml",
             "grafana/provisioning/datasources/crowdmon.yml",
             "prometheus/crowdmon-alerts.yml",
@@ -104,18 +105,23 @@ def test_export_again_replaces_the_pack_and_leaves_the_operators_own_files(tmp_p
     # would still be provisioned next to its successor.
     dashboards = tmp_path / "grafana" / "dashboards"
     dashboards.mkdir(parents=True)
-    (dashboards / "crowdmon-retired.json").write_text(json.dumps({"uid": "crowdmon-retired", "tags": ["crowdmon"], "title": "crowdmon / Retired"}))
-    (dashboards / "team-own.json").write_text("{}")
-    # The operator's own, named like crowdmon's: not written by an export, so left alone.
-    (dashboards / "crowdmon-mine.json").write_text(json.dumps({"uid": "mine", "tags": ["team"], "title": "Ours"}))
-    (dashboards / "crowdmon-broken.json").write_text("not json")
     (tmp_path / "prometheus").mkdir()
     (tmp_path / "prometheus" / "other-rules.yml").write_text("groups: []")
+    assert crowdmon("export", "--out", str(tmp_path)).returncode == 0
+    # As if an earlier crowdmon had written this one too, under a name the current one dropped.
+    (dashboards / "crowdmon-api-performance.json").rename(dashboards / "crowdmon-retired.json")
+    manifest = tmp_path / ".crowdmon-export"
+    manifest.write_text(manifest.read_text().replace("crowdmon-api-performance.json", "crowdmon-retired.json"))
+    (dashboards / "team-own.json").write_text("{}")
+    # The operator's own, named and tagged like crowdmon's (a copy of one): no export wrote it.
+    copy = json.loads((dashboards / "crowdmon-chat.json").read_text()) | {"uid": "crowdmon-team-variant"}
+    (dashboards / "crowdmon-team-variant.json").write_text(json.dumps(copy))
+    (dashboards / "crowdmon-broken.json").write_text('{"tags": 5}')
 
     result = crowdmon("export", "--out", str(tmp_path))
 
     assert result.returncode == 0, result.stderr
-    kept = ["team-own.json", "crowdmon-mine.json", "crowdmon-broken.json"]
+    kept = ["team-own.json", "crowdmon-team-variant.json", "crowdmon-broken.json"]
     assert sorted(path.name for path in dashboards.iterdir()) == sorted([f"{spec.uid}.json" for spec in DASHBOARDS] + kept)
     assert (tmp_path / "prometheus" / "other-rules.yml").read_text() == "groups: []"
     assert f"removed {dashboards / 'crowdmon-retired.json'}" in result.stdout

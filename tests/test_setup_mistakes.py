@@ -32,6 +32,17 @@ def instrumentation() -> PrometheusInstrumentation:
     return PrometheusInstrumentation(CollectorRegistry())
 
 
+def _passes_on(function: Callable[..., object]) -> Callable[..., object]:
+    """An ordinary decorator: ``functools.wraps`` over ``*args, **kwargs``."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
 def setup(**options: Any) -> Callable[[], object]:
     return lambda: setup_monitoring(Starlette(), **options)
 
@@ -68,6 +79,8 @@ MISTAKES: list[tuple[str, Callable[[], object], str]] = [
      r"handler_resolver is called with one argument, the ASGI scope; <function .*> cannot be called so"),
     ("user_type_resolver taking two", middleware(registry=CollectorRegistry(), user_type_resolver=lambda scope, request: "x"),
      r"user_type_resolver is called with one argument, the ASGI scope"),
+    ("a wrapper passing its call on to a resolver taking nothing", middleware(registry=CollectorRegistry(), handler_resolver=_passes_on(lambda: "x")),
+     r"handler_resolver is called with one argument, the ASGI scope"),
     ("exemplars taking nothing", middleware(registry=CollectorRegistry(), exemplars=lambda: None), r"exemplars is called with one argument, the ASGI scope"),
     # options of the wrong kind
     ("caps as a list", lambda: PrometheusInstrumentation(CollectorRegistry(), cardinality_caps=[("chat_messages_total", 3)]),  # type: ignore[arg-type]

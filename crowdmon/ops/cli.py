@@ -40,7 +40,7 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if not args.out.strip():
         parser.error("--out needs a directory to write the pack into, got an empty path")
     try:
-        from crowdmon.ops.files import ExportOptions, export, exported_dashboards
+        from crowdmon.ops.files import ExportOptions, export, exported_files
     except ImportError as error:
         parser.error(str(error))
 
@@ -68,7 +68,7 @@ def run_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except ValueError as error:
         parser.error(str(error))
     try:
-        before = exported_dashboards(args.out)
+        before = [path for path in exported_files(args.out) if path.exists()]
         written = export(args.out, options)
     except OSError as error:
         parser.error(f"cannot write the pack into {args.out!r}: {error.strerror or error}")

@@ -3,7 +3,6 @@ written to one directory."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,29 +90,33 @@ def export(out: str | Path, options: ExportOptions | None = None) -> list[Path]:
     )
     files[f"prometheus/{RULES_FILE}"] = _yaml(rules)
     files["prometheus/prometheus.yml"] = _yaml(prometheus_config(options))
+    earlier = exported_files(root)
+    files[MANIFEST] = "".join(f"{relative}\n" for relative in sorted(files))
     written = []
     for relative, text in files.items():
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(path)
-    for stale in set(exported_dashboards(root)) - set(written):
-        stale.unlink()
+    for stale in set(earlier) - set(written):
+        stale.unlink(missing_ok=True)
     return written
 
 
-def exported_dashboards(out: str | Path) -> list[Path]:
-    """The dashboards an export wrote under ``out``: named ``crowdmon-*.json``, tagged
-    ``crowdmon``, their uid their file name's stem (an operator's own are not)."""
-    found = []
-    for path in sorted((Path(out) / "grafana" / "dashboards").glob("crowdmon-*.json")):
-        try:
-            dashboard = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(dashboard, dict) and dashboard.get("uid") == path.stem and "crowdmon" in (dashboard.get("tags") or ()):
-            found.append(path)
-    return found
+#: The list of the files an export wrote, at the top of the pack: the next export removes those
+#: it no longer writes (a dashboard a newer crowdmon renamed), and nothing else.
+MANIFEST = ".crowdmon-export"
+
+
+def exported_files(out: str | Path) -> list[Path]:
+    """The files the last export into ``out`` wrote, as its manifest lists them."""
+    root = Path(out)
+    try:
+        listed = (root / MANIFEST).read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError):
+        return []
+    # Only paths inside the pack: the manifest is a file anyone could edit.
+    return [root / line for line in listed if line and not Path(line).is_absolute() and ".." not in Path(line).parts]
 
 
 def datasource_uid(name: str) -> str:
