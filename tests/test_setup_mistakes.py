@@ -127,12 +127,13 @@ class TenantMiddleware(PrometheusMiddleware):
     """A subclass an app writes for a label of its own."""
 
 
-def legitimate_inputs() -> list[tuple[str, Callable[[], object]]]:
+def legitimate_inputs() -> list[tuple[str, Callable[[], object], object]]:
+    """Each case: what is made of the input, read back, and what it must be."""
     import functools
     from collections import UserList
 
     def resolver(scope: Scope, request: object) -> str:
-        return "x"
+        return "from the adapter"
 
     @functools.wraps(resolver)
     def adapter(scope: Scope) -> str:  # wraps a function with another signature
@@ -141,17 +142,25 @@ def legitimate_inputs() -> list[tuple[str, Callable[[], object]]]:
     def with_tenant_first() -> object:
         app = Starlette()
         app.add_middleware(TenantMiddleware, registry=CollectorRegistry())  # another registry: recorded apart
-        return setup_monitoring(app, registry=CollectorRegistry())
+        setup_monitoring(app, registry=CollectorRegistry())
+        return [entry.cls.__name__ for entry in app.user_middleware]
 
+    api_error = type("APIError", (Exception,), {"__module__": "openai"})
     return [
-        ("a functools.wraps adapter", middleware(registry=CollectorRegistry(), handler_resolver=adapter)),
-        ("exclude_paths from an unset variable", middleware(registry=CollectorRegistry(), exclude_paths=[""])),
-        ("exclude_paths with OPTIONS *", middleware(registry=CollectorRegistry(), exclude_paths=["*", "/health"])),
-        ("ErrorTaxonomy pairs of another sequence type", lambda: ErrorTaxonomy([UserList(["openai.APIError", "external_service"])])),
-        ("a subclass on another registry, then setup", with_tenant_first),
+        ("a functools.wraps adapter",
+         lambda: PrometheusMiddleware(app, registry=CollectorRegistry(), handler_resolver=adapter).handler_resolver({}),  # type: ignore[misc]
+         "from the adapter"),
+        ("exclude_paths from an unset variable", lambda: PrometheusMiddleware(app, registry=CollectorRegistry(), exclude_paths=[""]).exclude_paths, frozenset()),
+        ("exclude_paths with OPTIONS *",
+         lambda: PrometheusMiddleware(app, registry=CollectorRegistry(), exclude_paths=["*", "/health"]).exclude_paths,
+         frozenset({"*", "/health"})),
+        ("ErrorTaxonomy pairs of another sequence type",
+         lambda: ErrorTaxonomy([UserList(["openai.APIError", "ai_system"])]).classify(api_error()),
+         "ai_system"),
+        ("a subclass on another registry, then setup", with_tenant_first, ["TenantMiddleware"]),
     ]
 
 
-@pytest.mark.parametrize(("case", "make"), legitimate_inputs(), ids=[case for case, _ in legitimate_inputs()])
-def test_what_is_legitimate_is_accepted(case: str, make: Callable[[], object]) -> None:
-    assert make() is not None
+@pytest.mark.parametrize(("case", "make", "expected"), legitimate_inputs(), ids=[case for case, _, _ in legitimate_inputs()])
+def test_what_is_legitimate_is_accepted(case: str, make: Callable[[], object], expected: object) -> None:
+    assert make() == expected
