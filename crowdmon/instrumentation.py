@@ -56,7 +56,7 @@ class CrowdmonSetupError(ValueError):
 def check_registry(owner: str, registry: object) -> None:
     """Refuse a ``registry=`` that is not a ``CollectorRegistry`` (or ``None``), naming the fix."""
     if registry is not None and not isinstance(registry, CollectorRegistry):
-        hint = "; for an instrumentation, write instrumentation=" if type(registry).__name__ == "PrometheusInstrumentation" else ""
+        hint = "; for an instrumentation, write instrumentation=" if isinstance(registry, PrometheusInstrumentation) else ""
         raise CrowdmonSetupError(f"{owner}'s registry= takes a prometheus_client CollectorRegistry, got {registry!r}{hint}")
 
 

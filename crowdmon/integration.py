@@ -81,16 +81,14 @@ def setup_monitoring(
     check_registry("setup_monitoring", registry)
     if instrumentation is not None and registry is not None:
         raise CrowdmonSetupError("pass either instrumentation= or registry= to setup_monitoring, not both")
-    known = _SETUP_OPTIONS + _MIDDLEWARE_OPTIONS
-    for option in middleware_options:
-        if option not in known and option not in ("default_cap", "cardinality_caps"):
-            raise CrowdmonSetupError(unknown_option("setup_monitoring", option, known))
-    for option in ("default_cap", "cardinality_caps"):
-        if option in middleware_options:
+    for option, given in middleware_options.items():
+        if option in ("default_cap", "cardinality_caps"):
             raise CrowdmonSetupError(
                 f"{option} is PrometheusInstrumentation's: setup_monitoring(app, instrumentation="
-                f"PrometheusInstrumentation(registry, {option}={middleware_options[option]!r}))"
+                f"PrometheusInstrumentation(registry, {option}={given!r}))"
             )
+        if option not in _MIDDLEWARE_OPTIONS:
+            raise CrowdmonSetupError(unknown_option("setup_monitoring", option, _SETUP_OPTIONS + _MIDDLEWARE_OPTIONS))
     if metrics_app is not None and not isinstance(metrics_app, MetricsApp):
         raise CrowdmonSetupError(f"metrics_app takes a MetricsApp, got {metrics_app!r}")
     if metrics_app is not None and metrics_path is None:

@@ -70,9 +70,10 @@ def export(out: str | Path, options: ExportOptions | None = None) -> list[Path]:
     """Write the operations pack under ``out``; returns the files written.
 
     Layout: ``grafana/dashboards/*.json``, ``grafana/provisioning/{datasources,dashboards}/crowdmon.yml``,
-    ``prometheus/prometheus.yml`` and ``prometheus/crowdmon-alerts.yml``.  A ``crowdmon-*.json``
-    dashboard an earlier export left that this one does not write (one a newer crowdmon renamed)
-    is removed, or Grafana would provision it next to its successor; other files are left alone.
+    ``prometheus/prometheus.yml``, ``prometheus/crowdmon-alerts.yml``, and :data:`MANIFEST`
+    listing them.  A file the last export's manifest lists that this one does not write (a
+    dashboard a newer crowdmon renamed) is removed, or Grafana would provision it next to its
+    successor; other files are left alone.
     """
     options = options or ExportOptions()
     root = Path(out)
